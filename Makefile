@@ -1,0 +1,20 @@
+# `make demo` and `make test` each create or update the virtualenv at .venv first.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/loopreg demo --out runs/demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+.PHONY: venv demo test

@@ -1,0 +1,38 @@
+"""The ``loopreg`` console script: one subcommand per tool, each in the module that owns it.
+
+    loopreg train recipes/loop_12x2.yaml max_duration=10ba
+    loopreg demo --out runs/demo
+
+A user error prints one line to stderr and exits 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help); each module exposes `cli_main(argv: list[str]) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("loopreg.train", "train a recipe: loopreg train RECIPE.yaml [key=value ...]"),
+    "demo": ("loopreg.demo", "the CPU demo: (1⊗1) vs (1⊗L) vs (L⊗1) on a synthetic reasoning task"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: loopreg COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch ``loopreg COMMAND ...``; exits with the command's status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0 if args else 2)
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command '{name}'\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(COMMANDS[name][0])
+    sys.exit(module.cli_main(rest))

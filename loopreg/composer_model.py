@@ -1,0 +1,74 @@
+"""Composer wrapper for :class:`~loopreg.model.LoopedLM`: loss and LM metrics.
+
+Batches are dicts with ``input_ids`` (B, T) and ``labels`` (B, T) already aligned with the inputs
+(``labels[:, t]`` is the target at position t, ``-100`` = no loss), so answer-only and per-position
+supervision (synthetic tasks) use the same loss as packed text.
+
+    >>> model = ComposerLoopedLM(LoopedLMConfig(spec="2x2", vocab_size=32, d_model=16, n_heads=2))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
+from composer.models import ComposerModel
+from torchmetrics import Metric
+
+from loopreg.model import LoopedLM, LoopedLMConfig
+
+__all__ = ["ComposerLoopedLM", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+class ComposerLoopedLM(ComposerModel):
+    """A :class:`LoopedLM` as a Composer model; ``self.model`` is the plain ``nn.Module``.
+
+    ``extra_eval_metrics`` adds task metrics (e.g. answer exact match) next to cross entropy,
+    perplexity and token accuracy.
+    """
+
+    def __init__(self, config: LoopedLMConfig | LoopedLM, extra_eval_metrics: dict[str, Metric] | None = None) -> None:
+        super().__init__()
+        self.model = config if isinstance(config, LoopedLM) else LoopedLM(config)
+        self.train_metrics = self._lm_metrics()
+        self.eval_metrics = {**self._lm_metrics(), **(extra_eval_metrics or {})}
+
+    @staticmethod
+    def _lm_metrics() -> dict[str, Metric]:
+        return {
+            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+            "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
+            "TokenAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
+        }
+
+    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
+        """Training FLOPs (forward + backward = 3x forward) of one batch, counting every layer application;
+        Composer's SpeedMonitor turns this into MFU."""
+        config, depth = self.model.config, self.model.spec.effective_depth
+        batch_size, length = batch["input_ids"].shape
+        layer_params = sum(p.numel() for p in self.model.layers[0].parameters())
+        matmul = 2 * (layer_params * depth + config.d_model * config.vocab_size) * batch_size * length
+        attention = 2 * 2 * depth * config.d_model * length * length * batch_size
+        return 3.0 * (matmul + attention)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch["input_ids"])
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        return F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+
+    def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any | None = None) -> torch.Tensor:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return self.train_metrics if is_train else self.eval_metrics
+
+    def update_metric(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, metric: Metric) -> None:
+        if isinstance(metric, (LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy)):
+            metric.update(outputs, batch["labels"])
+        else:  # task metrics read the batch themselves (e.g. which positions form the answer)
+            metric.update(outputs, batch)

@@ -1,0 +1,212 @@
+"""Recipe schema and loading: YAML + OmegaConf dotlist overrides, validated before anything heavy runs.
+
+A recipe is plain YAML (see ``recipes/``). Keys starting with ``_`` are dropped: the first line of
+every recipe is ``_run: int = ... or r'''``, which makes the file valid Python for Composer's launcher.
+
+    >>> cfg = load_recipe("recipes/loop_12x2.yaml", ["max_duration=10ba"])  # doctest: +SKIP
+    >>> cfg.model.spec  # doctest: +SKIP
+    '12x2'
+
+Every error is a :class:`RecipeError` whose message is one line naming the file and the key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from loopreg.model import LoopedLMConfig
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "check_kwargs"]
+
+
+class RecipeError(ValueError):
+    """A user error in a recipe or an override; ``str(err)`` is one line."""
+
+
+@dataclass
+class ModelSection(LoopedLMConfig):
+    init_device: str = "cpu"  # 'meta' defers allocation to FSDP (each rank materialises its own shards)
+
+
+@dataclass
+class TokenizerSection:
+    kind: str = "byte_level"  # byte_level | hub | file | synthetic (the task's character vocabulary)
+    name: Optional[str] = None  # hub id (kind=hub) or tokenizer.json path (kind=file)
+
+
+@dataclass
+class DataSection:
+    kind: str = "text"  # text | synthetic
+    # text: a hub dataset id, or a local file / folder of .txt, .jsonl, .json or .parquet files
+    source: Optional[str] = None
+    subset: Optional[str] = None  # hub dataset config name
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = True
+    # synthetic: a task from loopreg.data.synthetic with its knobs
+    task: Optional[str] = None
+    task_kwargs: Dict[str, Any] = field(default_factory=dict)
+    eval_size: int = 1024
+    num_workers: int = 0
+
+
+@dataclass
+class OptimizerSection:
+    name: str = "decoupled_adamw"
+    lr: float = 1e-3
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # betas, eps, weight_decay, ...
+
+
+@dataclass
+class SchedulerSection:
+    name: str = "cosine_with_warmup"
+    t_warmup: str = "0ba"
+    alpha_f: float = 0.0
+
+
+@dataclass
+class Recipe:
+    run_name: str = "loopreg"
+    seed: int = 17
+    max_seq_len: int = 1024
+    variables: Dict[str, Any] = field(default_factory=dict)
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    train_data: DataSection = field(default_factory=DataSection)
+    eval_data: Optional[DataSection] = None
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    max_duration: str = "1000ba"
+    global_train_batch_size: int = 8
+    device_train_microbatch_size: Any = "auto"  # an int, or 'auto' (Composer's OOM-driven search, GPU only)
+    device_eval_batch_size: int = 8
+    eval_interval: str = "1000ba"
+    eval_subset_num_batches: int = -1
+    device: str = "auto"  # auto | cpu | gpu
+    precision: Optional[str] = None  # fp32 | amp_bf16 | amp_fp16; default amp_bf16 on GPU, fp32 on CPU
+    gradient_clipping: Optional[float] = 1.0
+    fsdp_config: Optional[Dict[str, Any]] = None
+    algorithms: Dict[str, Any] = field(default_factory=dict)
+    callbacks: Dict[str, Any] = field(default_factory=dict)
+    loggers: Dict[str, Any] = field(default_factory=dict)
+    progress_bar: bool = True
+    console_log_interval: str = "50ba"
+    save_folder: Optional[str] = None
+    save_interval: str = "1000ba"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    load_path: Optional[str] = None
+    autoresume: bool = False
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_SECTIONS: dict[str, type] = {"": Recipe, "model": ModelSection, "tokenizer": TokenizerSection,
+                              "train_data": DataSection, "eval_data": DataSection,
+                              "optimizer": OptimizerSection, "scheduler": SchedulerSection}
+
+
+def _explain(err: OmegaConfBaseException, where: str) -> RecipeError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        parent, _, leaf = str(key).rpartition(".")
+        schema = _SECTIONS.get(parent)
+        valid = sorted(f.name for f in fields(schema)) if schema else []
+        scope = f"under '{parent}'" if parent else "at the top level"
+        return RecipeError(f"{where}: unknown key '{key}'{_suggest(leaf, valid)}; valid keys {scope}: {', '.join(valid)}")
+    if isinstance(err, ValidationError):
+        detail = str(err).splitlines()[0]
+        return RecipeError(f"{where}: wrong type for '{key}': {detail}")
+    return RecipeError(f"{where}: {str(err).splitlines()[0]}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, merge overrides into and validate a recipe; raises :class:`RecipeError` on user errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' not found")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come in several exception types
+        raise RecipeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    for key in [k for k in raw if str(k).startswith("_")]:
+        del raw[key]
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' is not of the form key=value (e.g. model.d_model=64)")
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides or []))
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"overrides {overrides}: {str(err).splitlines()[0]}") from None
+    schema = OmegaConf.structured(Recipe)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+    except OmegaConfBaseException as err:
+        raise _explain(err, str(path)) from None
+    try:
+        merged = OmegaConf.merge(merged, dotlist)
+    except OmegaConfBaseException as err:
+        raise _explain(err, f"override of {path}") from None
+    try:
+        OmegaConf.resolve(merged)
+        recipe: Recipe = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _explain(err, str(path)) from None
+    except ValueError as err:  # LoopedLMConfig's own checks (spec grammar, head counts)
+        raise RecipeError(f"{path}: model: {err}") from None
+    _check_values(recipe, str(path))
+    return recipe
+
+
+def _check_values(recipe: Recipe, where: str) -> None:
+    if recipe.model.init_device not in ("cpu", "meta", "cuda"):
+        raise RecipeError(f"{where}: model.init_device must be 'cpu', 'meta' or 'cuda', got '{recipe.model.init_device}'")
+    if recipe.device not in ("auto", "cpu", "gpu"):
+        raise RecipeError(f"{where}: device must be 'auto', 'cpu' or 'gpu', got '{recipe.device}'")
+    if recipe.global_train_batch_size < 1:
+        raise RecipeError(f"{where}: global_train_batch_size must be >= 1, got {recipe.global_train_batch_size}")
+    micro = recipe.device_train_microbatch_size
+    if not (micro == "auto" or (isinstance(micro, int) and micro >= 1)):
+        raise RecipeError(f"{where}: device_train_microbatch_size must be an int >= 1 or 'auto', got {micro!r}")
+    for section in ("train_data", "eval_data"):
+        data = getattr(recipe, section)
+        if data is None:
+            continue
+        if data.kind not in ("text", "synthetic"):
+            raise RecipeError(f"{where}: {section}.kind must be 'text' or 'synthetic', got '{data.kind}'")
+        if data.kind == "text" and not data.source:
+            raise RecipeError(f"{where}: {section}.source is required for text data (a hub dataset id or a local path)")
+        if data.kind == "synthetic" and not data.task:
+            raise RecipeError(f"{where}: {section}.task is required for synthetic data (e.g. phop)")
+
+
+def check_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], path: str) -> None:
+    """Reject keyword arguments ``factory`` does not take, naming the recipe key path (did-you-mean)."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [name for name in params if name != "self"]
+    for name in kwargs:
+        if name not in params:
+            raise RecipeError(f"unknown key '{path}.{name}'{_suggest(name, valid)}; valid keys under '{path}': "
+                              f"{', '.join(valid)}")
+
+
+def lookup(registry: dict[str, Any], name: str, path: str) -> Any:
+    """``registry[name]`` or a one-line :class:`RecipeError` naming the key path and the valid names."""
+    if name not in registry:
+        raise RecipeError(f"unknown {path} '{name}'{_suggest(name, list(registry))}; valid: {', '.join(sorted(registry))}")
+    return registry[name]
+

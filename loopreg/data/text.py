@@ -1,0 +1,150 @@
+"""Text pretraining data: Hugging Face ``datasets`` (hub or local files, streaming) → ``tokenizers`` →
+packed fixed-length sequences.
+
+    >>> tok = byte_level_tokenizer()
+    >>> ds = PackedText(lambda: iter(["hello world"] * 50), tok, seq_len=16)
+    >>> next(iter(ds))["input_ids"].shape
+    torch.Size([16])
+
+Each rank (and each DataLoader worker) takes every N-th packed sequence of one shared stream, so
+``composer -n 2`` with a global batch B sees exactly the sequences one process sees with batch B.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch.utils.data import IterableDataset, get_worker_info
+
+__all__ = ["byte_level_tokenizer", "load_tokenizer", "text_stream", "PackedText", "EOS_TOKEN"]
+
+EOS_TOKEN = "<|endoftext|>"
+_LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """A 257-token byte-level tokenizer (256 bytes + end-of-text) that needs no download or training.
+
+    >>> byte_level_tokenizer().get_vocab_size()
+    257
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([EOS_TOKEN])
+    return tokenizer
+
+
+def load_tokenizer(kind: str, name: str | None = None) -> Tokenizer:
+    """``byte_level`` (built in), ``hub`` (``Tokenizer.from_pretrained(name)``) or ``file`` (a tokenizer.json)."""
+    if kind == "byte_level":
+        return byte_level_tokenizer()
+    if kind == "hub":
+        if not name:
+            raise ValueError("tokenizer.name is required for tokenizer.kind=hub (e.g. EleutherAI/gpt-neox-20b)")
+        return Tokenizer.from_pretrained(name)
+    if kind == "file":
+        if not name or not Path(name).is_file():
+            raise FileNotFoundError(f"tokenizer.name: tokenizer file '{name}' not found")
+        return Tokenizer.from_file(name)
+    raise ValueError(f"tokenizer.kind must be byte_level, hub, file or synthetic, got '{kind}'")
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    """The end-of-text id of ``tokenizer`` (``<|endoftext|>``, ``</s>`` or ``<eos>``)."""
+    for token in (EOS_TOKEN, "</s>", "<eos>", "<|im_end|>"):
+        index = tokenizer.token_to_id(token)
+        if index is not None:
+            return index
+    raise ValueError("the tokenizer has no end-of-text token (<|endoftext|>, </s> or <eos>)")
+
+
+def text_stream(source: str, split: str = "train", subset: str | None = None, text_field: str = "text",
+                streaming: bool = True) -> Callable[[], Iterator[str]]:
+    """A factory of fresh iterators over the documents of ``source``.
+
+    ``source`` is a local file or folder (``.txt`` files are one document each; ``.jsonl``/``.json``/
+    ``.parquet`` rows give ``text_field``) or else a Hugging Face hub dataset id.
+    """
+    from datasets import load_dataset
+
+    path = Path(source)
+    if path.exists():
+        files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.suffix in _LOCAL_FORMATS)
+        if not files:
+            raise FileNotFoundError(f"data source '{source}' has no .txt, .jsonl, .json or .parquet files")
+        formats = {_LOCAL_FORMATS[p.suffix] for p in files}
+        if len(formats) > 1:
+            raise ValueError(f"data source '{source}' mixes file formats {sorted(formats)}; use one kind per source")
+        fmt = formats.pop()
+        extra = {"sample_by": "document"} if fmt == "text" else {}
+        dataset = load_dataset(fmt, data_files=[str(p) for p in files], split="train", streaming=streaming, **extra)
+    elif source.startswith((".", "/", "~")) or source.endswith(tuple(_LOCAL_FORMATS)):
+        raise FileNotFoundError(f"data source '{source}' not found")
+    else:
+        dataset = load_dataset(source, subset, split=split, streaming=streaming)
+
+    def documents() -> Iterator[str]:
+        for row in dataset:
+            if text_field not in row:
+                raise KeyError(f"data source '{source}': rows have no field '{text_field}' (fields: {sorted(row)})")
+            yield row[text_field]
+
+    return documents
+
+
+class PackedText(IterableDataset):
+    """Infinite stream of ``{"input_ids", "labels"}`` of length ``seq_len`` packed from documents joined by EOS.
+
+    The stream restarts from the first document when the source is exhausted (an epoch of text);
+    ``max_sequences`` makes it finite (the first N sequences of the shared stream, for evaluation).
+    """
+
+    def __init__(self, documents: Callable[[], Iterable[str]], tokenizer: Tokenizer, seq_len: int,
+                 rank: int = 0, world_size: int = 1, max_sequences: int | None = None, batch_docs: int = 64) -> None:
+        self.documents, self.tokenizer, self.seq_len = documents, tokenizer, seq_len
+        self.rank, self.world_size, self.batch_docs = rank, world_size, batch_docs
+        self.max_sequences = max_sequences
+        self.eos = eos_id(tokenizer)
+
+    def __len__(self) -> int:
+        """This rank's share of a finite stream (DataLoader needs it to know an eval pass ends)."""
+        if self.max_sequences is None:
+            raise TypeError("an unbounded PackedText has no length")
+        return len(range(self.rank, self.max_sequences, self.world_size))
+
+    def _token_stream(self) -> Iterator[list[int]]:
+        while True:
+            batch, produced = [], False
+            for doc in self.documents():
+                batch.append(doc)
+                if len(batch) == self.batch_docs:
+                    yield from (e.ids + [self.eos] for e in self.tokenizer.encode_batch(batch))
+                    batch, produced = [], True
+            if batch:
+                yield from (e.ids + [self.eos] for e in self.tokenizer.encode_batch(batch))
+            elif not produced:
+                raise ValueError("the text source yielded no documents")
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        stride, offset = self.world_size * workers, self.rank * workers + worker_id
+        buffer: list[int] = []
+        index = 0
+        for ids in self._token_stream():
+            buffer.extend(ids)
+            # Chunks of seq_len + 1 overlapping by one token: the last target is the next chunk's first input.
+            while len(buffer) > self.seq_len:
+                if self.max_sequences is not None and index >= self.max_sequences:
+                    return
+                chunk, buffer = buffer[: self.seq_len + 1], buffer[self.seq_len:]
+                if index % stride == offset:
+                    tensor = torch.tensor(chunk, dtype=torch.long)
+                    yield {"input_ids": tensor[:-1], "labels": tensor[1:]}
+                index += 1

@@ -1,0 +1,401 @@
+"""LoopedLM: a decoder-only causal LM whose layers are laid out by a loop spec.
+
+The whole model in one file, nanoGPT style. Pre-norm RMSNorm, rotary positions, grouped-query
+attention through ``scaled_dot_product_attention`` (fused kernels on GPU), GELU or SwiGLU MLP. The
+layer layout follows Llama's names and conventions so a SwiGLU model unrolls into a plain Hugging
+Face ``LlamaForCausalLM`` with identical logits.
+
+* **tied** (``tied=True``): ``spec.distinct_layers`` layers, applied in ``spec.schedule`` order. A true
+  looped model; ``loops=`` at call time runs the same weights more or fewer times.
+* **untied** (``tied=False``): one layer per application (``spec.effective_depth`` layers), grouped into
+  the spec's blocks by ``spec.tie_groups``; what the cosine regularizer pulls toward the tied model.
+
+    >>> model = LoopedLM(LoopedLMConfig(spec="2x3", vocab_size=64, d_model=32, n_heads=4))
+    >>> model(torch.zeros(1, 5, dtype=torch.long)).shape
+    torch.Size([1, 5, 64])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loopreg.spec import LoopSpec
+
+__all__ = ["LoopedLMConfig", "LoopedLM", "KVCache"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class LoopedLMConfig:
+    """Everything needed to rebuild a :class:`LoopedLM`; saved as ``config.json`` next to the weights.
+
+    >>> LoopedLMConfig(spec="4x(1,4,1)", vocab_size=256).n_layers
+    12
+    """
+
+    spec: str = "12x2"
+    tied: bool = True
+    vocab_size: int = 50304
+    d_model: int = 768
+    n_heads: int = 12
+    n_kv_heads: int | None = None
+    d_ff: int | None = None
+    mlp: str = "swiglu"
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.spec = str(LoopSpec.parse(self.spec))
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"model.mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}")
+
+    @property
+    def loop_spec(self) -> LoopSpec:
+        return LoopSpec.parse(self.spec)
+
+    @property
+    def n_layers(self) -> int:
+        """Layers with their own weights: distinct layers when tied, layer applications when untied."""
+        spec = self.loop_spec
+        return spec.distinct_layers if self.tied else spec.effective_depth
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (grouped-query attention); ``n_kv_heads`` defaults to ``n_heads``."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """MLP hidden width; ``d_ff`` defaults to 4·d_model."""
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class KVCache:
+    """Preallocated keys/values with one slot per layer *application* (a looped layer applied L times
+    sees L different inputs, so it needs L slots).
+
+    >>> cache = KVCache(slots=6, batch=2, n_kv_heads=4, max_len=32, head_dim=8)
+    """
+
+    def __init__(self, slots: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (slots, batch, n_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # positions already stored (same for every slot between forward passes)
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's keys/values for ``slot``; return everything cached for it so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; this forward needs {end}")
+        self.keys[slot, :, :, self.length:end] = k
+        self.values[slot, :, :, self.length:end] = v
+        return self.keys[slot, :, :, :end], self.values[slot, :, :, :end]
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (B, 1, T, head_dim) in Llama's half-split layout; computed per call so the
+    model holds no buffers and builds on the meta device."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LoopedLMConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        self.o_proj.residual_out = True  # init scaled by depth (LoopedLM.param_init_fn)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None, slot: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(slot, k, v)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if mask is None:  # plain causal self-attention: the fused (flash) kernel path
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LoopedLMConfig) -> None:
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        self.up_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        if self.gated:
+            self.gate_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
+        self.down_proj.residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Layer(nn.Module):
+    """One pre-norm transformer layer; the FSDP and activation-checkpointing unit."""
+
+    def __init__(self, config: LoopedLMConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, slot: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, slot)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LoopedLM(nn.Module):
+    """Decoder-only causal LM laid out by a :class:`~loopreg.spec.LoopSpec` (see the module docstring).
+
+    >>> model = LoopedLM(LoopedLMConfig(spec="1x4", vocab_size=32, d_model=16, n_heads=2))
+    >>> model.num_distinct_layers
+    1
+    """
+
+    def __init__(self, config: LoopedLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = config.loop_spec
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self.param_init_fn)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def num_distinct_layers(self) -> int:
+        return len(self.layers)
+
+    def schedule(self, loops: int | Sequence[int] | None = None) -> tuple[int, ...]:
+        """Index into ``self.layers`` of each layer application, optionally with a loop-count override."""
+        if loops is None:
+            return self.spec.schedule if self.config.tied else tuple(range(self.spec.effective_depth))
+        if not self.config.tied:
+            raise ValueError(f"loop override {loops!r} needs a tied model; this one is untied ('{self.spec}', "
+                             f"{len(self.layers)} separate layers): snap it to a looped model first")
+        return self.spec.with_loops(loops).schedule
+
+    # ------------------------------------------------------------ init (and FSDP hooks)
+    def param_init_fn(self, module: nn.Module) -> None:
+        """Initialise one submodule in place; also the FSDP ``param_init_fn`` for ``init_device: meta``.
+        Residual output projections are scaled by 1/sqrt(2·D) for the effective depth D."""
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            scale = math.sqrt(2 * self.spec.effective_depth) if getattr(module, "residual_out", False) else 1.0
+            nn.init.normal_(module.weight, mean=0.0, std=std / scale)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """Composer's FSDP policy: every distinct layer is its own unit (a looped layer stays one unit)."""
+        return isinstance(module, Layer)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, Layer)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, loops: int | Sequence[int] | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for ``input_ids`` (B, T).
+
+        ``attention_mask`` (B, T_total, 1 = real token, 0 = left padding) covers the cached positions
+        too when a ``cache`` is given; ``loops`` overrides the loop counts of a tied model.
+        """
+        past = cache.length if cache is not None else 0
+        batch, length = input_ids.shape
+        x = self.embed(input_ids)
+        positions, mask = self._positions_and_mask(batch, length, past, attention_mask, x.device)
+        rope = rotary(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if mask is not None:
+            mask = mask[:, None]  # broadcast over heads
+        for slot, layer_index in enumerate(self.schedule(loops)):
+            x = self.layers[layer_index](x, rope, mask, cache, slot)
+        if cache is not None:
+            cache.length += length
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    @staticmethod
+    def _positions_and_mask(batch: int, length: int, past: int, attention_mask: torch.Tensor | None,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rotary positions and the attention mask; ``None`` mask means plain causal (fast path)."""
+        total = past + length
+        if attention_mask is None:
+            positions = torch.arange(past, total, device=device).expand(batch, length)
+            if past == 0:
+                return positions, None
+            keys = torch.arange(total, device=device)
+            queries = torch.arange(past, total, device=device)
+            return positions, (keys[None, :] <= queries[:, None]).expand(batch, length, total)
+        if attention_mask.shape != (batch, total):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(batch, total)} "
+                             "(it must cover cached and new positions)")
+        real = attention_mask.bool()
+        # Left padding: a token's position counts real tokens before it, as Hugging Face models do.
+        all_positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        positions = all_positions[:, past:]
+        keys = torch.arange(total, device=device)
+        queries = torch.arange(past, total, device=device)
+        causal = keys[None, :] <= queries[:, None]
+        mask = causal[None] & real[:, None, :]
+        # A padding query would see no key at all (NaN softmax); let it see itself. Its output is unused.
+        mask |= (keys[None, :] == queries[:, None])[None]
+        return positions, mask
+
+    # --------------------------------------------------------------- generation
+    def new_cache(self, batch: int, max_len: int, loops: int | Sequence[int] | None = None) -> KVCache:
+        param = self.embed.weight
+        return KVCache(len(self.schedule(loops)), batch, self.config.kv_heads, max_len, self.config.head_dim,
+                       dtype=param.dtype, device=param.device)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, eos_token_id: int | None = None,
+                 loops: int | Sequence[int] | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """New tokens (B, max_new_tokens) after ``input_ids``; greedy when ``temperature == 0``.
+
+        With the cache each step runs only the new token through every layer application; without it
+        the whole sequence is recomputed (the reference the cache is tested against). Rows that emit
+        ``eos_token_id`` are padded with it afterwards.
+
+        >>> LoopedLM(LoopedLMConfig(spec="1x2", vocab_size=16, d_model=8, n_heads=2)).generate(
+        ...     torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4).shape
+        torch.Size([1, 4])
+        """
+        batch = input_ids.shape[0]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        cache = self.new_cache(batch, input_ids.shape[1] + max_new_tokens, loops) if use_cache else None
+        tokens, step_input = input_ids, input_ids
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            logits = self(step_input if use_cache else tokens, attention_mask=mask, cache=cache, loops=loops)[:, -1]
+            next_token = self._pick(logits.float(), temperature, top_k, generator)
+            if eos_token_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                finished |= next_token == eos_token_id
+            new_tokens.append(next_token)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
+            step_input = next_token[:, None]
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        out = torch.stack(new_tokens, dim=1)
+        if out.shape[1] < max_new_tokens:
+            pad = torch.full((batch, max_new_tokens - out.shape[1]), eos_token_id, dtype=out.dtype, device=out.device)
+            out = torch.cat([out, pad], dim=1)
+        return out
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_k: int | None,
+              generator: torch.Generator | None) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+    # ------------------------------------------------------------- save / load
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.json`` (which carries the spec) and ``model.safetensors`` into ``folder``."""
+        from safetensors.torch import save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_NAME).write_text(json.dumps({"loopreg": asdict(self.config)}, indent=2) + "\n")
+        save_model(self, str(folder / WEIGHTS_NAME))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> LoopedLM:
+        """Load a folder written by :meth:`save_pretrained`.
+
+        >>> # LoopedLM.from_pretrained("runs/loop_12x2/export")
+        """
+        from safetensors.torch import load_model
+
+        folder = Path(folder)
+        config = load_config(folder)
+        model = cls(config)
+        weights = folder / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: no weights file; expected a folder written by LoopedLM.save_pretrained")
+        load_model(model, str(weights), device=map_location)
+        return model
+
+
+def load_config(folder: str | Path) -> LoopedLMConfig:
+    """The :class:`LoopedLMConfig` stored in a saved model folder (one-line errors for bad folders)."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; expected a loopreg model folder with {CONFIG_NAME}")
+    try:
+        raw = json.loads(path.read_text())["loopreg"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a loopreg config (needs a 'loopreg' object): {err}") from None
+    known = {f.name for f in fields(LoopedLMConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown}; valid keys: {sorted(known)}")
+    return LoopedLMConfig(**raw)

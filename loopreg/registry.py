@@ -1,0 +1,50 @@
+"""Name → builder registries that recipes refer to (LLM Foundry style).
+
+Recipes name Composer's own optimizers, schedulers, callbacks and loggers, plus loopreg's algorithms
+and callbacks; a later module extends a registry by adding an entry here.
+
+    >>> sorted(OPTIMIZERS)[:2]
+    ['adafactor', 'adamw']
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from composer import callbacks as composer_callbacks
+from composer import loggers as composer_loggers
+from composer import optim as composer_optim
+
+__all__ = ["OPTIMIZERS", "SCHEDULERS", "CALLBACKS", "LOGGERS", "ALGORITHMS"]
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "decoupled_adamw": composer_optim.DecoupledAdamW,
+    "decoupled_sgdw": composer_optim.DecoupledSGDW,
+    "adamw": torch.optim.AdamW,
+    "adafactor": torch.optim.Adafactor,  # the paper's optimizer for the synthetic tasks
+}
+
+SCHEDULERS: dict[str, Callable[..., Any]] = {
+    "cosine_with_warmup": composer_optim.CosineAnnealingWithWarmupScheduler,
+    "linear_with_warmup": composer_optim.LinearWithWarmupScheduler,
+    "constant_with_warmup": composer_optim.ConstantWithWarmupScheduler,
+}
+
+CALLBACKS: dict[str, Callable[..., Any]] = {
+    "speed_monitor": composer_callbacks.SpeedMonitor,
+    "lr_monitor": composer_callbacks.LRMonitor,
+    "memory_monitor": composer_callbacks.MemoryMonitor,
+    "optimizer_monitor": composer_callbacks.OptimizerMonitor,
+    "runtime_estimator": composer_callbacks.RuntimeEstimator,
+}
+
+LOGGERS: dict[str, Callable[..., Any]] = {
+    "wandb": composer_loggers.WandBLogger,
+    "mlflow": composer_loggers.MLFlowLogger,
+    "tensorboard": composer_loggers.TensorboardLogger,
+    "file": composer_loggers.FileLogger,
+    "in_memory": composer_loggers.InMemoryLogger,
+}
+
+ALGORITHMS: dict[str, Callable[..., Any]] = {}
