@@ -21,7 +21,6 @@ import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from torchmetrics.functional.text import squad
 
 __all__ = [
     "METRICS",
@@ -40,6 +39,9 @@ _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 
 
 def _squad(prediction: str, answers: Sequence[str], key: str) -> float:
+    # imported here: torchmetrics takes seconds to import and only scoring needs it (not YAML or reports)
+    from torchmetrics.functional.text import squad
+
     result = squad({"prediction_text": prediction, "id": "0"}, {"answers": {"text": list(answers)}, "id": "0"})
     return result[key].item() / 100.0  # torchmetrics reports percentages
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -95,9 +95,9 @@ Metric = Enum("Metric", {name: name for name in METRICS}, type=str)  # the YAML 
 class FieldMap:
     """``str.format`` templates mapping a source row to an example; ``id: null`` numbers rows instead."""
 
-    id: Optional[str] = "{id}"
+    id: str | None = "{id}"
     question: str = "{question}"
-    context: Optional[str] = "{context}"
+    context: str | None = "{context}"
     answers: str = "{answers}"
 
 
@@ -107,8 +107,8 @@ class HubSource:
 
     path: str
     split: str
-    name: Optional[str] = None
-    id_prefix: Optional[str] = None
+    name: str | None = None
+    id_prefix: str | None = None
     fields: FieldMap = field(default_factory=FieldMap)
 
 
@@ -127,9 +127,9 @@ class GeneratorSource:
 class Source:
     """``local`` (path under the evaldata dir) and/or ``hub``; or ``generator`` alone."""
 
-    local: Optional[str] = None
-    hub: Optional[HubSource] = None
-    generator: Optional[GeneratorSource] = None
+    local: str | None = None
+    hub: HubSource | None = None
+    generator: GeneratorSource | None = None
 
 
 @dataclass
@@ -148,7 +148,7 @@ class FewShotSpec:
 
     k: int = 0
     seed: int = 1234
-    split: Optional[str] = None
+    split: str | None = None
 
 
 @dataclass
@@ -215,13 +215,16 @@ def parse_task_spec(config: Mapping[str, Any] | Any, origin: str | Path = "<dict
     source = spec.source
     require((source.generator is None) != (source.local is None and source.hub is None), "source",
             "give exactly one of: generator, or local and/or hub")
-    unknown = set(_template_fields(spec.prompt.template)) - _PROMPT_FIELDS
+    prompt_fields = set(_template_fields(spec.prompt.template))
+    unknown = prompt_fields - _PROMPT_FIELDS
     require(not unknown, "prompt.template", f"unknown fields {sorted(unknown)}; allowed: {sorted(_PROMPT_FIELDS)}")
     for key, fields in (("fields", spec.fields), ("source.hub.fields", source.hub and source.hub.fields)):
         if fields:
             names = _template_fields(fields.answers)
             require(len(names) == 1 and fields.answers == f"{{{names[0]}}}", f"{key}.answers",
                     f"must be one field like '{{answers}}', got {fields.answers!r}")
+            require("context" not in prompt_fields or fields.context is not None, f"{key}.context",
+                    "is null but prompt.template uses {context}")
     require(source.hub is None or source.hub.id_prefix is None or source.hub.fields.id is not None,
             "source.hub.id_prefix", "needs source.hub.fields.id")
     require(spec.fewshot.k >= 0, "fewshot.k", "must be >= 0")
@@ -305,7 +308,8 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
     if chosen:
         path = Path(chosen).expanduser()
         if not path.is_dir():
-            raise EvalDataError(None, path, f"evaldata directory does not exist (from {'argument' if data_dir else DATA_DIR_ENV})")
+            origin = "argument" if data_dir else DATA_DIR_ENV
+            raise EvalDataError(None, path, f"evaldata directory does not exist (from {origin})")
         return path
     repo_root = Path(__file__).resolve().parent.parent
     for base in (Path.cwd(), repo_root):
@@ -344,10 +348,11 @@ def _example_from_row(spec: TaskSpec, fields: FieldMap, row: Any, row_number: in
 
     if not isinstance(row, Mapping):
         raise fail(f"expected a JSON object, got {type(row).__name__}")
+    uses_context = "context" in _template_fields(spec.prompt.template)
+    templates = {"id": fields.id, "question": fields.question, "answers": fields.answers,
+                 "context": fields.context if uses_context else None}  # closed-book rows need no context
     try:
-        values = {key: _resolve(template, row) if template is not None else None
-                  for key, template in (("id", fields.id), ("question", fields.question),
-                                        ("context", fields.context), ("answers", fields.answers))}
+        values = {key: None if template is None else _resolve(template, row) for key, template in templates.items()}
     except (KeyError, IndexError, TypeError) as err:
         raise fail(f"missing field {err}") from err
     answers = values["answers"]
@@ -357,7 +362,7 @@ def _example_from_row(spec: TaskSpec, fields: FieldMap, row: Any, row_number: in
     answers = tuple(str(a) for a in answers) or ("",)
     if not isinstance(values["question"], str) or not values["question"].strip():
         raise fail("field question is missing, null or empty")
-    if "context" in _template_fields(spec.prompt.template) and not isinstance(values["context"], str):
+    if uses_context and not isinstance(values["context"], str):
         raise fail("field context is null but the prompt template uses {context}")
     if spec.metric is Metric.numeric and all(parse_number(answer) is None for answer in answers):
         raise fail(f"no gold answer is a number: {list(answers)!r:.80}")
@@ -385,8 +390,8 @@ def _hub_rows(hub: HubSource, split: str) -> Iterator[tuple[int, Any]]:
             yield index, row
 
 
-def _generated_examples(spec: TaskSpec, split: str) -> list[EvalExample]:
-    # imported lazily: only generated tasks need the synthetic package (and it may import torch-free code only)
+def _generated_examples(spec: TaskSpec, split: str, count: int) -> list[EvalExample]:
+    # imported lazily: only generated tasks need the synthetic package
     from loopreg.data.synthetic import build_task
 
     gen = spec.source.generator
@@ -394,7 +399,7 @@ def _generated_examples(spec: TaskSpec, split: str) -> list[EvalExample]:
     knobs = {key: tuple(value) if isinstance(value, list) else value for key, value in gen.knobs.items()}
     task = build_task(gen.task, **knobs)
     return [EvalExample(f"{spec.name}-{split}-{index}", example.prompt, None, (example.answer,))
-            for index, example in enumerate(task.fixed_set(split, gen.n, gen.seed))]
+            for index, example in enumerate(task.fixed_set(split, count, gen.seed))]
 
 
 def _unique(spec: TaskSpec, rows: Iterable[tuple[int, EvalExample]], source: str) -> list[EvalExample]:
@@ -423,8 +428,10 @@ def load_examples(spec: TaskSpec, data_dir: str | Path | None, limit: int | None
     """
     source = spec.source
     if source.generator is not None:
-        split = split or source.generator.split
-        examples = _unique(spec, enumerate(_generated_examples(spec, split)), f"generator:{source.generator.task}")
+        # fixed_set(split, n) is a prefix of one seeded stream, so generating only `limit` gives the same items
+        count = source.generator.n if limit is None else min(limit, source.generator.n)
+        generated = _generated_examples(spec, split or source.generator.split, count)
+        examples = _unique(spec, enumerate(generated), f"generator:{source.generator.task}")
     else:
         local = Path(data_dir) / source.local if data_dir is not None and source.local else None
         if local is not None and local.is_file():
@@ -482,9 +489,10 @@ def task_prompts(spec: TaskSpec, data_dir: str | Path | None, limit: int | None 
 
     Example: ``example, prompt = task_prompts(load_task_spec(TASKS_DIR / "svamp.yaml"), resolve_data_dir(), 1)[0]``
     """
-    examples = load_examples(spec, data_dir, allow_hub=allow_hub)
+    shots_from_eval_set = spec.fewshot.k > 0 and spec.fewshot.split is None
+    examples = load_examples(spec, data_dir, None if shots_from_eval_set else limit, allow_hub=allow_hub)
     pool = examples
-    if spec.fewshot.k and spec.fewshot.split is not None:
+    if spec.fewshot.k > 0 and not shots_from_eval_set:
         pool = load_examples(spec, data_dir, split=spec.fewshot.split, allow_hub=allow_hub)
     queries = examples if limit is None else examples[:limit]
     return [(example, build_prompt(spec, example, pool)) for example in queries]

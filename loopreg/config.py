@@ -106,9 +106,10 @@ class Recipe:
     autoresume: bool = False
 
 
-def _suggest(name: str, valid: list[str]) -> str:
+def _suggest(name: str, valid: list[str], parent: str = "") -> str:
     close = difflib.get_close_matches(name, valid, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    prefix = f"{parent}." if parent else ""
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 _SECTIONS: dict[str, type] = {"": Recipe, "model": ModelSection, "tokenizer": TokenizerSection,
@@ -123,7 +124,7 @@ def _explain(err: OmegaConfBaseException, where: str) -> RecipeError:
         schema = _SECTIONS.get(parent)
         valid = sorted(f.name for f in fields(schema)) if schema else []
         scope = f"under '{parent}'" if parent else "at the top level"
-        return RecipeError(f"{where}: unknown key '{key}'{_suggest(leaf, valid)}; valid keys {scope}: {', '.join(valid)}")
+        return RecipeError(f"{where}: unknown key '{key}'{_suggest(leaf, valid, parent)}; valid keys {scope}: {', '.join(valid)}")
     if isinstance(err, ValidationError):
         detail = str(err).splitlines()[0]
         return RecipeError(f"{where}: wrong type for '{key}': {detail}")
@@ -200,7 +201,7 @@ def check_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], path: str)
     valid = [name for name in params if name != "self"]
     for name in kwargs:
         if name not in params:
-            raise RecipeError(f"unknown key '{path}.{name}'{_suggest(name, valid)}; valid keys under '{path}': "
+            raise RecipeError(f"unknown key '{path}.{name}'{_suggest(name, valid, path)}; valid keys under '{path}': "
                               f"{', '.join(valid)}")
 
 

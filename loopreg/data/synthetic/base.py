@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Literal
 
-__all__ = ["ANSWER_MARK", "COT_OPEN", "Example", "Split", "SyntheticTask", "check_knob"]
+__all__ = ["ANSWER_MARK", "COT_OPEN", "SPLITS", "Example", "Split", "SyntheticTask", "check_knob"]
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = ("train", "test")

@@ -19,7 +19,7 @@ import math
 import random
 import string
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from loopreg.data.synthetic.base import Example, SyntheticTask, check_knob
 
@@ -41,7 +41,7 @@ class VariableAssignment(SyntheticTask):
     name: ClassVar[str] = "primitives"
 
     depth: int = 0
-    fmt: str = "math"
+    fmt: Literal["math", "code"] = "math"
     num_variables: int = 3
     min_value: int = 0
     max_value: int = 9

@@ -1,0 +1,404 @@
+"""Results files (schema ``loopreg.eval/1``) and the tables built from many of them.
+
+A results file is the JSON one eval run writes::
+
+    {"schema": "loopreg.eval/1", "model": "loop-12x2", "spec": "12x2", "loops": 2,
+     "params_units": 12, "flops_units": 24, "perplexity": 7.90 | null,
+     "tasks":  {"svamp": {"score", "stderr", "n", "metric", "group", "random_baseline", "missing"}, ...},
+     "groups": {"math_word": {"score", "stderr", "n_tasks", "n_defined", "missing"}, ...}}
+
+Scores are fractions in [0, 1]; tables print percentages. Tables recompute group averages from the
+task scores with the current group YAMLs (``groups`` in a file is a convenience copy).
+
+:func:`report_main` is the ``loopreg report`` command: a table shaped like the paper's Table 3 (rows =
+models with Params/FLOPs; columns = perplexity, closed-book, open-book, math, All, primitives), ``% Gap``
+rows for ``--pair ISO_PARAM:LOOPED`` against ``--baseline ISO_FLOP``, or with ``--scaling`` the
+log-depth fits and their plot; ``--markdown`` / ``--json`` export either table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from loopreg.spec import LoopSpec
+
+from .aggregate import GroupScore, TaskScore, aggregate_groups, percent_gap
+from .scaling import DepthPoint, alpha_ratios, fit_scaling, plot_scaling
+from .tasks import EvalDataError, GroupSpec, load_groups
+
+__all__ = [
+    "DEFAULT_COLUMNS",
+    "RESULTS_SCHEMA",
+    "EvalResults",
+    "ModelInfo",
+    "ReportRow",
+    "ReportTable",
+    "load_results",
+    "report_main",
+    "scaling_report",
+    "table3",
+    "to_json",
+    "to_markdown",
+    "to_rich",
+    "write_results",
+]
+
+RESULTS_SCHEMA = "loopreg.eval/1"
+REPORT_SCHEMA = "loopreg.report/1"
+DEFAULT_COLUMNS = ("closed_book", "open_book", "math_word", "all_tasks", "reasoning_primitives")
+MISSING_CELL = "—"
+
+
+# ---------------------------------------------------------------------------------------- results files
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a results file says about the model; ``params_units``/``flops_units`` are in layer units.
+
+    >>> ModelInfo.from_spec("middle", "4x(1,4,1)").flops_units
+    24
+    """
+
+    name: str
+    spec: str | None = None
+    loops: int | None = None
+    params_units: int | None = None
+    flops_units: int | None = None
+    perplexity: float | None = None
+
+    @classmethod
+    def from_spec(cls, name: str, spec: str, perplexity: float | None = None) -> ModelInfo:
+        """Fill spec, loops (the largest loop count of any block) and Params/FLOPs from a loop spec."""
+        parsed = LoopSpec.parse(spec)
+        return cls(name, str(parsed), max(block.loops for block in parsed.blocks), parsed.params_units,
+                   parsed.flops_units, perplexity)
+
+    @property
+    def units(self) -> str:
+        """The paper's Params/FLOPs cell, e.g. ``12x/24x``."""
+        if self.params_units is None or self.flops_units is None:
+            return MISSING_CELL
+        return f"{self.params_units}x/{self.flops_units}x"
+
+
+@dataclass(frozen=True)
+class EvalResults:
+    """One model's eval results; ``to_json``/``from_json`` are the ``loopreg.eval/1`` schema.
+
+    Example: ``EvalResults(ModelInfo("base-12x1"), tasks={"svamp": TaskScore(...)}, groups={})``
+    """
+
+    info: ModelInfo
+    tasks: Mapping[str, TaskScore]
+    groups: Mapping[str, GroupScore] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The results-file dict (JSON-ready)."""
+        info = self.info
+        return {
+            "schema": RESULTS_SCHEMA, "model": info.name, "spec": info.spec, "loops": info.loops,
+            "params_units": info.params_units, "flops_units": info.flops_units, "perplexity": info.perplexity,
+            "tasks": {name: {"score": t.score, "stderr": t.stderr, "n": t.n, "metric": t.metric, "group": t.group,
+                             "random_baseline": t.random_baseline, "missing": t.missing}
+                      for name, t in self.tasks.items()},
+            "groups": {name: {"score": g.score, "stderr": g.stderr, "n_tasks": g.n_tasks, "n_defined": g.n_defined,
+                              "missing": list(g.missing)}
+                       for name, g in self.groups.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str | Path = "<json>") -> EvalResults:
+        """Parse a results-file dict; anything off raises :class:`EvalDataError` naming ``source``."""
+        if not isinstance(data, dict) or data.get("schema") != RESULTS_SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise EvalDataError(None, source, f"not a results file: schema is {found!r}, expected {RESULTS_SCHEMA!r}")
+        try:
+            info = ModelInfo(str(data["model"]), data.get("spec"), data.get("loops"), data.get("params_units"),
+                             data.get("flops_units"), data.get("perplexity"))
+            tasks = {name: TaskScore(**entry) for name, entry in data["tasks"].items()}
+            groups = {name: GroupScore(name=name, **{**entry, "missing": tuple(entry["missing"])})
+                      for name, entry in data.get("groups", {}).items()}
+        except (KeyError, TypeError, AttributeError) as err:
+            raise EvalDataError(None, source, f"malformed {RESULTS_SCHEMA} results: {err!r}") from err
+        return cls(info, tasks, groups)
+
+
+def write_results(path: str | Path, results: EvalResults) -> Path:
+    """Write ``results`` as JSON atomically (temporary file in the same folder, then ``os.replace``).
+
+    Example: ``write_results("runs/loop-12x2/eval.json", results)``
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False, encoding="utf-8") as handle:
+        json.dump(results.to_json(), handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+    return path
+
+
+def load_results(paths: Sequence[str | Path]) -> list[EvalResults]:
+    """Load results files in the given order; a directory contributes its ``*.json`` files, sorted.
+
+    Example: ``load_results(["runs/base-24x1.json", "runs/loops/"])``
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(path.glob("*.json"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise EvalDataError(None, path, "no such results file or directory")
+    loaded, seen = [], {}
+    for path in files:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise EvalDataError(None, path, f"cannot read JSON: {err}") from err
+        results = EvalResults.from_json(data, path)
+        if results.info.name in seen:
+            raise EvalDataError(None, path, f"model {results.info.name!r} is also in {seen[results.info.name]}")
+        seen[results.info.name] = path
+        loaded.append(results)
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------- tables
+@dataclass(frozen=True)
+class ReportRow:
+    """One table row: display ``cells`` and the matching raw ``values`` (numbers for JSON export)."""
+
+    kind: str  # "model", "gap" or "fit"
+    cells: tuple[str, ...]
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """A renderer-neutral table; :func:`to_rich`, :func:`to_markdown` and :func:`to_json` draw it."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[ReportRow, ...]
+    notes: tuple[str, ...] = ()
+
+
+def _score_cell(group: GroupScore) -> str:
+    if group.score is None:
+        return MISSING_CELL
+    flag = "" if group.complete else f" ({group.n_tasks}/{group.n_defined})"
+    return f"{100 * group.score:.1f}{flag}"
+
+
+def _gap(looped: float | None, iso_param: float | None, iso_flop: float | None) -> float | None:
+    if None in (looped, iso_param, iso_flop):
+        return None
+    return percent_gap(looped, iso_param, iso_flop)
+
+
+def _gap_cell(gap: float | None) -> str:
+    return MISSING_CELL if gap is None or math.isnan(gap) else f"{gap:.0f}%"
+
+
+def table3(results: Sequence[EvalResults], groups: Mapping[str, GroupSpec],
+           pairs: Sequence[tuple[str, str]] = (), baseline: str | None = None,
+           columns: Sequence[str] = DEFAULT_COLUMNS, centered: bool = False) -> ReportTable:
+    """The paper's Table 3 layout; a ``% Gap`` row follows the looped model of each ``(iso_param, looped)``
+    pair, computed against the iso-FLOP ``baseline`` (perplexity gap on raw perplexity).
+
+    A group gap needs the same tasks scored in all three models, else it prints ``—``.
+
+    Example: ``table3(load_results(files), load_groups(), pairs=[("base-12x1", "loop-12x2")], baseline="base-24x1")``
+    """
+    unknown = [name for name in columns if name not in groups]
+    if unknown:
+        raise ValueError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(sorted(groups))}")
+    by_name = {r.info.name: r for r in results}
+    for name in [baseline, *(name for pair in pairs for name in pair)]:
+        if name is not None and name not in by_name:
+            raise ValueError(f"no results for model {name!r}; loaded: {', '.join(by_name)}")
+    if pairs and baseline is None:
+        raise ValueError("--pair needs --baseline (the iso-FLOP model)")
+    scores = {name: aggregate_groups(groups, r.tasks, centered) for name, r in by_name.items()}
+
+    def column_values(name: str) -> list[float | None]:
+        return [by_name[name].info.perplexity, *(scores[name][group].score for group in columns)]
+
+    def gap_row(iso: str, looped: str) -> ReportRow:
+        gaps = [_gap(*values) for values in zip(column_values(looped), column_values(iso), column_values(baseline))]
+        for index, group in enumerate(columns, start=1):  # index 0 is perplexity
+            if len({scores[name][group].missing for name in (iso, looped, baseline)}) > 1:
+                gaps[index] = None  # different task sets: the ratio would compare unlike averages
+        return ReportRow("gap", ("% Gap", "", *map(_gap_cell, gaps)), (f"{iso}:{looped}", None, *gaps))
+
+    rows = []
+    for r in results:
+        name = r.info.name
+        ppl = MISSING_CELL if r.info.perplexity is None else f"{r.info.perplexity:.2f}"
+        cells = [_score_cell(scores[name][group]) for group in columns]
+        rows.append(ReportRow("model", (name, r.info.units, ppl, *cells), (name, r.info.units, *column_values(name))))
+        rows += [gap_row(iso, looped) for iso, looped in pairs if looped == name]
+
+    headers = [f"{groups[g].title} ({len(groups[g].tasks)})" for g in columns]
+    notes = sorted({f"{g}: {group.coverage} (missing: {', '.join(group.missing)})"
+                    for per_model in scores.values() for g, group in per_model.items()
+                    if g in columns and not group.complete and group.score is not None})
+    metric = "centered accuracy (acc − b)/(1 − b)" if centered else "accuracy"
+    notes = [f"scores: {metric}, %; (m/n): average over m of the group's n tasks", *notes]
+    if pairs:
+        notes.append(f"% Gap = (looped − iso-param) / (iso-FLOP {baseline} − iso-param); perplexity on raw values")
+    return ReportTable("Downstream evaluation", ("Model", "Params/FLOPs", "PPL ↓", *headers), tuple(rows),
+                       tuple(notes))
+
+
+def scaling_report(results: Sequence[EvalResults], groups: Mapping[str, GroupSpec],
+                   columns: Sequence[str] = DEFAULT_COLUMNS, centered: bool = False,
+                   png: str | Path | None = None) -> ReportTable:
+    """Fit ``Acc = α·ln D + β`` per group and family (see :mod:`.scaling`); optionally write the PNG.
+
+    α and β are in accuracy points (%), α per unit of natural-log depth.
+
+    Example: ``to_markdown(scaling_report(load_results(["runs/"]), load_groups(), png="scaling.png"))``
+    """
+    unknown = [name for name in columns if name not in groups]
+    if unknown:
+        raise ValueError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(sorted(groups))}")
+    points = []
+    for r in results:
+        if r.info.params_units is None or r.info.flops_units is None:
+            raise ValueError(f"model {r.info.name!r} has no params_units/flops_units, so no effective depth")
+        group_scores = aggregate_groups({g: groups[g] for g in columns}, r.tasks, centered)
+        points.append(DepthPoint(r.info.name, r.info.params_units, r.info.flops_units,
+                                 {g: s.score for g, s in group_scores.items() if s.score is not None}))
+    fits = fit_scaling(points, columns)
+    rows = []
+    for group in columns:
+        ratios = alpha_ratios(fits[group])
+        for family, fit in fits[group].items():
+            ratio = ratios.get(family)
+            rows.append(ReportRow("fit", (groups[group].title, family, f"{100 * fit.alpha:.2f}",
+                                          f"{100 * fit.beta:.1f}", f"{fit.r2:.3f}", str(fit.n),
+                                          MISSING_CELL if ratio is None else f"{ratio:.2f}"),
+                                  (group, family, fit.alpha, fit.beta, fit.r2, fit.n, ratio)))
+    notes = ["Acc = α·ln(D) + β, natural log, D = effective depth (FLOPs in layer units); α, β in accuracy points",
+             "α ratio = α_looped / α_non-looped for the same group"]
+    if png is not None:
+        plot_scaling(points, fits, png, {g: groups[g].title for g in columns})
+        notes.append(f"plot: {png}")
+    return ReportTable("Depth scaling", ("Group", "Family", "α", "β", "R²", "n", "α ratio"), tuple(rows),
+                       tuple(notes))
+
+
+def to_rich(table: ReportTable) -> Table:
+    """A rich Table (``% Gap`` rows italic), notes as its caption.
+
+    Example: ``Console().print(to_rich(table3(results, load_groups())))``
+    """
+    rendered = Table(*table.columns, title=table.title, caption="\n".join(table.notes), caption_justify="left")
+    for row in table.rows:
+        rendered.add_row(*row.cells, style="italic" if row.kind == "gap" else None)
+    return rendered
+
+
+def to_markdown(table: ReportTable) -> str:
+    """A GitHub-flavoured markdown table followed by its notes as a list.
+
+    Example: ``Path("table3.md").write_text(to_markdown(table))``
+    """
+    lines = [f"### {table.title}", "", "| " + " | ".join(table.columns) + " |",
+             "|" + "|".join("---" for _ in table.columns) + "|"]
+    lines += ["| " + " | ".join(row.cells) + " |" for row in table.rows]
+    if table.notes:
+        lines += ["", *(f"- {note}" for note in table.notes)]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(table: ReportTable) -> dict[str, Any]:
+    """The table as JSON-ready data: raw numbers (fractions, % Gap in percent), not display strings.
+
+    Example: ``json.dumps(to_json(table))``
+    """
+    return {"schema": REPORT_SCHEMA, "title": table.title, "columns": list(table.columns),
+            "rows": [{"kind": row.kind, "values": dict(zip(table.columns, row.values))} for row in table.rows],
+            "notes": list(table.notes)}
+
+
+# ---------------------------------------------------------------------------------------- command line
+class _UsageError(Exception):
+    pass
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]  # one line, our exit code
+        raise _UsageError(message)
+
+
+def _parse_pair(text: str) -> tuple[str, str]:
+    iso, sep, looped = text.partition(":")
+    if not sep or not iso or not looped:
+        raise _UsageError(f"--pair {text!r}: expected ISO_PARAM:LOOPED model names")
+    return iso, looped
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="loopreg report", description="Tables from loopreg.eval/1 results files.")
+    parser.add_argument("results", nargs="+", help="results JSON files, or directories of them")
+    parser.add_argument("--pair", action="append", default=[], metavar="ISO_PARAM:LOOPED",
+                        help="add a %% Gap row after LOOPED (repeatable); needs --baseline")
+    parser.add_argument("--baseline", metavar="MODEL", help="the iso-FLOP model of every --pair")
+    parser.add_argument("--groups", default=",".join(DEFAULT_COLUMNS),
+                        help="comma-separated group columns (default: %(default)s)")
+    parser.add_argument("--centered", action="store_true", help="centered accuracy (acc - b) / (1 - b)")
+    parser.add_argument("--scaling", action="store_true", help="fit Acc = α·ln D + β instead of Table 3")
+    parser.add_argument("--png", type=Path, help="with --scaling: write the accuracy-vs-depth plot here")
+    parser.add_argument("--markdown", type=Path, help="also write the table as markdown")
+    parser.add_argument("--json", type=Path, help="also write the table as JSON")
+    return parser
+
+
+def report_main(argv: list[str]) -> int:
+    """``loopreg report``: print a table and optionally export it; 0 on success, 2 on a user error.
+
+    Example: ``report_main(["runs/", "--pair", "base-12x1:loop-12x2", "--baseline", "base-24x1"])``
+    """
+    try:
+        args = _build_parser().parse_args(argv)
+        pairs = [_parse_pair(text) for text in args.pair]
+        if args.png and not args.scaling:
+            raise _UsageError("--png needs --scaling")
+        if args.scaling and (pairs or args.baseline):
+            raise _UsageError("--pair/--baseline belong to the Table 3 report, not --scaling")
+        columns = [name.strip() for name in args.groups.split(",") if name.strip()]
+        results, groups = load_results(args.results), load_groups()
+        if args.scaling:
+            table = scaling_report(results, groups, columns, args.centered, args.png)
+        else:
+            table = table3(results, groups, pairs, args.baseline, columns, args.centered)
+        if args.markdown:
+            args.markdown.write_text(to_markdown(table), encoding="utf-8")
+        if args.json:
+            args.json.write_text(json.dumps(to_json(table), indent=2) + "\n", encoding="utf-8")
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    except (_UsageError, ValueError, OSError) as err:  # EvalDataError/EvalConfigError are ValueErrors
+        print(f"loopreg report: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    console = Console()
+    # a pipe or file has no width; rich would assume 80 columns and squeeze the table
+    (console if console.is_terminal else Console(width=200)).print(to_rich(table))
+    return 0

@@ -1,0 +1,40 @@
+"""Shared fixtures: a small local text corpus and the tiny-size overrides every recipe smoke test uses."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The README's documented override set that shrinks any paper recipe to a 2-batch CPU run.
+TINY_OVERRIDES = [
+    "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.vocab_size=257", "model.max_seq_len=32",
+    "model.init_device=cpu", "max_seq_len=32", "tokenizer.kind=byte_level", "tokenizer.name=null",
+    "global_train_batch_size=4", "device_train_microbatch_size=2", "device_eval_batch_size=4",
+    "eval_data.eval_size=4", "max_duration=2ba", "eval_interval=2ba", "device=cpu", "precision=fp32",
+    "fsdp_config=null", "autoresume=false", "train_data.num_workers=0", "eval_data.num_workers=0",
+    "progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of .txt documents (one document per file) made of random words."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the a looped model layer block applies its weights again and reasons over latent thoughts".split()
+    for index in range(40):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(30, 120))) + "."
+        (folder / f"doc{index:03d}.txt").write_text(text)
+    return folder
+
+
+def tiny_overrides(corpus: Path, save_folder: Path | None = None) -> list[str]:
+    extra = [f"train_data.source={corpus}", f"eval_data.source={corpus}", "train_data.text_field=text",
+             "eval_data.text_field=text"]
+    if save_folder is not None:
+        extra.append(f"save_folder={save_folder}")
+    return TINY_OVERRIDES + extra

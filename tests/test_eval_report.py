@@ -1,0 +1,141 @@
+"""Results files, the Table 3 report (snapshot), exports and the ``report_main`` command line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from loopreg.evals import (EvalDataError, EvalResults, ModelInfo, aggregate_groups, load_groups, load_results,
+                           report_main, table3, to_json, to_markdown, write_results)
+
+from .test_eval_aggregate import PAPER_ROWS, paper_scores
+
+OFFLINE_ABSENT = ("drop", "coqa", "mawps_singleop")
+
+SNAPSHOT = """\
+### Downstream evaluation
+
+| Model | Params/FLOPs | PPL ↓ | Closed-book QA (4) | Open-book QA (5) | Math word problems (6) | All tasks (15) | Reasoning primitives (4) |
+|---|---|---|---|---|---|---|---|
+| base-24x1 | 24x/24x | 7.40 | 11.2 | 31.1 (3/5) | 27.2 (5/6) | 22.9 (12/15) | 47.5 |
+| base-12x1 | 12x/12x | 8.16 | 8.2 | 24.6 (3/5) | 24.4 (5/6) | 19.0 (12/15) | 35.7 |
+| loop-12x2 | 12x/24x | 7.90 | 9.4 | 28.3 (3/5) | 31.1 (5/6) | 23.1 (12/15) | 51.2 |
+| % Gap |  | 34% | 38% | 57% | 238% | 107% | 131% |
+
+- scores: accuracy, %; (m/n): average over m of the group's n tasks
+- all_tasks: 12/15 tasks (missing: drop, coqa, mawps_singleop)
+- math_word: 5/6 tasks (missing: mawps_singleop)
+- open_book: 3/5 tasks (missing: drop, coqa)
+- % Gap = (looped − iso-param) / (iso-FLOP base-24x1 − iso-param); perplexity on raw values
+"""
+
+
+def paper_results(name: str, absent: tuple[str, ...] = OFFLINE_ABSENT) -> EvalResults:
+    spec, perplexity, _ = PAPER_ROWS[name]
+    tasks = paper_scores(name, absent)
+    return EvalResults(ModelInfo.from_spec(name, spec, perplexity), tasks, aggregate_groups(load_groups(), tasks))
+
+
+@pytest.fixture
+def results_dir(tmp_path: Path) -> Path:
+    for name in ("base-24x1", "base-12x1", "loop-12x2", "base-4x1", "loop-4x6"):
+        write_results(tmp_path / "runs" / f"{name}.json", paper_results(name))
+    return tmp_path / "runs"
+
+
+def test_table3_markdown_snapshot() -> None:
+    results = [paper_results(name) for name in ("base-24x1", "base-12x1", "loop-12x2")]
+    table = table3(results, load_groups(), pairs=[("base-12x1", "loop-12x2")], baseline="base-24x1")
+    assert to_markdown(table) == SNAPSHOT
+
+
+def test_json_export_keeps_raw_numbers() -> None:
+    results = [paper_results(name, absent=()) for name in ("base-24x1", "base-12x1", "loop-12x2")]
+    exported = to_json(table3(results, load_groups(), pairs=[("base-12x1", "loop-12x2")], baseline="base-24x1"))
+    gap = exported["rows"][-1]
+    assert gap["kind"] == "gap" and gap["values"]["Model"] == "base-12x1:loop-12x2"
+    assert gap["values"]["All tasks (15)"] == pytest.approx(110, abs=0.5)  # paper: 110%
+    assert exported["rows"][0]["values"]["PPL ↓"] == 7.40
+    json.dumps(exported)
+
+
+def test_gap_needs_the_same_tasks_in_all_three_models() -> None:
+    results = [paper_results("base-24x1", absent=()), paper_results("base-12x1"), paper_results("loop-12x2")]
+    gap = table3(results, load_groups(), pairs=[("base-12x1", "loop-12x2")], baseline="base-24x1").rows[-1]
+    assert gap.cells[3] == "38%" and gap.cells[4] == "—" and gap.values[4] is None
+
+
+def test_results_round_trip_and_bad_files(tmp_path: Path) -> None:
+    original = paper_results("loop-4x6")
+    path = write_results(tmp_path / "loop.json", original)
+    assert load_results([path]) == [original]
+    (tmp_path / "other.json").write_text('{"schema": "something/else"}')
+    with pytest.raises(EvalDataError, match=r"other.json: not a results file: schema is 'something/else'"):
+        load_results([tmp_path / "other.json"])
+    (tmp_path / "broken.json").write_text('{"schema": "loopreg.eval/1", "model": "m"}')
+    with pytest.raises(EvalDataError, match=r"broken.json: malformed loopreg.eval/1 results"):
+        load_results([tmp_path / "broken.json"])
+    with pytest.raises(EvalDataError, match="is also in"):
+        load_results([path, path])
+
+
+def test_model_info_from_spec() -> None:
+    info = ModelInfo.from_spec("middle", "4x(1,4,1)", perplexity=7.81)
+    assert (info.spec, info.loops, info.units) == ("4x(1,4,1)", 4, "12x/24x")
+    assert ModelInfo("hf-model").units == "—"
+
+
+def test_report_main_prints_and_exports(results_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = report_main([str(results_dir), "--pair", "base-12x1:loop-12x2", "--pair", "base-4x1:loop-4x6",
+                        "--baseline", "base-24x1",
+                        "--markdown", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "loop-4x6" in printed and "% Gap" in printed and "(3/5)" in printed
+    markdown = (tmp_path / "t.md").read_text()
+    assert markdown.count("| % Gap |") == 2
+    assert json.loads((tmp_path / "t.json").read_text())["schema"] == "loopreg.report/1"
+
+
+def test_report_main_centered_and_group_choice(results_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert report_main([str(results_dir / "base-4x1.json"), "--groups", "synthetic,math_word", "--centered"]) == 0
+    assert "centered accuracy" in capsys.readouterr().out
+
+
+def test_report_main_scaling_writes_a_png(results_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    png = tmp_path / "scaling.png"
+    assert report_main([str(results_dir), "--scaling", "--png", str(png), "--json", str(tmp_path / "s.json")]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    families = {(row["values"]["Group"], row["values"]["Family"]) for row in rows}
+    assert ("math_word", "looped (4⊗L)") in families and ("math_word", "non-looped (D⊗1)") in families
+    looped = next(r["values"] for r in rows if r["values"]["Family"] == "looped (4⊗L)")
+    assert looped["n"] == 2 and looped["R²"] == pytest.approx(1.0)  # two points: an exact line
+    assert "natural log" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["missing.json"], "missing.json: no such results file"),
+    (["{dir}", "--pair", "base-12x1:loop-12x2"], "--pair needs --baseline"),
+    (["{dir}", "--pair", "base-12x1", "--baseline", "base-24x1"], "expected ISO_PARAM:LOOPED"),
+    (["{dir}", "--pair", "base-12x1:nope", "--baseline", "base-24x1"], "no results for model 'nope'"),
+    (["{dir}", "--groups", "closed_book,bogus"], "unknown group(s) bogus"),
+    (["{dir}", "--png", "x.png"], "--png needs --scaling"),
+    (["{dir}", "--no-such-flag"], "unrecognized arguments"),
+    ([], "the following arguments are required"),
+])
+def test_report_main_user_errors_are_one_line_and_exit_2(results_dir: Path, capsys: pytest.CaptureFixture,
+                                                         argv: list[str], message: str) -> None:
+    assert report_main([arg.format(dir=results_dir) for arg in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("loopreg report: error: ") and message in captured.err
+
+
+def test_percent_gap_of_equal_baselines_prints_a_dash() -> None:
+    same = [paper_results("base-12x1"), paper_results("loop-12x2")]
+    gap = table3(same, load_groups(), pairs=[("base-12x1", "loop-12x2")], baseline="base-12x1").rows[-1]
+    assert set(gap.cells[2:]) == {"—"} and all(math.isnan(value) for value in gap.values[2:])

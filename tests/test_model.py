@@ -1,0 +1,143 @@
+import pytest
+import torch
+
+from loopreg import LoopedLM, LoopedLMConfig, LoopSpec
+from loopreg.model import Layer, rotary
+
+
+def tiny(spec: str, **kw) -> LoopedLM:
+    torch.manual_seed(0)
+    return LoopedLM(LoopedLMConfig(spec=spec, vocab_size=61, d_model=32, n_heads=4, d_ff=48, **kw)).eval()
+
+
+def layer_params(model: LoopedLM) -> int:
+    return sum(p.numel() for p in model.layers.parameters())
+
+
+def test_tied_param_count_is_k_layers():
+    one_layer = layer_params(tiny("1x1"))
+    assert layer_params(tiny("6x4")) == 6 * one_layer
+    assert layer_params(tiny("4x(1,4,1)")) == 12 * one_layer
+    assert layer_params(tiny("6x4", tied=False)) == 24 * one_layer
+    assert len(tiny("12x2", tied=False).layers) == 24
+
+
+def test_looped_forward_equals_block_applied_by_hand():
+    model = tiny("3x4", mlp="gelu")
+    ids = torch.randint(0, 61, (2, 9))
+    x = model.embed(ids)
+    rope = rotary(torch.arange(9).expand(2, 9), model.config.head_dim, model.config.rope_theta, x.dtype)
+    for _ in range(4):
+        for layer in model.layers:
+            x = layer(x, rope)
+    expected = model.lm_head(model.norm(x))
+    torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+
+
+def test_middle_loop_forward_by_hand():
+    model = tiny("1x(1,3,1)")
+    ids = torch.randint(0, 61, (1, 7))
+    x = model.embed(ids)
+    rope = rotary(torch.arange(7)[None], model.config.head_dim, model.config.rope_theta, x.dtype)
+    for index in (0, 1, 1, 1, 2):
+        x = model.layers[index](x, rope)
+    torch.testing.assert_close(model(ids), model.lm_head(model.norm(x)), rtol=0, atol=0)
+
+
+def test_loop_override_runs_more_loops_without_new_weights():
+    model = tiny("2x3")
+    ids = torch.randint(0, 61, (1, 6))
+    deeper = tiny("2x6")
+    deeper.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(ids, loops=6), deeper(ids), rtol=0, atol=0)
+    assert not torch.equal(model(ids, loops=6), model(ids))
+    with pytest.raises(ValueError, match="untied"):
+        tiny("2x3", tied=False)(ids, loops=4)
+
+
+@pytest.mark.parametrize("spec, loops", [("2x3", None), ("1x(1,3,1)", None), ("2x2", 5)])
+def test_kv_cache_matches_recomputation(spec, loops):
+    model = tiny(spec, n_kv_heads=2)
+    ids = torch.randint(0, 61, (3, 5))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    mask[1, :1] = 0
+    cached = model.generate(ids, 12, attention_mask=mask, loops=loops)
+    uncached = model.generate(ids, 12, attention_mask=mask, loops=loops, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # a left-padded row generates exactly what the unpadded prompt generates alone
+    alone = model.generate(ids[:1, 2:], 12, loops=loops)
+    assert torch.equal(cached[:1], alone)
+
+
+def test_cached_logits_equal_full_forward():
+    model = tiny("2x3")
+    ids = torch.randint(0, 61, (2, 10))
+    cache = model.new_cache(2, 10)
+    parts = [model(ids[:, :6], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat(parts, 1), model(ids), rtol=1e-5, atol=1e-5)
+    assert cache.keys.shape[0] == 6  # one slot per layer application, not per distinct layer
+
+
+def test_sampling_is_seeded():
+    model = tiny("1x2")
+    ids = torch.randint(0, 61, (2, 4))
+    a = model.generate(ids, 8, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    b = model.generate(ids, 8, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_eos_stops_rows():
+    model = tiny("1x2")
+    ids = torch.randint(0, 61, (2, 4))
+    greedy = model.generate(ids, 6)
+    eos = int(greedy[0, 1])
+    out = model.generate(ids, 6, eos_token_id=eos)
+    assert (out[0, 1:] == eos).all()
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny("4x(1,2,1)", tie_word_embeddings=True)
+    model.save_pretrained(tmp_path)
+    loaded = LoopedLM.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    assert loaded.spec == LoopSpec.parse("4x(1,2,1)")
+    ids = torch.randint(0, 61, (2, 7))
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+    assert loaded.lm_head.weight is loaded.embed.weight
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LoopedLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"loopreg": {"spec": "2x2", "bogus": 1}}')
+    with pytest.raises(ValueError, match="bogus"):
+        LoopedLM.from_pretrained(tmp_path)
+
+
+def test_meta_init_then_fsdp_style_materialisation():
+    config = LoopedLMConfig(spec="2x3", vocab_size=61, d_model=32, n_heads=4)
+    with torch.device("meta"):
+        model = LoopedLM(config)
+    assert all(p.is_meta for p in model.parameters())
+    # What Composer's FSDP does per module: to_empty(recurse=False), then param_init_fn(module).
+    for module in model.modules():
+        module.to_empty(device="cpu", recurse=False)
+        model.param_init_fn(module)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.layers[0].attn.o_proj.weight.std() < model.layers[0].attn.q_proj.weight.std()  # depth-scaled
+
+
+def test_fsdp_units_are_distinct_layers():
+    model = tiny("4x(1,4,1)")
+    units = [m for m in model.modules() if model.fsdp_wrap_fn(m)]
+    assert len(units) == 12 and all(isinstance(m, Layer) for m in units)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="n_heads"):
+        LoopedLMConfig(spec="2x2", d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="loop count 0"):
+        LoopedLMConfig(spec="2x0")
+    with pytest.raises(ValueError, match="mlp"):
+        LoopedLMConfig(mlp="relu")
