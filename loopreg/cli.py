@@ -15,6 +15,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loopreg.train", "train a recipe: loopreg train RECIPE.yaml [key=value ...]"),
     "demo": ("loopreg.demo", "the CPU demo: (1⊗1) vs (1⊗L) vs (L⊗1) on a synthetic reasoning task"),
+    "similarity": ("loopreg.similarity", "how close to looped: per-group block cosines R_G of a model"),
+    "snap": ("loopreg.snap", "tie an untied model's blocks exactly: CKPT -> looped LoopedLM folder"),
+    "surgery": ("loopreg.surgery.cli", "loop an existing checkpoint: SRC --spec \"4x(1,4,1)\" [--layers ...] --out DIR"),
+    "export": ("loopreg.surgery.export", "write a looped model as a standard unrolled HF checkpoint: CKPT --unroll --out DIR"),
 }
 
 

@@ -53,7 +53,9 @@ class DataSection:
     # synthetic: a task from loopreg.data.synthetic with its knobs
     task: Optional[str] = None
     task_kwargs: Dict[str, Any] = field(default_factory=dict)
-    eval_size: int = 1024
+    # eval_data only: named eval sets, each overriding task knobs (e.g. {n24: {n_operands: 24}})
+    eval_variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    eval_size: int = 1024  # sequences (text) or examples (synthetic) in the fixed eval set
     num_workers: int = 0
 
 

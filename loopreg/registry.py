@@ -16,6 +16,10 @@ from composer import callbacks as composer_callbacks
 from composer import loggers as composer_loggers
 from composer import optim as composer_optim
 
+from loopreg.algorithms.loop_regularizer import LoopRegularizer
+from loopreg.algorithms.loop_surgery import LoopSurgery
+from loopreg.callbacks.similarity_monitor import LoopSimilarityMonitor
+
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "CALLBACKS", "LOGGERS", "ALGORITHMS"]
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -37,6 +41,7 @@ CALLBACKS: dict[str, Callable[..., Any]] = {
     "memory_monitor": composer_callbacks.MemoryMonitor,
     "optimizer_monitor": composer_callbacks.OptimizerMonitor,
     "runtime_estimator": composer_callbacks.RuntimeEstimator,
+    "loop_similarity_monitor": LoopSimilarityMonitor,
 }
 
 LOGGERS: dict[str, Callable[..., Any]] = {
@@ -47,4 +52,7 @@ LOGGERS: dict[str, Callable[..., Any]] = {
     "in_memory": composer_loggers.InMemoryLogger,
 }
 
-ALGORITHMS: dict[str, Callable[..., Any]] = {}
+ALGORITHMS: dict[str, Callable[..., Any]] = {
+    "loop_regularizer": LoopRegularizer,
+    "loop_surgery": LoopSurgery,
+}

@@ -12,6 +12,7 @@ The first works because every recipe's first line is also a Python statement cal
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -46,8 +47,19 @@ def _device(recipe: Recipe) -> str:
     return recipe.device
 
 
-def build_dataloaders(recipe: Recipe, world_size: int, rank: int) -> tuple[DataLoader, DataLoader | None, Any]:
-    """Train and eval dataloaders for this rank, plus the tokenizer."""
+@dataclass
+class Data:
+    """What a recipe's data sections build for one rank."""
+
+    train: DataLoader
+    evaluation: Any  # a DataLoader, a list of Composer Evaluators, or None
+    tokenizer: Any
+    eval_metrics: dict[str, Any] = field(default_factory=dict)  # task metrics beside the LM metrics
+    task: Any = None  # loopreg.data.tasks.TaskData for synthetic tasks
+
+
+def build_dataloaders(recipe: Recipe, world_size: int, rank: int) -> Data:
+    """Train and eval data for this rank."""
     from loopreg.data.text import PackedText, load_tokenizer, text_stream
 
     if recipe.global_train_batch_size % world_size:
@@ -80,7 +92,7 @@ def build_dataloaders(recipe: Recipe, world_size: int, rank: int) -> tuple[DataL
     if recipe.eval_data is not None:
         evaluation = DataLoader(packed("eval_data", recipe.eval_data.eval_size), batch_size=recipe.device_eval_batch_size,
                                 num_workers=recipe.eval_data.num_workers)
-    return train, evaluation, tokenizer
+    return Data(train, evaluation, tokenizer)
 
 
 def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
@@ -98,14 +110,9 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
     if recipe.autoresume and not recipe.save_folder:
         raise RecipeError("autoresume=true needs save_folder (where the checkpoints to resume from live)")
     reproducibility.seed_all(recipe.seed)
-    train_loader, eval_loader, _ = build_dataloaders(recipe, dist.get_world_size(), dist.get_global_rank())
-
-    config = _model_config(recipe.model)
-    if recipe.model.init_device == "meta":
-        with torch.device("meta"):
-            model = ComposerLoopedLM(config, extra_eval_metrics=getattr(eval_loader, "task_metrics", None))
-    else:
-        model = ComposerLoopedLM(config, extra_eval_metrics=getattr(eval_loader, "task_metrics", None))
+    data = build_dataloaders(recipe, dist.get_world_size(), dist.get_global_rank())
+    with torch.device(recipe.model.init_device):
+        model = ComposerLoopedLM(_model_config(recipe.model), extra_eval_metrics=data.eval_metrics)
 
     optimizer = _build(OPTIMIZERS, recipe.optimizer.name, {"lr": recipe.optimizer.lr, **recipe.optimizer.kwargs},
                        "optimizer", model.parameters())
@@ -120,9 +127,9 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
     return Trainer(
         run_name=recipe.run_name,
         model=model,
-        train_dataloader=train_loader,
-        eval_dataloader=eval_loader,
-        eval_interval=recipe.eval_interval if eval_loader is not None else 1,
+        train_dataloader=data.train,
+        eval_dataloader=data.evaluation,
+        eval_interval=recipe.eval_interval if data.evaluation is not None else 1,
         eval_subset_num_batches=recipe.eval_subset_num_batches,
         max_duration=recipe.max_duration,
         optimizers=optimizer,

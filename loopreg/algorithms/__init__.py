@@ -1,0 +1,5 @@
+"""Composer algorithms for looped models: each a plain function plus a thin ``Algorithm`` class."""
+
+from loopreg.algorithms.loop_regularizer import (LoopRegularization, LoopRegularizer, block_similarity,
+                                                 loop_regularization, loop_similarity, loop_target, snap_to_looped)
+from loopreg.algorithms.loop_surgery import LoopSurgery, apply_loop_surgery

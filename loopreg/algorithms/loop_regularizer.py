@@ -1,0 +1,441 @@
+"""The looping-inspired cosine regularizer (paper §4), its Composer algorithm, and snap-to-looped.
+
+An untied model whose L layers are grouped into blocks of k is pulled toward the looped ``(k⊗L/k)``
+model: for every parameter group G (a weight-matrix role such as attention Q or the MLP down
+projection), ``R_G`` is the mean cosine between layer ``ik+j`` and layer ``(i+1)k+j`` (the same
+position in the next block), and the loss gets ``λ · mean_G (1 − R_G)``. The paper prints
+``+λ · mean_G R_G``, which would *penalise* similarity; the sign here rewards it (digest §6 erratum).
+
+Layers are grouped by a :class:`~loopreg.spec.LoopSpec` over the model's layers (``tie_groups`` says
+which layers are tied); it comes from ``block_size`` (``kx(L/k)``), from explicit ``blocks`` (runs
+of consecutive layers: middle looping ties only those), or from an untied ``LoopedLM``'s own spec.
+
+    >>> from loopreg.model import LoopedLM, LoopedLMConfig
+    >>> model = LoopedLM(LoopedLMConfig(spec="2x3", tied=False, vocab_size=32, d_model=16, n_heads=2))
+    >>> loss = loop_regularization(model).penalty  # differentiable: add λ·loss to the training loss
+    >>> snap_to_looped(model).num_distinct_layers
+    2
+
+Under FSDP each rank only holds a flat slice of every parameter, but identical layers (separate FSDP
+units of equal shapes) are sliced identically, so partial dot products and squared norms summed over
+the shard group give the exact cosines without gathering any weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.distributed as torch_dist
+import torch.distributed.nn.functional as dist_nn
+from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.loggers import Logger
+from torch import nn
+
+from loopreg.model import LoopedLM
+from loopreg.spec import LoopSpec
+from loopreg.surgery.adapters import find_adapter, get_layers, layer_role_params, unwrap
+
+__all__ = ["LoopRegularization", "LoopRegularizer", "block_similarity", "loop_regularization", "loop_similarity",
+           "loop_target", "run_folder", "snap_to_looped"]
+
+log = logging.getLogger(__name__)
+
+LAMBDA_SCHEDULES = ("constant", "linear_warmup", "cosine")
+
+
+# --------------------------------------------------------------------------------------------- layout
+def loop_target(model: nn.Module, block_size: int | None = None,
+                blocks: Sequence[Sequence[int]] | None = None) -> LoopSpec:
+    """The looped layout the regularizer pulls ``model``'s layers toward, as a spec over all its layers.
+
+    ``block_size=k`` ties consecutive k-layer blocks (``kx(L/k)``); ``blocks`` lists the layer indices of
+    each tied block (consecutive runs, back to back, equal sizes; other layers stay free); with neither,
+    an untied ``LoopedLM`` (or untied surgery result) uses its own spec.
+
+    >>> # loop_target(gpt2_12_layers, blocks=[[2, 3], [4, 5], [6, 7]])  ->  LoopSpec '2x1+2x3+4x1'
+    """
+    name = type(unwrap(model)).__name__
+    num_layers = len(get_layers(model))
+    if block_size is not None and blocks is not None:
+        raise ValueError(f"{name}: give block_size or blocks, not both")
+    if block_size is not None:
+        if block_size < 1 or num_layers % block_size:
+            divisors = [k for k in range(1, num_layers) if num_layers % k == 0]
+            raise ValueError(f"block_size={block_size} does not divide the {num_layers} layers of {name}; "
+                             f"expected one of {divisors}")
+        target = LoopSpec.parse(f"{block_size}x{num_layers // block_size}")
+    elif blocks is not None:
+        target = _spec_from_blocks(blocks, num_layers, name)
+    else:
+        target = _own_spec(unwrap(model))
+    target.check_layer_count(num_layers, name)
+    if not target.is_looped:
+        raise ValueError(f"loop target '{target}' of {name} ties no layers; expected at least two blocks")
+    return target
+
+
+def _own_spec(model: nn.Module) -> LoopSpec:
+    """The spec an untied model was built with: ``LoopedLM``'s, or a surgery result's ``loopreg_spec``."""
+    from loopreg.surgery.core import SPEC_KEY, TIED_KEY
+
+    if isinstance(model, LoopedLM):
+        spec, tied = model.spec, model.config.tied
+    else:
+        config = getattr(model, "config", None)
+        spec, tied = getattr(config, SPEC_KEY, None), getattr(config, TIED_KEY, True)
+    if spec is None or tied:
+        why = "it is already looped (tied)" if spec is not None else "it has no loop spec"
+        raise ValueError(f"{type(model).__name__}: no layout to regularize toward ({why}); expected block_size=K or "
+                         "blocks=[[...], ...]")
+    return LoopSpec.parse(spec)
+
+
+def _spec_from_blocks(blocks: Sequence[Sequence[int]], num_layers: int, name: str) -> LoopSpec:
+    """``[[4..7], [8..11], [12..15]]`` in 20 layers → ``4x1+4x3+4x1``: free layers before and after become
+    blocks applied once."""
+    runs = [list(block) for block in blocks]
+    size = len(runs[0]) if runs else 0
+    start = runs[0][0] if size else 0
+    expected = [list(range(start + i * size, start + (i + 1) * size)) for i in range(len(runs))]
+    if len(runs) < 2 or size == 0 or runs != expected or expected[-1][-1] >= num_layers:
+        raise ValueError(f"blocks={[list(b) for b in blocks]} for the {num_layers} layers of {name}: expected two or "
+                         f"more equal-size runs of consecutive layer indices, back to back, e.g. "
+                         f"[[0, 1], [2, 3]]")
+    after = num_layers - (start + len(runs) * size)
+    stages = ([f"{start}x1"] if start else []) + [f"{size}x{len(runs)}"] + ([f"{after}x1"] if after else [])
+    return LoopSpec.parse("+".join(stages))
+
+
+def _tied_pairs(target: LoopSpec) -> list[tuple[int, int]]:
+    """Layer pairs the regularizer compares: each layer with the same position in the next repetition."""
+    return [(group[i], group[i + 1]) for group in target.tie_groups for i in range(len(group) - 1)]
+
+
+def _repeated_blocks(target: LoopSpec) -> list[tuple[int, ...]]:
+    """Consecutive layer blocks of the looped block size (every repetition, and free blocks of that size)."""
+    size = next(block.size for block in target.blocks if block.loops > 1)
+    chunks, start = [], 0
+    for block in target.blocks:
+        for _ in range(block.loops):
+            if block.size == size:
+                chunks.append(tuple(range(start, start + size)))
+            start += block.size
+    return chunks
+
+
+# ------------------------------------------------------------------------------------------ the math
+def _role_params(model: nn.Module, include_norms: bool) -> dict[str, list[nn.Parameter]]:
+    """Role → that role's parameter in every layer (the parameter groups G)."""
+    adapter = find_adapter(model)
+    per_layer = [layer_role_params(layer, adapter, include_norms) for layer in get_layers(model, adapter)]
+    roles = list(per_layer[0])
+    for index, params in enumerate(per_layer):
+        if list(params) != roles:
+            raise ValueError(f"{type(unwrap(model)).__name__}: layer {index} has roles {list(params)} but layer 0 has "
+                             f"{roles}; the regularizer needs the same weights in every layer")
+    return {role: [params[role] for params in per_layer] for role in roles}
+
+
+def _shard_group(model: nn.Module) -> torch_dist.ProcessGroup | None:
+    """The process group each layer's parameters are sharded over (FSDP1), or None when every rank holds
+    whole parameters (one process, DDP, FSDP ``NO_SHARD``)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    if not any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        return None
+    layers = get_layers(model)
+    if not all(isinstance(layer, FullyShardedDataParallel) for layer in layers):
+        raise ValueError(f"{type(unwrap(model)).__name__} under FSDP: every decoder layer must be its own FSDP unit "
+                         "(fsdp_wrap_fn) so identical layers are sharded identically")
+    unit = layers[0]
+    if unit.sharding_strategy == ShardingStrategy.NO_SHARD or torch_dist.get_world_size(unit.process_group) == 1:
+        return None
+    return unit.process_group
+
+
+def _sum_over_shards(local: torch.Tensor, group: torch_dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum per-rank partial statistics over the shard group, differentiably."""
+    if group is None:
+        return local
+    if local.requires_grad:
+        # Every rank adds the same value to its loss and data parallelism averages the ranks' gradients, but
+        # these gradients land on local shards without FSDP's averaging reduce-scatter: the all-reduce's
+        # backward sums the ranks' identical upstream gradients, so divide by the group size.
+        local.register_hook(lambda grad: grad / torch_dist.get_world_size(group))
+    return dist_nn.all_reduce(local, group=group)
+
+
+def _pair_cosines(model: nn.Module, pairs: Sequence[tuple[int, int]], include_norms: bool,
+                  eps: float) -> dict[str, torch.Tensor]:
+    """Role → fp32 cosine of each layer pair, from (shard-local) dot products and squared norms."""
+    params = _role_params(model, include_norms)
+    name = type(unwrap(model)).__name__
+    layers = sorted({index for pair in pairs for index in pair})
+    stats = []
+    for role, per_layer in params.items():
+        for a, b in pairs:
+            if per_layer[a].shape != per_layer[b].shape:
+                raise ValueError(f"{name}: {role} weights of layers {a} and {b} have shapes "
+                                 f"{tuple(per_layer[a].shape)} and {tuple(per_layer[b].shape)}; tied blocks need "
+                                 "equal shapes")
+        # reshape is a view and .float() is a no-op for fp32: no weight is copied (bf16 is upcast).
+        flat = {index: per_layer[index].reshape(-1).float() for index in layers}
+        stats += [torch.dot(flat[index], flat[index]) for index in layers]
+        stats += [torch.dot(flat[a], flat[b]) for a, b in pairs]
+    totals = _sum_over_shards(torch.stack(stats), _shard_group(model)).view(len(params), -1)
+    position = {index: i for i, index in enumerate(layers)}
+    first = torch.tensor([position[a] for a, _ in pairs], device=totals.device)
+    second = torch.tensor([position[b] for _, b in pairs], device=totals.device)
+    cosines = {}
+    for role, row in zip(params, totals):
+        squares, dots = row[:len(layers)].clamp_min(eps * eps), row[len(layers):]
+        cosines[role] = dots * torch.rsqrt(squares[first]) * torch.rsqrt(squares[second])
+    return cosines
+
+
+class LoopRegularization(NamedTuple):
+    """``penalty`` = weighted mean over groups of ``1 − R_G`` (differentiable); ``similarity`` = ``R_G``."""
+
+    penalty: torch.Tensor
+    similarity: dict[str, torch.Tensor]
+
+
+def loop_regularization(model: nn.Module, block_size: int | None = None, blocks: Sequence[Sequence[int]] | None = None,
+                        include_norms: bool = False, group_weights: Mapping[str, float] | None = None,
+                        eps: float = 1e-8) -> LoopRegularization:
+    """``R_G`` for every parameter group G and the penalty ``Σ_G w_G (1 − R_G) / Σ_G w_G`` (the paper's
+    ``1/|G| Σ_G`` with all weights 1); add ``λ · penalty`` to the loss. Exact under DDP and FSDP1.
+
+    ``R_G = 1/(L−k) Σ_i Σ_j cos(θ_G^(ik+j), θ_G^((i+1)k+j))`` over the pairs of :func:`loop_target`'s
+    layout; norms below ``eps`` are clamped (no NaN for zero weights) and bf16 weights are summed in fp32.
+
+    >>> # (ce + 10 * loop_regularization(model, block_size=4).penalty).backward()
+    """
+    target = loop_target(model, block_size, blocks)
+    cosines = _pair_cosines(model, _tied_pairs(target), include_norms, eps)
+    similarity = {role: cos.mean() for role, cos in cosines.items()}
+    weights = {role: 1.0 for role in similarity}
+    for role, weight in (group_weights or {}).items():
+        if role not in weights:
+            raise ValueError(f"group_weights key '{role}' is not a parameter group of {type(unwrap(model)).__name__}; "
+                             f"groups: {', '.join(weights)}")
+        weights[role] = float(weight)
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"group_weights {dict(group_weights or {})} must have a positive sum")
+    penalty = sum(weights[role] * (1 - r) for role, r in similarity.items()) / sum(weights.values())
+    return LoopRegularization(penalty, similarity)
+
+
+@torch.no_grad()
+def loop_similarity(model: nn.Module, block_size: int | None = None, blocks: Sequence[Sequence[int]] | None = None,
+                    include_norms: bool = False) -> dict[str, float]:
+    """``R_G`` of each parameter group and their ``"mean"``: how close to looped is this model?
+
+    >>> # loop_similarity(AutoModelForCausalLM.from_pretrained("gpt2"), block_size=4)["mean"]
+    """
+    similarity = loop_regularization(model, block_size, blocks, include_norms).similarity
+    values = {role: float(r) for role, r in similarity.items()}
+    return {**values, "mean": sum(values.values()) / len(values)}
+
+
+@torch.no_grad()
+def block_similarity(model: nn.Module, block_size: int | None = None, blocks: Sequence[Sequence[int]] | None = None,
+                     include_norms: bool = False) -> dict[str, torch.Tensor]:
+    """Group → (B, B) matrix of the mean position-aligned cosine between every two blocks of the looped
+    size (the paper's Fig. 5 heatmaps); the diagonal is 1.
+
+    >>> # block_similarity(model, block_size=4)["attn_q"].shape  ->  (6, 6) for 24 layers
+    """
+    chunks = _repeated_blocks(loop_target(model, block_size, blocks))
+    block_pairs = [(a, b) for a in range(len(chunks)) for b in range(a + 1, len(chunks))]
+    pairs = [pair for a, b in block_pairs for pair in zip(chunks[a], chunks[b])]
+    matrices = {}
+    for role, cos in _pair_cosines(model, pairs, include_norms, eps=1e-8).items():
+        matrix = torch.eye(len(chunks))
+        for (a, b), value in zip(block_pairs, cos.view(len(block_pairs), -1).mean(1).cpu()):
+            matrix[a, b] = matrix[b, a] = value
+        matrices[role] = matrix
+    return matrices
+
+
+# ---------------------------------------------------------------------------------------------- snap
+@torch.no_grad()
+def snap_to_looped(model: nn.Module, block_size: int | None = None,
+                   blocks: Sequence[Sequence[int]] | None = None) -> LoopedLM:
+    """A tied (truly looped) ``LoopedLM`` whose every distinct layer is the average of the untied layers
+    tied to it; embeddings, final norm and head are copied. The input model is not changed.
+
+    >>> # snap_to_looped(untied_24_layers, block_size=4).save_pretrained("runs/x/snapped")  # a (4⊗6) model
+    """
+    untied = unwrap(model)
+    if not isinstance(untied, LoopedLM) or untied.config.tied:
+        state = "a tied LoopedLM is already looped" if isinstance(untied, LoopedLM) else "not a LoopedLM"
+        raise ValueError(f"snap_to_looped needs an untied LoopedLM; got {type(untied).__name__} ({state})")
+    target = loop_target(untied, block_size, blocks)
+    with torch.device(untied.embed.weight.device):
+        looped = LoopedLM(replace(untied.config, spec=str(target), tied=True))
+    weights = {name: tensor for name, tensor in untied.state_dict().items() if not name.startswith("layers.")}
+    layer_weights = [layer.state_dict() for layer in untied.layers]
+    for distinct, applications in enumerate(target.tie_groups):
+        for name, first in layer_weights[applications[0]].items():
+            # first + mean of the differences: exactly `first` when the blocks already agree, and little
+            # rounding when they are close (the regularized case).
+            differences = [layer_weights[i][name].float() - first.float() for i in applications[1:]]
+            mean = first.float() + sum(differences) / len(applications) if differences else first
+            weights[f"layers.{distinct}.{name}"] = mean.to(first.dtype)
+    looped.load_state_dict(weights)
+    return looped.to(untied.embed.weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------- algorithm
+def run_folder(state: State) -> Path:
+    """Where this run's artifacts go: the checkpoint folder (``save_folder``) or, without one, the run name."""
+    from composer.callbacks import CheckpointSaver
+    from composer.utils import format_name_with_dist
+
+    savers = [callback for callback in state.callbacks if isinstance(callback, CheckpointSaver)]
+    folder = savers[0].folder if savers else "{run_name}"
+    return Path(format_name_with_dist(folder, state.run_name))
+
+
+def _lambda_scheduler(schedule: str, t_warmup: str, alpha_f: float):
+    """A Composer scheduler giving λ's multiplier at the current time."""
+    from composer.optim import ConstantScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler
+
+    if schedule == "constant":
+        return ConstantScheduler()
+    if schedule == "linear_warmup":
+        return ConstantWithWarmupScheduler(t_warmup=t_warmup)
+    if schedule == "cosine":
+        return CosineAnnealingWithWarmupScheduler(t_warmup=t_warmup, alpha_f=alpha_f)
+    raise ValueError(f"LoopRegularizer schedule '{schedule}' is not one of {', '.join(LAMBDA_SCHEDULES)}")
+
+
+def _reached(state: State, time: Time) -> bool:
+    if time.unit == TimeUnit.DURATION:
+        return state.get_elapsed_duration() >= time
+    return state.timestamp.get(time.unit) >= time
+
+
+class LoopRegularizer(Algorithm):
+    """Adds ``λ(t) · loop_regularization(model).penalty`` to the loss at ``AFTER_LOSS`` (logged as
+    ``loss/train/loop_reg``; each ``R_G`` as ``loop_reg/similarity/<group>``) and optionally snaps the
+    model to a looped checkpoint at ``snap_at`` (a time like ``"800ba"``/``"0.5dur"`` or ``"fit_end"``).
+
+    Args:
+        lambda_reg: λ, the paper's λ_reg (10 in its best setting).
+        block_size, blocks, include_norms, group_weights, eps: see :func:`loop_regularization`.
+        schedule: λ over training: ``constant``, ``linear_warmup`` (0 → λ over ``t_warmup``, then λ) or
+            ``cosine`` (warm-up, then cosine decay to ``alpha_f · λ``).
+        snap_at: when to write the snapped looped ``LoopedLM`` (``save_pretrained`` folder) and log the
+            eval-loss change it causes (``loop_reg/snap/eval_loss_{untied,looped,change}``).
+        snap_folder: where; default ``<save_folder>/snapped_<target>``.
+        snap_eval_batches: eval batches (first evaluator) for the eval-loss change.
+
+    >>> # Trainer(..., algorithms=[LoopRegularizer(lambda_reg=10, block_size=4, snap_at="fit_end")])
+    """
+
+    def __init__(self, lambda_reg: float = 10.0, block_size: int | None = None,
+                 blocks: Sequence[Sequence[int]] | None = None, include_norms: bool = False,
+                 group_weights: Mapping[str, float] | None = None, schedule: str = "constant",
+                 t_warmup: str = "0ba", alpha_f: float = 0.0, eps: float = 1e-8, snap_at: str | None = None,
+                 snap_folder: str | None = None, snap_eval_batches: int = 8) -> None:
+        if lambda_reg < 0:
+            raise ValueError(f"LoopRegularizer lambda_reg must be >= 0, got {lambda_reg}")
+        self.lambda_reg = lambda_reg
+        self.layout = dict(block_size=block_size, blocks=blocks)
+        self.include_norms, self.group_weights, self.eps = include_norms, group_weights, eps
+        self.scheduler = _lambda_scheduler(schedule, t_warmup, alpha_f)
+        self.snap_at = None if snap_at in (None, "fit_end") else Time.from_timestring(snap_at)
+        self.snap_at_fit_end = snap_at == "fit_end"
+        self.snap_folder, self.snap_eval_batches = snap_folder, snap_eval_batches
+        self.snapped = False
+        self._lambda_now = 0.0
+        self._similarity: dict[str, torch.Tensor] = {}  # R_G of the last microbatch, logged once per batch
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.AFTER_LOSS, Event.BATCH_END, Event.FIT_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:  # fail before training on a bad layout, group weight or model
+            with torch.no_grad():
+                loop_regularization(state.model, **self.layout, include_norms=self.include_norms,
+                                    group_weights=self.group_weights)
+            if (self.snap_at is not None or self.snap_at_fit_end) and not isinstance(unwrap(state.model), LoopedLM):
+                raise ValueError(f"LoopRegularizer snap_at needs an untied LoopedLM; got "
+                                 f"{type(unwrap(state.model)).__name__}")
+        elif event == Event.AFTER_LOSS:
+            self._add_penalty(state)
+        elif event == Event.BATCH_END:
+            self._log_similarity(logger)
+            if self.snap_at is not None and not self.snapped and _reached(state, self.snap_at):
+                self.snap(state, logger)
+        elif event == Event.FIT_END and self.snap_at_fit_end and not self.snapped:
+            self.snap(state, logger)
+
+    def _add_penalty(self, state: State) -> None:
+        lambda_now = self.lambda_reg * self.scheduler(state)
+        result = loop_regularization(state.model, **self.layout, include_norms=self.include_norms,
+                                     group_weights=self.group_weights, eps=self.eps)
+        term = lambda_now * result.penalty
+        # Composer sums the dict's values for backward (or uses 'total') and logs each key as loss/train/<key>.
+        loss = state.loss if isinstance(state.loss, dict) else {"ce": state.loss}
+        if "total" in loss:
+            loss["total"] = loss["total"] + term
+        state.loss = {**loss, "loop_reg": term}
+        self._lambda_now = lambda_now
+        self._similarity = {role: r.detach() for role, r in result.similarity.items()}
+
+    def _log_similarity(self, logger: Logger) -> None:
+        if not self._similarity:
+            return
+        values = dict(zip(self._similarity, torch.stack(list(self._similarity.values())).tolist()))  # one sync
+        metrics = {f"loop_reg/similarity/{role}": r for role, r in values.items()}
+        metrics["loop_reg/similarity/mean"] = sum(values.values()) / len(values)
+        logger.log_metrics({"loop_reg/lambda": self._lambda_now, **metrics})
+
+    def snap(self, state: State, logger: Logger) -> Path | None:
+        """Write the snapped looped model and log the eval-loss change; returns the folder (rank 0)."""
+        from composer.utils import dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from loopreg.composer_model import ComposerLoopedLM
+
+        self.snapped = True
+        # Full weights on rank 0 only (a collective under FSDP): once per run, so gathering is fine here.
+        weights = get_model_state_dict(state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_global_rank() != 0:
+            return None
+        untied = LoopedLM(unwrap(state.model).config)
+        prefix = "model."
+        untied.load_state_dict({name.removeprefix(prefix): tensor for name, tensor in weights.items()})
+        looped = snap_to_looped(untied, **self.layout)
+        before, after = (self._eval_loss(ComposerLoopedLM(m), state) for m in (untied, looped))
+        folder = Path(self.snap_folder) if self.snap_folder else run_folder(state) / f"snapped_{looped.spec}"
+        looped.save_pretrained(folder)
+        metrics = {"loop_reg/snap/eval_loss_untied": before, "loop_reg/snap/eval_loss_looped": after}
+        if before is not None and after is not None:
+            metrics["loop_reg/snap/eval_loss_change"] = after - before
+        logger.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        log.info("snapped to looped %s at %s: eval loss %s -> %s; saved %s", looped.spec,
+                 state.timestamp.batch, before, after, folder)
+        return folder
+
+    def _eval_loss(self, model: nn.Module, state: State) -> float | None:
+        """Mean loss of ``model`` over the first ``snap_eval_batches`` batches of the first evaluator."""
+        if not state.evaluators or self.snap_eval_batches < 1:
+            return None
+        model = state.device.module_to_device(model).eval()
+        losses = []
+        with torch.no_grad():
+            for index, batch in enumerate(state.evaluators[0].dataloader.dataloader):
+                if index == self.snap_eval_batches:
+                    break
+                batch = state.device.batch_to_device(batch)
+                losses.append(float(model.loss(model(batch), batch)))
+        return sum(losses) / len(losses) if losses else math.nan

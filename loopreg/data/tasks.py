@@ -1,0 +1,163 @@
+"""Synthetic reasoning tasks as Composer data: streaming training examples, fixed eval sets, answer metric.
+
+A sequence is ``<bos> prompt answer <eos>``; ``labels`` are aligned with the inputs (``labels[t]`` is
+the token after position t) and set only on the answer and ``<eos>`` (answer-only loss). Tasks that
+define a label per prompt position (p-hop: ``hop_p`` of every prefix) train on all of them instead
+and read the answer at the last position. ``answer_mask`` marks the positions that make up the
+answer, so :class:`AnswerExactMatch` scores exactly what greedy decoding would output.
+
+    >>> from loopreg.data.synthetic import PHop
+    >>> data = TaskData(PHop(length=8, hops=2))
+    >>> item = data.encode(data.task.fixed_set("test", 1, seed=0)[0])
+    >>> sorted(item)
+    ['answer_mask', 'input_ids', 'labels']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torchmetrics import Metric
+
+from loopreg.composer_model import IGNORE_INDEX
+from loopreg.data.synthetic import Example, SyntheticTask, build_task, char_tokenizer
+from loopreg.data.synthetic.tokenizer import BOS, EOS, PAD
+
+__all__ = ["TaskData", "AnswerExactMatch", "synthetic_dataloaders", "pad_collate"]
+
+
+@dataclass
+class TaskData:
+    """A task plus its tokenizer and the encoding rule (per-position labels when the task has them)."""
+
+    task: SyntheticTask
+    tokenizer: Tokenizer | None = None
+
+    def __post_init__(self) -> None:
+        self.tokenizer = self.tokenizer or char_tokenizer(self.task.symbols)
+        self.pad_id, self.bos_id, self.eos_id = (self.tokenizer.token_to_id(t) for t in (PAD, BOS, EOS))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode(self, example: Example) -> dict[str, torch.Tensor]:
+        prompt = [self.bos_id] + self.ids(example.prompt)
+        if example.position_labels is not None:
+            targets = [IGNORE_INDEX] + self.ids("".join(example.position_labels))
+            tokens, labels = prompt, targets
+            answer_mask = [False] * (len(tokens) - 1) + [True]
+        else:
+            answer = self.ids(example.answer) + [self.eos_id]
+            tokens = prompt + answer[:-1]
+            labels = [IGNORE_INDEX] * (len(prompt) - 1) + answer
+            answer_mask = [label != IGNORE_INDEX for label in labels]
+        return {"input_ids": torch.tensor(tokens), "labels": torch.tensor(labels),
+                "answer_mask": torch.tensor(answer_mask)}
+
+
+def pad_collate(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded examples to the longest one (labels with -100, masks with False)."""
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "answer_mask": False}
+    width = max(item["input_ids"].shape[0] for item in items)
+    return {key: torch.stack([torch.nn.functional.pad(item[key], (0, width - item[key].shape[0]), value=value)
+                              for item in items]) for key, value in fill.items()}
+
+
+class TrainStream(IterableDataset):
+    """Endless training examples; rank r of N (and each DataLoader worker) takes every N-th example of
+    one seeded stream, so N processes see exactly the batches one process would."""
+
+    def __init__(self, data: TaskData, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        stride, offset = self.world_size * workers, self.rank * workers + worker_id
+        for index, example in enumerate(self.data.task.stream("train", self.seed)):
+            if index % stride == offset:
+                yield self.data.encode(example)
+
+
+class FixedSet(Dataset):
+    """A deterministic evaluation set drawn from the test split."""
+
+    def __init__(self, data: TaskData, size: int, seed: int) -> None:
+        self.examples = data.task.fixed_set("test", size, seed)
+        self.items = [data.encode(example) for example in self.examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.items[index]
+
+
+class AnswerExactMatch(Metric):
+    """Share of examples whose every answer position is predicted right (teacher-forced argmax, which
+    equals what greedy decoding would generate for the answer)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        mask = batch["answer_mask"]
+        right = (logits.argmax(-1) == batch["labels"]) | ~mask
+        self.correct += right.all(-1).sum()
+        self.total += mask.any(-1).sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct / self.total.clamp(min=1)
+
+
+def synthetic_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int) -> Any:
+    """:class:`~loopreg.train.Data` with a train stream, one Composer ``Evaluator`` per eval variant
+    and the answer exact-match metric."""
+    from composer.core import Evaluator
+    from composer.utils import dist
+
+    from loopreg.config import RecipeError
+
+    section = recipe.train_data
+    if section.kind != "synthetic":
+        raise RecipeError("tokenizer.kind=synthetic needs train_data.kind=synthetic")
+    try:
+        data = TaskData(build_task(section.task, **section.task_kwargs))
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"train_data.task_kwargs: {err}") from None
+    if data.vocab_size > recipe.model.vocab_size:
+        raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the {section.task} vocabulary "
+                          f"({data.vocab_size} tokens)")
+    collate = lambda items: pad_collate(items, data.pad_id)  # noqa: E731
+    train = DataLoader(TrainStream(data, recipe.seed, rank, world_size), batch_size=per_device,
+                       collate_fn=collate, num_workers=section.num_workers)
+    evaluators = []
+    eval_section = recipe.eval_data or section
+    variants = eval_section.eval_variants or {"eval": {}}
+    for label, overrides in variants.items():
+        try:
+            task = build_task(eval_section.task or section.task, **{**section.task_kwargs, **eval_section.task_kwargs,
+                                                                    **overrides})
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"eval_data.eval_variants.{label}: {err}") from None
+        variant = TaskData(task, data.tokenizer)
+        dataset = FixedSet(variant, eval_section.eval_size, seed=recipe.seed + 1)
+        loader = DataLoader(dataset, batch_size=recipe.device_eval_batch_size, collate_fn=collate,
+                            sampler=dist.get_sampler(dataset, shuffle=False))
+        evaluators.append(Evaluator(label=label, dataloader=loader,
+                                    metric_names=["LanguageCrossEntropy", "AnswerExactMatch"]))
+    from loopreg.train import Data
+
+    return Data(train, evaluators, data.tokenizer, {"AnswerExactMatch": AnswerExactMatch()}, data)

@@ -1,0 +1,272 @@
+"""Loop surgery: turn a causal LM's layer stack into a looped one laid out by a loop spec.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=64,
+    ...                                      num_attention_heads=4, vocab_size=64))
+    >>> looped = loop_surgery(model, "2x(1,2,1)")          # layers 0-1 | 2-3 looped twice | 4-5
+    >>> looped.config.num_hidden_layers, len(list(get_layers(looped).children()))
+    (8, 6)
+
+Surgery works **in place** and copies nothing it does not have to: the chosen layer modules move into
+the new stack (``copy``/``stepwise``), ``average`` writes each block position's mean into one of its
+source layers, and only an *untied* result duplicates layers (one per extra application). The source's
+unused layers are dropped.
+
+* **tied** (default): each distinct layer is stored once and runs at every application the spec gives
+  it — a true looped model. Hugging Face models keep their class (``generate``, ``save_pretrained`` and
+  Composer's ``HuggingFaceModel`` work unchanged); their layer list becomes a :class:`LoopedLayers`.
+* **untied**: one layer per application, grouped by ``spec.tie_groups`` — what the cosine regularizer
+  pulls back towards the tied model.
+
+The spec and the tying are stored in the config (``loopreg_spec``, ``loopreg_tied``), so a saved result
+reloads looped with :func:`load_looped`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from loopreg.model import LoopedLM
+from loopreg.spec import LoopSpec
+from loopreg.surgery.adapters import Adapter, find_adapter, get_layers, unwrap
+from loopreg.surgery.layer_map import check_init, default_layer_map, parse_layer_map
+
+__all__ = ["LoopedLayers", "LayerApplication", "SurgeryPlan", "plan_surgery", "loop_surgery", "load_looped",
+           "stored_layers", "distinct_param_count"]
+
+SPEC_KEY, TIED_KEY = "loopreg_spec", "loopreg_tied"
+
+
+class LayerApplication:
+    """One application of a stored layer: calling it runs that layer with the KV-cache slot
+    (``layer_idx``) of its position in the stack. Attribute reads go to the layer.
+    """
+
+    def __init__(self, owner: LoopedLayers, key: str, slot: int) -> None:
+        self._owner, self._key, self.slot = owner, key, slot
+
+    @property
+    def layer(self) -> nn.Module:
+        # Looked up at every call: FSDP may have replaced the stored module by its wrapper.
+        return self._owner._modules[self._key]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        layer = self.layer
+        # Hugging Face attention caches keys/values under `layer_idx`; each application needs its own slot.
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = self.slot
+        return layer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # private names (and unpickling, before __init__ ran) never forward
+            raise AttributeError(name)
+        return getattr(self.layer, name)
+
+    def __repr__(self) -> str:
+        return f"LayerApplication(slot={self.slot}, layer={self._key})"
+
+
+class LoopedLayers(nn.ModuleList):
+    """The layer list of a tied looped Hugging Face model: it *stores* the distinct layers (module tree,
+    ``state_dict``, FSDP units, parameter count) and *reads* as the unrolled stack (iteration, ``len`` and
+    indexing give one :class:`LayerApplication` per application), which is all a decoder's forward uses.
+
+    >>> layers = LoopedLayers([nn.Identity(), nn.Identity()], schedule=(0, 1, 1, 1))
+    >>> len(layers), len(list(layers.children())), layers[3]
+    (4, 2, LayerApplication(slot=3, layer=1))
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], schedule: Sequence[int]) -> None:
+        super().__init__()
+        for index, layer in enumerate(layers):
+            self.add_module(str(index), layer)
+        self.schedule = tuple(schedule)
+        self.applications = [LayerApplication(self, str(index), slot) for slot, index in enumerate(self.schedule)]
+
+    def __iter__(self) -> Iterator[LayerApplication]:
+        return iter(self.applications)
+
+    def __len__(self) -> int:
+        return len(self.applications)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        return self.applications[index]
+
+    def __repr__(self) -> str:
+        return nn.Module.__repr__(self)  # the stored layers, not D application lines
+
+    def extra_repr(self) -> str:
+        return f"schedule={self.schedule}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SurgeryPlan:
+    """What :func:`loop_surgery` will do: ``seeds[d]`` lists the source layers behind distinct layer d
+    (averaged for ``average``; the first one is the module that is kept).
+
+    >>> plan_surgery(12, "4x(1,2,1)").seeds[4]
+    (4,)
+    """
+
+    spec: LoopSpec
+    init: str
+    tied: bool
+    block_ranges: tuple[tuple[int, ...], ...]
+    seeds: tuple[tuple[int, ...], ...]
+
+
+def plan_surgery(num_source_layers: int, spec: LoopSpec | str, layers: str | None = None, init: str = "copy",
+                 tied: bool = True) -> SurgeryPlan:
+    """Resolve the layer map (``layers`` or the default) into per-distinct-layer source layers.
+
+    ``copy`` takes a block's range as is; ``stepwise`` takes every m-th layer of a range m times the
+    block size; ``average`` averages the range's layers that map to the same block position (position
+    p of a k-layer block from range r: r[p], r[p+k], r[p+2k], ...).
+
+    >>> plan_surgery(8, "2x2", layers="0-3", init="average").seeds
+    ((0, 2), (1, 3))
+    """
+    spec = LoopSpec.parse(spec)
+    check_init(init)
+    ranges = (parse_layer_map(layers, spec, num_source_layers, init) if layers is not None
+              else default_layer_map(spec, num_source_layers, init))
+    seeds = []
+    for block, layer_ids in zip(spec.blocks, ranges):
+        span = len(layer_ids) // block.size
+        for position in range(block.size):
+            if init == "stepwise":
+                seeds.append((layer_ids[position * span],))
+            else:
+                seeds.append(tuple(layer_ids[position::block.size]))
+    return SurgeryPlan(spec, init, tied, tuple(map(tuple, ranges)), tuple(seeds))
+
+
+def stored_layers(model: nn.Module, adapter: Adapter | None = None) -> list[nn.Module]:
+    """The layers with their own weights, in order (a looped model's distinct layers)."""
+    return list(get_layers(model, adapter).children())
+
+
+def distinct_param_count(model: nn.Module) -> int:
+    """Parameters counted once however often they are used (tied layers, tied embeddings)."""
+    return sum(p.numel() for p in unwrap(model).parameters())
+
+
+def loop_surgery(model: nn.Module, spec: LoopSpec | str, layers: str | None = None, init: str = "copy",
+                 tied: bool = True) -> nn.Module:
+    """Relayout ``model``'s layers by ``spec`` in place and return it (see the module docstring).
+
+    ``layers`` is a layer map like ``"0-3,13-16,26-29"`` (one range per distinct block; default: first
+    and last blocks from the ends, middle blocks from the middle); ``init`` is ``copy``, ``average`` or
+    ``stepwise``; ``tied=False`` gives the untied, grouped model. The source layers of an already looped
+    model are its stored (distinct) layers.
+
+    >>> # loop_surgery(smollm2, "4x(1,4,1)")  # 0-3 | 13-16 x4 | 26-29: 12 distinct layers, depth 24
+    """
+    causal_lm = unwrap(model)
+    adapter = find_adapter(causal_lm)
+    source = stored_layers(causal_lm, adapter)
+    plan = plan_surgery(len(source), spec, layers, init, tied)
+    distinct = [_seed(source, seed, plan.init) for seed in plan.seeds]
+    stack = _stack(distinct, plan, getattr(causal_lm, "config", None))
+    if isinstance(causal_lm, LoopedLM):
+        causal_lm.config = dataclasses.replace(causal_lm.config, spec=str(plan.spec), tied=tied)
+        causal_lm.spec = causal_lm.config.loop_spec
+        causal_lm.layers = nn.ModuleList(distinct if tied else stack)
+    else:
+        _relayout_hf(causal_lm, adapter, distinct, stack, plan)
+    return model
+
+
+def _seed(source: list[nn.Module], seed: tuple[int, ...], init: str) -> nn.Module:
+    """The module for one distinct layer: the first seed layer, holding the seeds' mean for ``average``."""
+    layer = source[seed[0]]
+    if init == "average" and len(seed) > 1:
+        peers = [source[index] for index in seed]
+        with torch.no_grad():
+            for name, param in layer.named_parameters():
+                # One new tensor per parameter; fp32 accumulation so bf16 sources average accurately.
+                mean = torch.stack([peer.get_parameter(name).float() for peer in peers]).mean(0)
+                param.copy_(mean)
+    return layer
+
+
+def _stack(distinct: list[nn.Module], plan: SurgeryPlan, config: Any) -> list[nn.Module]:
+    """One module per application: the distinct layer itself when tied; for untied, the distinct layer
+    at its first application and a deep copy at each later one."""
+    if plan.tied:
+        return [distinct[index] for index in plan.spec.schedule]
+    memo = {id(config): config} if config is not None else {}  # copies keep sharing the model's config
+    seen: set[int] = set()
+    stack = []
+    for index in plan.spec.schedule:
+        stack.append(copy.deepcopy(distinct[index], memo={**memo}) if index in seen else distinct[index])
+        seen.add(index)
+    return stack
+
+
+def _relayout_hf(model: nn.Module, adapter: Adapter, distinct: list[nn.Module], stack: list[nn.Module],
+                 plan: SurgeryPlan) -> None:
+    config = model.config
+    if plan.tied:
+        model.set_submodule(adapter.layers, LoopedLayers(distinct, plan.spec.schedule))
+    else:
+        model.set_submodule(adapter.layers, nn.ModuleList(stack))
+        for slot, layer in enumerate(stack):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = slot
+    config.num_hidden_layers = plan.spec.effective_depth  # GPT-2 maps this to n_layer
+    if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (Qwen2 sliding windows)
+        config.layer_types = [layer.attention_type for layer in stack]
+    setattr(config, SPEC_KEY, str(plan.spec))
+    setattr(config, TIED_KEY, plan.tied)
+    _mark_layer_units(model, type(distinct[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _IsLayer:
+    """``fsdp_wrap_fn``/``activation_checkpointing_fn`` for Composer: each stored decoder layer is a unit
+    (a looped layer is stored, hence wrapped, once). A class rather than a lambda so models pickle."""
+
+    layer_class: type
+
+    def __call__(self, module: nn.Module) -> bool:
+        return isinstance(module, self.layer_class)
+
+
+def _mark_layer_units(model: nn.Module, layer_class: type) -> None:
+    model.fsdp_wrap_fn = _IsLayer(layer_class)
+    model.activation_checkpointing_fn = _IsLayer(layer_class)
+
+
+def load_looped(folder: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
+    """Load a Hugging Face folder (or hub id) and rebuild the looped structure its config records
+    (``loopreg_spec``/``loopreg_tied``, written by surgery); a plain checkpoint loads as is.
+
+    >>> # load_looped("runs/smollm2_middle")  # LlamaForCausalLM with 12 stored layers, depth 24
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    spec_text = getattr(config, SPEC_KEY, None)
+    if spec_text is None or not getattr(config, TIED_KEY, True):
+        # Plain, or untied: the checkpoint already has one layer per application.
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, **from_pretrained_kwargs)
+        if spec_text is not None:
+            _mark_layer_units(model, type(stored_layers(model)[0]))
+        return model
+    spec = LoopSpec.parse(spec_text)
+    first_application = [group[0] for group in spec.tie_groups]
+    config.num_hidden_layers = spec.distinct_layers  # what the checkpoint stores
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[slot] for slot in first_application]
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config, **from_pretrained_kwargs)
+    identity = ",".join(f"{b.offset}-{b.offset + b.size - 1}" for b in spec.blocks)
+    return loop_surgery(model, spec, layers=identity)

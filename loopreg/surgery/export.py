@@ -1,0 +1,151 @@
+"""Export any looped model as a *standard* Hugging Face checkpoint with its loops unrolled: every layer
+application becomes its own layer (looped weights duplicated), so plain ``transformers`` — and
+lm-eval-harness, vLLM and friends — load it with no custom code and get identical logits.
+
+    loopreg export runs/smollm2_middle --unroll --out runs/smollm2_middle_unrolled
+
+* a Hugging Face looped model unrolls into its own class with D layers;
+* a SwiGLU :class:`~loopreg.model.LoopedLM` becomes a ``LlamaForCausalLM`` (same names, RMSNorm, RoPE,
+  grouped-query attention); a GELU one has no standard equivalent and is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loopreg.model import LoopedLM
+from loopreg.surgery.adapters import ADAPTERS, find_adapter, get_layers, unwrap
+from loopreg.surgery.core import SPEC_KEY, TIED_KEY
+
+__all__ = ["export_unrolled", "unrolled_model", "write_model_folder", "cli_main"]
+
+
+def export_unrolled(model: nn.Module, out_dir: str | Path, tokenizer: Any | None = None) -> Path:
+    """Write ``model`` unrolled to ``out_dir`` (with ``tokenizer`` when given) as a standard Hugging Face
+    checkpoint; the folder appears whole or not at all (see :func:`write_model_folder`).
+
+    >>> # export_unrolled(load_source("runs/smollm2_middle"), "runs/smollm2_middle_unrolled")
+    """
+    return write_model_folder(unrolled_model(model), out_dir, tokenizer)
+
+
+def write_model_folder(model: nn.Module, out_dir: str | Path, tokenizer: Any | None = None) -> Path:
+    """``model.save_pretrained`` (and the tokenizer's) into a staging folder next to ``out_dir``, then one
+    rename, so an interrupted write never leaves a half-written ``out_dir``; an existing one is replaced.
+
+    >>> # write_model_folder(looped_model, "runs/smollm2_middle", tokenizer)
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir.rename(staging.with_name(staging.name + ".old")))
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def unrolled_model(model: nn.Module) -> nn.Module:
+    """A standard Hugging Face causal LM with one layer per application of ``model`` (a new model; the
+    argument is left as it is).
+
+    >>> # unrolled_model(looped).config.num_hidden_layers == looped_spec.effective_depth
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    model = unwrap(model)
+    config, state = _llama_config_and_state(model) if isinstance(model, LoopedLM) else _hf_config_and_state(model)
+    dtype = next(model.parameters()).dtype
+    with no_init_weights():  # every weight is loaded below
+        unrolled = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    unrolled.load_state_dict(state, strict=True)
+    return unrolled.eval()
+
+
+def _unrolled_layer_state(stack: list[Any], prefix: str, rename: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """``{prefix}.{slot}.{name}`` for every application in ``stack`` (shared tensors repeat); ``rename`` maps
+    names inside a layer to the target family's."""
+    return {f"{prefix}.{slot}.{rename[name] if rename else name}": tensor
+            for slot, layer in enumerate(stack) for name, tensor in layer.state_dict().items()}
+
+
+def _hf_config_and_state(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
+    adapter = find_adapter(model)
+    config = copy.deepcopy(model.config)
+    for key in (SPEC_KEY, TIED_KEY):
+        if hasattr(config, key):
+            delattr(config, key)
+    state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith(adapter.layers + ".")}
+    # Iterating a looped layer list yields its applications in order; a plain list yields its layers.
+    state.update(_unrolled_layer_state(list(get_layers(model, adapter)), adapter.layers))
+    return config, state
+
+
+def _llama_config_and_state(model: LoopedLM) -> tuple[Any, dict[str, torch.Tensor]]:
+    from transformers import LlamaConfig
+
+    cfg = model.config
+    if cfg.mlp != "swiglu":
+        raise ValueError(f"a LoopedLM with mlp={cfg.mlp!r} has no standard Hugging Face equivalent; only SwiGLU "
+                         "LoopedLMs export as LlamaForCausalLM")
+    config = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=model.spec.effective_depth, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False, mlp_bias=False,
+        bos_token_id=None, eos_token_id=None,
+    )
+    source, target = ADAPTERS["loopreg"], ADAPTERS["llama"]
+    # Names map role by role through the two adapters, so the tables live in one place.
+    outer = dict(zip((*source.embeddings, source.final_norm, source.head), (*target.embeddings, target.final_norm, target.head)))
+    state = {f"{outer[name.rsplit('.', 1)[0]]}.weight": tensor for name, tensor in model.state_dict().items()
+             if not name.startswith(source.layers + ".")}
+    target_names = {**target.roles, **target.norm_roles}
+    inner = {name: target_names[role] for role, name in {**source.roles, **source.norm_roles}.items()}
+    state.update(_unrolled_layer_state([model.layers[index] for index in model.schedule()], target.layers, inner))
+    return config, state
+
+
+def cli_main(argv: list[str]) -> int:
+    """``loopreg export CKPT --unroll --out DIR``: write a looped checkpoint as a standard unrolled one."""
+    from loopreg.surgery.cli import print_table, run_user_command
+    from loopreg.surgery.sources import load_source, load_source_tokenizer
+
+    parser = argparse.ArgumentParser(prog="loopreg export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="looped model: Hugging Face folder written by surgery, or loopreg folder")
+    parser.add_argument("--unroll", action="store_true", required=True,
+                        help="duplicate looped layers into a standard checkpoint (the only export kind)")
+    parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    args = parser.parse_args(argv)
+
+    def export() -> None:
+        model = load_source(args.checkpoint)
+        out = export_unrolled(model, args.out, tokenizer=load_source_tokenizer(args.checkpoint))
+        unrolled = unwrap(model)
+        depth = unrolled.spec.effective_depth if isinstance(unrolled, LoopedLM) else unrolled.config.num_hidden_layers
+        print_table("export", [("checkpoint", args.checkpoint), ("spec", _spec_of(unrolled)),
+                               ("layers written", str(depth)), ("out", str(out))])
+
+    return run_user_command(export)
+
+
+def _spec_of(model: nn.Module) -> str:
+    if isinstance(model, LoopedLM):
+        return str(model.spec)
+    return getattr(model.config, SPEC_KEY, None) or f"{model.config.num_hidden_layers}x1 (not looped)"
