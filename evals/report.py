@@ -402,3 +402,6 @@ def report_main(argv: list[str]) -> int:
     # a pipe or file has no width; rich would assume 80 columns and squeeze the table
     (console if console.is_terminal else Console(width=200)).print(to_rich(table))
     return 0
+
+
+cli_main = report_main  # the `loopreg report` subcommand

@@ -15,6 +15,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loopreg.train", "train a recipe: loopreg train RECIPE.yaml [key=value ...]"),
     "demo": ("loopreg.demo", "the CPU demo: (1⊗1) vs (1⊗L) vs (L⊗1) on a synthetic reasoning task"),
+    "reproduce": ("loopreg.reproduce", "every row of the paper's synthetic tables at CPU-mini scale"),
+    "eval": ("loopreg.evals.cli", "grouped downstream eval: MODEL --groups ... [--loops 1,2,4] --out results.json"),
+    "report": ("loopreg.evals.report", "paper-style tables, % Gap and the depth scaling law from results JSONs"),
     "similarity": ("loopreg.similarity", "how close to looped: per-group block cosines R_G of a model"),
     "snap": ("loopreg.snap", "tie an untied model's blocks exactly: CKPT -> looped LoopedLM folder"),
     "surgery": ("loopreg.surgery.cli", "loop an existing checkpoint: SRC --spec \"4x(1,4,1)\" [--layers ...] --out DIR"),
@@ -40,3 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     module = importlib.import_module(COMMANDS[name][0])
     sys.exit(module.cli_main(rest))
+
+
+if __name__ == "__main__":
+    main()

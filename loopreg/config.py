@@ -106,6 +106,8 @@ class Recipe:
     save_overwrite: bool = False
     load_path: Optional[str] = None
     autoresume: bool = False
+    # where the final model is saved as a loopreg folder (config + weights + tokenizer.json); null: not saved
+    export_folder: Optional[str] = None
 
 
 def _suggest(name: str, valid: list[str], parent: str = "") -> str:

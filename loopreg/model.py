@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -310,12 +310,14 @@ class LoopedLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
                  temperature: float = 0.0, top_k: int | None = None, eos_token_id: int | None = None,
                  loops: int | Sequence[int] | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None,
+                 stop_when: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """New tokens (B, max_new_tokens) after ``input_ids``; greedy when ``temperature == 0``.
 
         With the cache each step runs only the new token through every layer application; without it
         the whole sequence is recomputed (the reference the cache is tested against). Rows that emit
-        ``eos_token_id`` are padded with it afterwards.
+        ``eos_token_id`` are padded with it afterwards. ``stop_when(new_tokens) -> (B,) bool`` ends
+        generation early once every row is done (e.g. a stop string was produced).
 
         >>> LoopedLM(LoopedLMConfig(spec="1x2", vocab_size=16, d_model=8, n_heads=2)).generate(
         ...     torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4).shape
@@ -337,11 +339,12 @@ class LoopedLM(nn.Module):
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
             step_input = next_token[:, None]
-            if eos_token_id is not None and bool(finished.all()):
+            if bool(finished.all()) or (stop_when is not None and bool(stop_when(torch.stack(new_tokens, 1)).all())):
                 break
         out = torch.stack(new_tokens, dim=1)
-        if out.shape[1] < max_new_tokens:
-            pad = torch.full((batch, max_new_tokens - out.shape[1]), eos_token_id, dtype=out.dtype, device=out.device)
+        if out.shape[1] < max_new_tokens:  # stopped early: pad with EOS (or repeat the last token)
+            fill = eos_token_id if eos_token_id is not None else 0
+            pad = torch.full((batch, max_new_tokens - out.shape[1]), fill, dtype=out.dtype, device=out.device)
             out = torch.cat([out, pad], dim=1)
         return out
 

@@ -34,6 +34,6 @@ def cli_main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"snapped {len(untied.layers)} untied layers (mean block cosine {similarity:.4f}) to "
-          f"{looped.spec.paper_label} with {looped.num_distinct_layers} distinct layers: {args.out}")
+    print(f"snapped {len(untied.layers)} untied layers (mean block cosine {similarity:.4f}) to the looped "
+          f"{looped.spec.paper_label}, distinct layers: {looped.num_distinct_layers}; saved {args.out}")
     return 0

@@ -122,6 +122,10 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
     if recipe.gradient_clipping:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.gradient_clipping))
     callbacks = [_build(CALLBACKS, name, kwargs, f"callbacks.{name}") for name, kwargs in recipe.callbacks.items()]
+    if recipe.export_folder:
+        from loopreg.callbacks.export import ExportModel
+
+        callbacks.append(ExportModel(recipe.export_folder, data.tokenizer))
     loggers = [_build(LOGGERS, name, kwargs, f"loggers.{name}") for name, kwargs in recipe.loggers.items()]
     precision = recipe.precision or ("amp_bf16" if device == "gpu" else "fp32")
     return Trainer(

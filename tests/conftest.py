@@ -36,5 +36,5 @@ def tiny_overrides(corpus: Path, save_folder: Path | None = None) -> list[str]:
     extra = [f"train_data.source={corpus}", f"eval_data.source={corpus}", "train_data.text_field=text",
              "eval_data.text_field=text"]
     if save_folder is not None:
-        extra.append(f"save_folder={save_folder}")
+        extra += [f"save_folder={save_folder}", f"export_folder={save_folder}/model"]
     return TINY_OVERRIDES + extra

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from loopreg import LoopedLM
 from loopreg.config import RecipeError, load_recipe
 from loopreg.train import run
 
@@ -30,7 +31,9 @@ def test_recipe_smoke(path, text_corpus, tmp_path):
     trainer = run(path, tiny_overrides(text_corpus, tmp_path / "ckpt"))
     assert int(trainer.state.timestamp.batch) == 2
     recipe = load_recipe(path)
-    assert trainer.state.model.model.spec.effective_depth == recipe.model.loop_spec.effective_depth
+    exported = LoopedLM.from_pretrained(tmp_path / "ckpt" / "model")
+    assert exported.spec == recipe.model.loop_spec and exported.config.tied == recipe.model.tied
+    assert (tmp_path / "ckpt" / "model" / "tokenizer.json").is_file()
 
 
 def test_paper_recipes_match_the_paper_setup():
@@ -106,3 +109,18 @@ def test_python_module_entry(text_corpus):
     result = _cli([sys.executable, "-m", "loopreg.train", "recipes/cpu_tiny_text.yaml", *local_text(text_corpus),
                    "max_duration=1ba"])
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+SYNTHETIC_RECIPES = sorted((REPO / "recipes" / "synthetic").glob("*.yaml"))
+# Shrinks a paper-scale synthetic recipe to a 2-batch CPU run (the task itself keeps its paper knobs).
+SYNTHETIC_TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "global_train_batch_size=4",
+                  "device_train_microbatch_size=2", "device_eval_batch_size=4", "eval_data.eval_size=4",
+                  "max_duration=2ba", "eval_interval=2ba", "device=cpu", "precision=fp32", "autoresume=false",
+                  "train_data.num_workers=0", "progress_bar=false"]
+
+
+@pytest.mark.parametrize("path", SYNTHETIC_RECIPES, ids=[p.stem for p in SYNTHETIC_RECIPES])
+def test_synthetic_recipe_smoke(path, tmp_path):
+    trainer = run(path, SYNTHETIC_TINY + [f"save_folder={tmp_path}", f"export_folder={tmp_path}/model"])
+    assert int(trainer.state.timestamp.batch) == 2
+    assert "AnswerExactMatch" in next(iter(trainer.state.eval_metrics.values()))

@@ -41,7 +41,7 @@ def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
     """A two-column rich table of ``(name, value)`` rows."""
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # long paths wrap instead of being cut
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)

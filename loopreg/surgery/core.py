@@ -38,9 +38,17 @@ from loopreg.surgery.adapters import Adapter, find_adapter, get_layers, unwrap
 from loopreg.surgery.layer_map import check_init, default_layer_map, parse_layer_map
 
 __all__ = ["LoopedLayers", "LayerApplication", "SurgeryPlan", "plan_surgery", "loop_surgery", "load_looped",
-           "stored_layers", "distinct_param_count"]
+           "stored_layers", "distinct_param_count", "set_cache_slot"]
 
 SPEC_KEY, TIED_KEY = "loopreg_spec", "loopreg_tied"
+
+
+def set_cache_slot(layer: nn.Module, slot: int) -> None:
+    """Point ``layer``'s attention at KV-cache slot ``slot``: Hugging Face attention caches keys/values under
+    its ``layer_idx``, so every application of a looped layer needs its own."""
+    for module in layer.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = slot
 
 
 class LayerApplication:
@@ -58,10 +66,7 @@ class LayerApplication:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         layer = self.layer
-        # Hugging Face attention caches keys/values under `layer_idx`; each application needs its own slot.
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = self.slot
+        set_cache_slot(layer, self.slot)
         return layer(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -174,13 +179,13 @@ def loop_surgery(model: nn.Module, spec: LoopSpec | str, layers: str | None = No
     source = stored_layers(causal_lm, adapter)
     plan = plan_surgery(len(source), spec, layers, init, tied)
     distinct = [_seed(source, seed, plan.init) for seed in plan.seeds]
-    stack = _stack(distinct, plan, getattr(causal_lm, "config", None))
+    applications = _application_layers(distinct, plan, getattr(causal_lm, "config", None))
     if isinstance(causal_lm, LoopedLM):
         causal_lm.config = dataclasses.replace(causal_lm.config, spec=str(plan.spec), tied=tied)
         causal_lm.spec = causal_lm.config.loop_spec
-        causal_lm.layers = nn.ModuleList(distinct if tied else stack)
+        causal_lm.layers = nn.ModuleList(distinct if tied else applications)
     else:
-        _relayout_hf(causal_lm, adapter, distinct, stack, plan)
+        _relayout_hf(causal_lm, adapter, distinct, applications, plan)
     return model
 
 
@@ -191,13 +196,12 @@ def _seed(source: list[nn.Module], seed: tuple[int, ...], init: str) -> nn.Modul
         peers = [source[index] for index in seed]
         with torch.no_grad():
             for name, param in layer.named_parameters():
-                # One new tensor per parameter; fp32 accumulation so bf16 sources average accurately.
-                mean = torch.stack([peer.get_parameter(name).float() for peer in peers]).mean(0)
-                param.copy_(mean)
+                # fp32 so bf16 sources average accurately; the mean lands in the kept layer's own tensor.
+                param.copy_(torch.stack([peer.get_parameter(name).float() for peer in peers]).mean(0))
     return layer
 
 
-def _stack(distinct: list[nn.Module], plan: SurgeryPlan, config: Any) -> list[nn.Module]:
+def _application_layers(distinct: list[nn.Module], plan: SurgeryPlan, config: Any) -> list[nn.Module]:
     """One module per application: the distinct layer itself when tied; for untied, the distinct layer
     at its first application and a deep copy at each later one."""
     if plan.tied:
@@ -211,20 +215,18 @@ def _stack(distinct: list[nn.Module], plan: SurgeryPlan, config: Any) -> list[nn
     return stack
 
 
-def _relayout_hf(model: nn.Module, adapter: Adapter, distinct: list[nn.Module], stack: list[nn.Module],
+def _relayout_hf(model: nn.Module, adapter: Adapter, distinct: list[nn.Module], applications: list[nn.Module],
                  plan: SurgeryPlan) -> None:
     config = model.config
     if plan.tied:
         model.set_submodule(adapter.layers, LoopedLayers(distinct, plan.spec.schedule))
     else:
-        model.set_submodule(adapter.layers, nn.ModuleList(stack))
-        for slot, layer in enumerate(stack):
-            for module in layer.modules():
-                if hasattr(module, "layer_idx"):
-                    module.layer_idx = slot
+        model.set_submodule(adapter.layers, nn.ModuleList(applications))
+        for slot, layer in enumerate(applications):
+            set_cache_slot(layer, slot)
     config.num_hidden_layers = plan.spec.effective_depth  # GPT-2 maps this to n_layer
     if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (Qwen2 sliding windows)
-        config.layer_types = [layer.attention_type for layer in stack]
+        config.layer_types = [layer.attention_type for layer in applications]
     setattr(config, SPEC_KEY, str(plan.spec))
     setattr(config, TIED_KEY, plan.tied)
     _mark_layer_units(model, type(distinct[0]))

@@ -114,8 +114,11 @@ def _llama_config_and_state(model: LoopedLM) -> tuple[Any, dict[str, torch.Tenso
     source, target = ADAPTERS["loopreg"], ADAPTERS["llama"]
     # Names map role by role through the two adapters, so the tables live in one place.
     outer = dict(zip((*source.embeddings, source.final_norm, source.head), (*target.embeddings, target.final_norm, target.head)))
-    state = {f"{outer[name.rsplit('.', 1)[0]]}.weight": tensor for name, tensor in model.state_dict().items()
-             if not name.startswith(source.layers + ".")}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module, leaf = name.rsplit(".", 1)
+        if not module.startswith(source.layers + "."):
+            state[f"{outer[module]}.{leaf}"] = tensor
     target_names = {**target.roles, **target.norm_roles}
     inner = {name: target_names[role] for role, name in {**source.roles, **source.norm_roles}.items()}
     state.update(_unrolled_layer_state([model.layers[index] for index in model.schedule()], target.layers, inner))
@@ -135,12 +138,12 @@ def cli_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def export() -> None:
-        model = load_source(args.checkpoint)
-        out = export_unrolled(model, args.out, tokenizer=load_source_tokenizer(args.checkpoint))
-        unrolled = unwrap(model)
-        depth = unrolled.spec.effective_depth if isinstance(unrolled, LoopedLM) else unrolled.config.num_hidden_layers
-        print_table("export", [("checkpoint", args.checkpoint), ("spec", _spec_of(unrolled)),
-                               ("layers written", str(depth)), ("out", str(out))])
+        looped = load_source(args.checkpoint)
+        unrolled = unrolled_model(looped)
+        out = write_model_folder(unrolled, args.out, tokenizer=load_source_tokenizer(args.checkpoint))
+        print_table("export", [("checkpoint", args.checkpoint), ("spec", _spec_of(looped)),
+                               ("written", f"{type(unrolled).__name__}, {unrolled.config.num_hidden_layers} layers"),
+                               ("out", str(out))])
 
     return run_user_command(export)
 

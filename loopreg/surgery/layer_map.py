@@ -17,7 +17,7 @@ import re
 
 from loopreg.spec import LoopSpec
 
-__all__ = ["INITS", "parse_layer_map", "default_layer_map", "format_layer_map"]
+__all__ = ["INITS", "parse_layer_map", "default_layer_map", "format_layer_map", "check_init"]
 
 INITS = ("copy", "average", "stepwise")
 

@@ -19,6 +19,7 @@ from loopreg.surgery.core import load_looped
 __all__ = ["load_source", "load_source_tokenizer", "smollm2_gguf", "is_loopreg_folder"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def smollm2_gguf() -> Path:
@@ -74,16 +75,13 @@ def load_source(source: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
 
 
 def load_source_tokenizer(source: str | Path) -> Any | None:
-    """The Hugging Face tokenizer stored with ``source`` (GGUF or folder), or ``None`` when it has none
-    (loopreg folders, bare weights)."""
+    """The Hugging Face tokenizer stored with ``source`` (GGUF, folder or hub id), or ``None`` for a folder
+    without tokenizer files (loopreg folders, bare weights)."""
     from transformers import AutoTokenizer
 
     path = Path(source)
     if path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if path.is_dir() and is_loopreg_folder(path):
+    if path.is_dir() and (is_loopreg_folder(path) or not any((path / name).is_file() for name in TOKENIZER_FILES)):
         return None
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError):
-        return None  # a weights-only folder
+    return AutoTokenizer.from_pretrained(source)

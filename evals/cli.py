@@ -1,0 +1,92 @@
+"""``loopreg eval``: run task groups on a model and write a versioned results JSON.
+
+    loopreg eval runs/loop_4x6/model --groups reasoning_primitives --loops 1,2,4,8 --out runs/eval/loop_4x6.json
+    loopreg eval path/to/SmolLM2-135M-Instruct.Q4_1.gguf --tasks svamp --limit 100 --out runs/eval/smol.json
+
+With several ``--loops`` values each gets its own results file (``NAME_loops4.json``) and sidecar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+__all__ = ["cli_main", "perplexity"]
+
+
+def perplexity(generator, source: str, seq_len: int = 512, max_sequences: int = 64) -> float:
+    """Token perplexity of the model on ``source`` (a text file/folder/JSONL/hub dataset), packed into
+    ``seq_len`` sequences (the first ``max_sequences``)."""
+    import math
+
+    import torch
+
+    from loopreg.data.text import PackedText, text_stream
+
+    tokens = generator.tokens
+    if tokens.is_hf:
+        raise ValueError("--ppl-text is supported for loopreg models (their tokenizers.Tokenizer); "
+                         "use lm-eval's perplexity tasks for Hugging Face models")
+    data = PackedText(text_stream(source), tokens.raw, seq_len, max_sequences=max_sequences)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for item in data:
+            logits = generator.model(item["input_ids"][None], loops=generator.loops)
+            total += torch.nn.functional.cross_entropy(logits[0].float(), item["labels"], reduction="sum").item()
+            count += item["labels"].numel()
+    return math.exp(total / max(count, 1))
+
+
+def _loop_list(text: str | None) -> list[int | None]:
+    if not text:
+        return [None]
+    try:
+        loops = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--loops: '{text}' is not a comma-separated list of integers (e.g. 1,2,4,8)") from None
+    if any(count < 1 for count in loops):
+        raise ValueError(f"--loops: every loop count must be >= 1, got '{text}'")
+    return loops
+
+
+def cli_main(argv: list[str]) -> int:
+    from .runner import evaluate
+    from .tasks import EvalConfigError, EvalDataError, load_task_specs
+
+    parser = argparse.ArgumentParser(prog="loopreg eval", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="loopreg model folder, surgery output, HF folder or .gguf file")
+    parser.add_argument("--groups", default="", help="comma-separated groups, e.g. closed_book,math_word")
+    parser.add_argument("--tasks", default="", help="comma-separated tasks, e.g. svamp,triviaqa")
+    parser.add_argument("--limit", type=int, default=None, help="examples per task")
+    parser.add_argument("--loops", default=None, help="loop counts for a looped LoopedLM, e.g. 1,2,4,8")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--data-dir", default=None, help="offline eval data (default: $LOOPREG_EVALDATA or ../shared/evaldata)")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder)")
+    parser.add_argument("--ppl-text", default=None, help="text source for perplexity (loopreg models)")
+    parser.add_argument("--out", type=Path, required=True, help="results JSON path")
+    parser.add_argument("--allow-hub", action="store_true", help="load tasks without local data from the HF hub")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in f"{args.groups},{args.tasks}".split(",") if n.strip()]
+    if not names:
+        print("error: name at least one --groups or --tasks", file=sys.stderr)
+        return 2
+    try:
+        from .models import load_generator
+
+        specs = load_task_specs(names)
+        for loops in _loop_list(args.loops):
+            generator, info = load_generator(args.model, loops, args.gguf_file)
+            if args.ppl_text:
+                info = dataclasses.replace(info, perplexity=perplexity(generator, args.ppl_text))
+            out = args.out if loops is None or args.loops.count(",") == 0 else \
+                args.out.with_name(f"{args.out.stem}_loops{loops}{args.out.suffix}")
+            evaluate(generator, specs, args.data_dir, args.limit, args.batch_size,
+                     sidecar_path=out.with_suffix(".predictions.jsonl"), results_path=out, model=info,
+                     allow_hub=args.allow_hub)
+            print(f"wrote {out}")
+    except (EvalConfigError, EvalDataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,135 @@
+"""Models for the harness: batched greedy generation (KV cache, left padding, stop sequences) for
+loopreg ``LoopedLM`` folders (with loop overrides), surgery outputs and any Hugging Face causal LM.
+
+    >>> generator, info = load_generator("runs/loop_12x2/model", loops=4)  # doctest: +SKIP
+    >>> generator.generate(["a=1, b=2, b=? "], max_new_tokens=2, stop=["\\n"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from loopreg.model import LoopedLM
+
+from .report import ModelInfo
+
+__all__ = ["ModelGenerator", "load_generator", "model_info"]
+
+
+class _Tokens:
+    """One interface over a ``tokenizers.Tokenizer`` (loopreg folders) and a Hugging Face tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.raw = tokenizer
+        self.is_hf = hasattr(tokenizer, "convert_tokens_to_ids")
+        lookup = tokenizer.convert_tokens_to_ids if self.is_hf else tokenizer.token_to_id
+        vocab = tokenizer.get_vocab()
+        find = lambda *names: next((lookup(n) for n in names if n in vocab), None)  # noqa: E731
+        self.eos_id = tokenizer.eos_token_id if self.is_hf and tokenizer.eos_token_id is not None else find(
+            "<eos>", "<|endoftext|>", "</s>")
+        self.pad_id = find("<pad>") if not self.is_hf else (tokenizer.pad_token_id or self.eos_id)
+        # Synthetic-task models were trained on "<bos> prompt"; HF tokenizers add their own BOS.
+        self.bos_id = None if self.is_hf else find("<bos>")
+        self.pad_id = self.pad_id if self.pad_id is not None else (self.eos_id or 0)
+
+    def encode(self, text: str) -> list[int]:
+        if self.is_hf:
+            return self.raw(text, add_special_tokens=True)["input_ids"]
+        try:
+            ids = self.raw.encode(text, add_special_tokens=False).ids
+        except Exception as err:  # tokenizers raises a bare Exception for out-of-vocabulary characters
+            unknown = sorted({c for c in text if self.raw.token_to_id(c) is None})
+            raise ValueError(f"the model's tokenizer cannot encode characters {unknown} of a prompt: {err}") from None
+        return [self.bos_id] + ids if self.bos_id is not None else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        if self.eos_id is not None and self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        if self.is_hf:
+            return self.raw.decode(ids, skip_special_tokens=True)
+        return self.raw.decode(ids, skip_special_tokens=False)
+
+
+class ModelGenerator:
+    """Greedy, deterministic completions for a batch of prompts (the harness's ``TextGenerator``).
+
+    Prompts are left-padded into one batch and left-truncated to fit ``context`` tokens with room for
+    the answer; generation stops early once every row contains a stop sequence or end-of-text.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, loops: int | None = None, context: int | None = None) -> None:
+        self.model, self.tokens, self.loops = model.eval(), _Tokens(tokenizer), loops
+        if loops is not None and not isinstance(model, LoopedLM):
+            raise ValueError(f"--loops needs a loopreg LoopedLM; {type(model).__name__} runs its stored loop count")
+        config = model.config
+        self.context = context or getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", 2048)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]:
+        budget = max(1, self.context - max_new_tokens)
+        rows = [self.tokens.encode(prompt)[-budget:] for prompt in prompts]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.tokens.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for index, row in enumerate(rows):
+            ids[index, width - len(row):] = torch.tensor(row)
+            mask[index, width - len(row):] = 1
+        device = next(self.model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        if isinstance(self.model, LoopedLM):
+            stopped = (lambda new: torch.tensor([any(s in self.tokens.decode(r) for s in stop) for r in new.tolist()],
+                                                device=device)) if stop else None
+            new = self.model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=self.tokens.eos_id,
+                                      loops=self.loops, stop_when=stopped)
+        else:
+            extra = {"stop_strings": list(stop), "tokenizer": self.tokens.raw} if stop else {}
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=self.tokens.pad_id,
+                                      eos_token_id=self.tokens.eos_id, **extra)
+            new = out[:, width:]
+        return [self.tokens.decode(row) for row in new.tolist()]
+
+
+def model_info(name: str, model: nn.Module, loops: int | None = None) -> ModelInfo:
+    """Spec and Params/FLOPs in layer units for a results file (a plain HF model is ``(N⊗1)``)."""
+    if isinstance(model, LoopedLM):
+        spec = model.spec.with_loops(loops) if loops is not None else model.spec
+        if not model.config.tied:  # an untied model owns a layer per application
+            return ModelInfo(name, str(spec), 1, spec.effective_depth, spec.effective_depth)
+        return ModelInfo.from_spec(name, str(spec))
+    spec = getattr(model.config, "loopreg_spec", None)
+    if spec is not None:
+        return ModelInfo.from_spec(name, spec)
+    depth = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    return ModelInfo.from_spec(name, f"{depth}x1")
+
+
+def load_generator(source: str | Path, loops: int | None = None, gguf_file: str | None = None,
+                   context: int | None = None) -> tuple[ModelGenerator, ModelInfo]:
+    """A generator and its :class:`ModelInfo` for a loopreg folder, a surgery output, an HF folder or a
+    GGUF file (``folder/x.gguf`` or ``folder`` + ``gguf_file``)."""
+    from tokenizers import Tokenizer
+
+    from loopreg.surgery.sources import is_loopreg_folder, load_source, load_source_tokenizer
+
+    path = Path(source) / gguf_file if gguf_file else Path(source)
+    model = load_source(path)
+    if path.is_dir() and is_loopreg_folder(path):
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"{tokenizer_file}: not found; a loopreg model folder needs its tokenizer.json "
+                                    "(training with export_folder set writes it)")
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    else:
+        tokenizer = load_source_tokenizer(path)
+        if tokenizer is None:
+            raise FileNotFoundError(f"{path}: no tokenizer files next to the model")
+        tokenizer.padding_side = "left"
+    name = path.stem if path.suffix == ".gguf" else path.name
+    name = f"{name}@loops{loops}" if loops is not None else name  # a loop sweep gives one report row per count
+    return ModelGenerator(model, tokenizer, loops, context), model_info(name, model, loops)
