@@ -1,6 +1,6 @@
 """``loopreg demo``: the paper's synthetic-task finding in miniature, on 2 CPU cores in under 10 minutes.
 
-Trains ``(1⊗1)``, ``(1⊗L)`` and ``(L⊗1)`` on p-hop induction (|Σ|=4, n=32, p=4; recipe
+Trains ``(1⊗1)``, ``(1⊗L)`` and ``(L⊗1)`` on p-hop induction (|Σ|=4, n=32, p=2; recipe
 ``recipes/cpu_phop.yaml``) with Composer, then prints a table shaped like the paper's Table 1 and
 writes ``OUT/results.json``. The loss has a label at every position (``hop_p`` of each prefix); with
 an answer-only loss no model leaves the 52% "copy the last token" shortcut within this budget.
@@ -24,7 +24,7 @@ __all__ = ["run_demo", "cli_main", "RECIPE"]
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "cpu_phop.yaml"
 
 
-def run_demo(out: Path, loops: int = 4, steps: int = 3000, overrides: list[str] | None = None) -> dict:
+def run_demo(out: Path, loops: int = 4, steps: int = 2000, overrides: list[str] | None = None) -> dict:
     """Train the three models and return (and write) the results dict."""
     from composer.utils import reproducibility
     from rich.console import Console
@@ -77,7 +77,7 @@ def cli_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loopreg demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for results.json")
     parser.add_argument("--loops", type=int, default=4, help="L: compares (1⊗1), (1⊗L) and (L⊗1)")
-    parser.add_argument("--steps", type=int, default=3000, help="training steps per model")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps per model")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train_data.task_kwargs.hops=2")
     args = parser.parse_args(argv)
     if args.loops < 2 or args.steps < 1:

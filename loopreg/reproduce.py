@@ -48,7 +48,7 @@ TABLES: dict[str, PaperTable] = {
         "p-hop induction (Table 1, right)", "cpu_phop.yaml", ("eval",), ("p=16", "p=32"),
         {"6x1": (99.9, 99.6), "1x1": (48.9, 49.0), "1x6": (99.9, 99.5), "2x1": (68.8, 59.4), "2x3": (99.9, 99.8),
          "3x1": (97.2, 73.0), "3x2": (99.9, 99.5)},
-        "|Σ|=4, n=32, p=4, a label at every position; d=64; paper: n=256, p=16/32, d=128, 200k steps"),
+        "|Σ|=4, n=32, p=2, a label at every position; d=64; paper: n=256, p=16/32, d=128, 200k steps"),
     "igsm": PaperTable(
         "symbolic i-GSM (Table 2)", "cpu_igsm.yaml", ("eval",), ("accuracy",),
         {"8x1": (73.2,), "1x1": (24.5,), "1x2": (52.3,), "1x4": (69.9,), "1x8": (73.2,), "2x1": (54.0,),
@@ -84,9 +84,11 @@ def render_markdown(results: dict) -> str:
     """``docs/REPRODUCTION.md``: our CPU-mini accuracies beside the paper's, one table per task."""
     lines = ["# Reproduction of the paper's synthetic tables at CPU-mini scale", "",
              f"Command: `{results['command']}` (seed {results['seed']}, {results['steps']} steps per model, "
-             f"total {results['total_minutes']:.0f} min on this machine).", ""]
-    for name, task in results["tasks"].items():
-        table = TABLES[name]
+             f"{results['minutes']:.0f} min of training on this machine).", ""]
+    for name in TABLES:
+        if name not in results["tasks"]:
+            continue
+        task, table = results["tasks"][name], TABLES[name]
         lines += [f"## {table.title}", "", f"CPU-mini: {table.mini_note}.", ""]
         header = ["Model", "Params/FLOPs", *[f"ours {c}" for c in table.mini_columns],
                   *[f"paper {c}" for c in table.paper_columns]]
@@ -105,21 +107,28 @@ def reproduce(out: Path, tasks: list[str], steps: int, overrides: list[str], doc
     from rich.console import Console
 
     console = Console()
-    started = time.perf_counter()
-    results = {"command": "loopreg " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else "loopreg reproduce",
-               "steps": steps, "seed": None, "tasks": {}}
     out.mkdir(parents=True, exist_ok=True)
+    saved = out / "results.json"
+    # Rows already in OUT/results.json (same steps and overrides) are kept: an interrupted run resumes.
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    if results.get("steps") != steps or results.get("overrides") != overrides:
+        results = {"steps": steps, "overrides": overrides, "tasks": {}, "minutes": 0.0}
+    results["command"] = " ".join(["loopreg reproduce", f"--steps {steps}", *overrides])
     for name in tasks:
         table = TABLES[name]
-        rows = []
+        rows = results["tasks"].setdefault(name, {"rows": []})["rows"]
+        done = {row["spec"] for row in rows}
         for spec in table.paper_rows:
+            if spec in done:
+                continue
             console.print(f"[bold]{name}[/bold] {_row_label(LoopSpec.parse(spec))} ({steps} steps)")
             rows.append(train_row(table, spec, steps, overrides))
+            rows.sort(key=lambda row: list(table.paper_rows).index(row["spec"]))
             console.print(f"  accuracy {rows[-1]['scores']} in {rows[-1]['seconds']:.0f}s")
-            results["tasks"][name] = {"rows": rows}
-            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # progress survives a stop
-        results["seed"] = load_recipe(RECIPES / table.recipe).seed
-    results["total_minutes"] = (time.perf_counter() - started) / 60
+            saved.write_text(json.dumps(results, indent=2) + "\n")  # progress survives a stop
+    results["seed"] = load_recipe(RECIPES / TABLES[tasks[0]].recipe).seed
+    results["minutes"] = round(sum(row["seconds"] for task in results["tasks"].values() for row in task["rows"]) / 60, 1)
+    saved.write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if doc is not None:
         doc.parent.mkdir(parents=True, exist_ok=True)

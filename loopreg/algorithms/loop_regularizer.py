@@ -213,8 +213,9 @@ def loop_regularization(model: nn.Module, block_size: int | None = None, blocks:
 
     ``R_G = 1/(L−k) Σ_i Σ_j cos(θ_G^(ik+j), θ_G^((i+1)k+j))`` over the pairs of :func:`loop_target`'s
     layout; norms below ``eps`` are clamped (no NaN for zero weights) and bf16 weights are summed in fp32.
+    Call it before the forward pass: its backward then runs after the model's, when activations are freed.
 
-    >>> # (ce + 10 * loop_regularization(model, block_size=4).penalty).backward()
+    >>> # penalty = loop_regularization(model, block_size=4).penalty; (ce(model(x)) + 10 * penalty).backward()
     """
     target = loop_target(model, block_size, blocks)
     cosines = _pair_cosines(model, _tied_pairs(target), include_norms, eps)
@@ -323,9 +324,9 @@ def _reached(state: State, time: Time) -> bool:
 
 
 class LoopRegularizer(Algorithm):
-    """Adds ``λ(t) · loop_regularization(model).penalty`` to the loss at ``AFTER_LOSS`` (logged as
-    ``loss/train/loop_reg``; each ``R_G`` as ``loop_reg/similarity/<group>``) and optionally snaps the
-    model to a looped checkpoint at ``snap_at`` (a time like ``"800ba"``/``"0.5dur"`` or ``"fit_end"``).
+    """Adds ``λ(t) · loop_regularization(model).penalty`` (built at ``BEFORE_FORWARD``) to the loss at
+    ``AFTER_LOSS``, logged as ``loss/train/loop_reg``, each ``R_G`` as ``loop_reg/similarity/<group>``;
+    optionally snaps the model to a looped checkpoint at ``snap_at`` (``"800ba"``, ``"0.5dur"``, ``"fit_end"``).
 
     Args:
         lambda_reg: λ, the paper's λ_reg (10 in its best setting).
@@ -356,10 +357,11 @@ class LoopRegularizer(Algorithm):
         self.snap_folder, self.snap_eval_batches = snap_folder, snap_eval_batches
         self.snapped = False
         self._lambda_now = 0.0
+        self._pending: LoopRegularization | None = None  # built at BEFORE_FORWARD, added at AFTER_LOSS
         self._similarity: dict[str, torch.Tensor] = {}  # R_G of the last microbatch, logged once per batch
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.AFTER_LOSS, Event.BATCH_END, Event.FIT_END)
+        return event in (Event.INIT, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.BATCH_END, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:  # fail before training on a bad layout, group weight or model
@@ -369,6 +371,8 @@ class LoopRegularizer(Algorithm):
             if (self.snap_at is not None or self.snap_at_fit_end) and not isinstance(unwrap(state.model), LoopedLM):
                 raise ValueError(f"LoopRegularizer snap_at needs an untied LoopedLM; got "
                                  f"{type(unwrap(state.model)).__name__}")
+        elif event == Event.BEFORE_FORWARD:
+            self._build_penalty(state)
         elif event == Event.AFTER_LOSS:
             self._add_penalty(state)
         elif event == Event.BATCH_END:
@@ -378,17 +382,23 @@ class LoopRegularizer(Algorithm):
         elif event == Event.FIT_END and self.snap_at_fit_end and not self.snapped:
             self.snap(state, logger)
 
+    def _build_penalty(self, state: State) -> None:
+        # Built before the forward pass so autograd runs its backward last, once the activations are freed;
+        # built after the loss, its weight-sized gradients would be computed first and held through the
+        # whole backward (+1 copy of the layer weights at peak). Under DDP this defers the gradient
+        # all-reduce to the end of backward. Under FSDP the weights are sharded here in every strategy.
+        self._lambda_now = self.lambda_reg * self.scheduler(state)
+        self._pending = loop_regularization(state.model, **self.layout, include_norms=self.include_norms,
+                                            group_weights=self.group_weights, eps=self.eps)
+
     def _add_penalty(self, state: State) -> None:
-        lambda_now = self.lambda_reg * self.scheduler(state)
-        result = loop_regularization(state.model, **self.layout, include_norms=self.include_norms,
-                                     group_weights=self.group_weights, eps=self.eps)
-        term = lambda_now * result.penalty
+        result, self._pending = self._pending, None
+        term = self._lambda_now * result.penalty
         # Composer sums the dict's values for backward (or uses 'total') and logs each key as loss/train/<key>.
         loss = state.loss if isinstance(state.loss, dict) else {"ce": state.loss}
         if "total" in loss:
             loss["total"] = loss["total"] + term
         state.loss = {**loss, "loop_reg": term}
-        self._lambda_now = lambda_now
         self._similarity = {role: r.detach() for role, r in result.similarity.items()}
 
     def _log_similarity(self, logger: Logger) -> None:
