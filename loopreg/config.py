@@ -99,6 +99,7 @@ class Recipe:
     callbacks: Dict[str, Any] = field(default_factory=dict)
     loggers: Dict[str, Any] = field(default_factory=dict)
     progress_bar: bool = True
+    log_to_console: Optional[bool] = None  # default: when the progress bar is off
     console_log_interval: str = "50ba"
     save_folder: Optional[str] = None
     save_interval: str = "1000ba"

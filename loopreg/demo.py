@@ -43,7 +43,8 @@ def run_demo(out: Path, loops: int = 4, steps: int = 2000, overrides: list[str] 
     with training_progress() as progress:
         for kind, spec in specs:
             recipe = load_recipe(RECIPE, [f"model.spec={spec}", f"run_name=demo_{spec}", f"max_duration={steps}ba",
-                                          f"eval_interval={steps}ba", "progress_bar=false", *(overrides or [])])
+                                          f"eval_interval={steps}ba", "progress_bar=false", "log_to_console=false",
+                                          *(overrides or [])])
             settings = settings or {"task": recipe.train_data.task, **recipe.train_data.task_kwargs,
                                     "steps": steps, "batch": recipe.global_train_batch_size,
                                     "eval_examples": recipe.eval_data.eval_size, "d_model": recipe.model.d_model,

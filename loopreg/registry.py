@@ -18,6 +18,7 @@ from composer import optim as composer_optim
 
 from loopreg.algorithms.loop_regularizer import LoopRegularizer
 from loopreg.algorithms.loop_surgery import LoopSurgery
+from loopreg.callbacks.downstream_eval import DownstreamEval
 from loopreg.callbacks.similarity_monitor import LoopSimilarityMonitor
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "CALLBACKS", "LOGGERS", "ALGORITHMS"]
@@ -42,6 +43,7 @@ CALLBACKS: dict[str, Callable[..., Any]] = {
     "optimizer_monitor": composer_callbacks.OptimizerMonitor,
     "runtime_estimator": composer_callbacks.RuntimeEstimator,
     "loop_similarity_monitor": LoopSimilarityMonitor,
+    "downstream_eval": DownstreamEval,
 }
 
 LOGGERS: dict[str, Callable[..., Any]] = {

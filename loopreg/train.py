@@ -122,6 +122,9 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
     if recipe.gradient_clipping:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.gradient_clipping))
     callbacks = [_build(CALLBACKS, name, kwargs, f"callbacks.{name}") for name, kwargs in recipe.callbacks.items()]
+    for callback in callbacks:  # callbacks that read text (downstream eval) get the recipe's tokenizer
+        if hasattr(callback, "use_tokenizer"):
+            callback.use_tokenizer(data.tokenizer)
     if recipe.export_folder:
         from loopreg.callbacks.export import ExportModel
 
@@ -146,7 +149,7 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
         device_train_microbatch_size=recipe.device_train_microbatch_size,
         parallelism_config={"fsdp": dict(recipe.fsdp_config)} if recipe.fsdp_config is not None else None,
         progress_bar=recipe.progress_bar,
-        log_to_console=not recipe.progress_bar,
+        log_to_console=not recipe.progress_bar if recipe.log_to_console is None else recipe.log_to_console,
         console_log_interval=recipe.console_log_interval,
         save_folder=recipe.save_folder,
         save_interval=recipe.save_interval,

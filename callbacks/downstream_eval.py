@@ -1,0 +1,85 @@
+"""Run downstream eval groups during training and log their scores to Composer's loggers.
+
+Each run also logs the isoplot pair of the paper's Fig. 2: the validation log-perplexity (from the
+``LanguageCrossEntropy`` eval metric, when the trainer has an eval set) against every group score.
+
+    callbacks:
+      downstream_eval: {groups: [reasoning_primitives], interval: 20000ba, limit: 200}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from composer.core import Callback, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+
+__all__ = ["DownstreamEval"]
+
+
+class DownstreamEval(Callback):
+    """Every ``interval`` (and at fit end) greedy-generate ``groups`` with the model being trained and log
+    ``downstream/<group>`` (and ``downstream/<task>``) scores; rank 0 evaluates, the others wait.
+
+    The training entry hands over the recipe's tokenizer (:meth:`use_tokenizer`).
+    """
+
+    def __init__(self, groups: Sequence[str], interval: str = "10000ba", limit: int | None = 200,
+                 batch_size: int = 16, data_dir: str | None = None) -> None:
+        from loopreg.evals import load_task_specs
+
+        self.groups, self.limit, self.batch_size, self.data_dir = list(groups), limit, batch_size, data_dir
+        self.specs = load_task_specs(self.groups)  # validates the names now, not hours into training
+        self.interval = Time.from_timestring(interval)
+        if self.interval.unit != TimeUnit.BATCH:
+            raise ValueError(f"callbacks.downstream_eval.interval must be in batches (e.g. '10000ba'), got '{interval}'")
+        self.tokenizer: Any = None
+        self.history: list[dict[str, float]] = []
+
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if self.tokenizer is None:
+            raise ValueError("DownstreamEval needs the recipe's tokenizer (the training entry passes it)")
+        if state.fsdp_enabled:
+            raise ValueError("callbacks.downstream_eval does not run under FSDP; evaluate saved checkpoints with "
+                             "`loopreg eval` instead")
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) % self.interval.value == 0:
+            self._evaluate(state, logger)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) % self.interval.value:
+            self._evaluate(state, logger)
+
+    def _evaluate(self, state: State, logger: Logger) -> None:
+        from loopreg.evals import evaluate
+        from loopreg.evals.models import ModelGenerator
+
+        if dist.get_global_rank() == 0:
+            model = state.model.model
+            was_training = model.training
+            results = evaluate(ModelGenerator(model, self.tokenizer), self.specs, self.data_dir, self.limit,
+                               self.batch_size, progress=False)
+            model.train(was_training)
+            metrics = {f"downstream/{name}": group["score"] for name, group in results["groups"].items()
+                       if group.get("score") is not None}
+            metrics.update({f"downstream/{name}": task["score"] for name, task in results["tasks"].items()
+                            if task.get("score") is not None})
+            cross_entropy = _eval_cross_entropy(state)
+            if cross_entropy is not None:
+                metrics["downstream/log_perplexity"] = cross_entropy  # the isoplot's other axis
+            logger.log_metrics(metrics)
+            self.history.append({"batch": int(state.timestamp.batch), **metrics})
+        dist.barrier()
+
+
+def _eval_cross_entropy(state: State) -> float | None:
+    for metrics in state.eval_metrics.values():
+        metric = metrics.get("LanguageCrossEntropy")
+        if metric is not None and metric.update_called:
+            return float(metric.compute())
+    return None
