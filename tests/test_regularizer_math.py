@@ -35,7 +35,7 @@ def test_value_is_the_formula_on_hand_built_weights():
     model = untied("2x3")
     angles = torch.tensor([0.0, 0.3, 0.5, 0.9, 1.4, 2.0])  # 6 layers, blocks of k = 2
     with torch.no_grad():
-        for role, name in LOOPREG_NAMES.items():
+        for name in LOOPREG_NAMES.values():
             base = torch.linalg.qr(torch.randn(model.layers[0].get_parameter(name).numel(), 2))[0].T
             for layer, angle in enumerate(angles):
                 weight = model.layers[layer].get_parameter(name)
@@ -145,7 +145,7 @@ def test_hugging_face_groups_are_found_by_name(family: str):
     expected = formula(model, layers, names, [(0, 2), (1, 3)])
     assert {k: v for k, v in similarity.items() if k != "mean"} == pytest.approx(expected, abs=1e-6)
     loop_regularization(model, block_size=2).penalty.backward()
-    assert all(getattr(model.get_submodule(layers)[0].get_parameter(n), "grad") is not None for n in names.values())
+    assert all(model.get_submodule(layers)[0].get_parameter(n).grad is not None for n in names.values())
 
 
 def one_line_error(call, *fragments: str) -> None:
@@ -157,7 +157,8 @@ def one_line_error(call, *fragments: str) -> None:
 
 def test_bad_inputs_give_one_line_errors_naming_the_model():
     model = untied("2x3")
-    one_line_error(lambda: loop_regularization(model, block_size=4), "block_size=4", "6 layers of LoopedLM", "[1, 2, 3]")
+    one_line_error(lambda: loop_regularization(model, block_size=4), "block_size=4", "6 layers of LoopedLM",
+                   "[1, 2, 3]")
     one_line_error(lambda: loop_regularization(model, blocks=[[0, 1], [2]]), "blocks=[[0, 1], [2]]", "LoopedLM")
     one_line_error(lambda: loop_regularization(model, block_size=6), "ties no layers", "LoopedLM")
     one_line_error(lambda: loop_regularization(model, group_weights={"attn_x": 1.0}), "'attn_x'", "LoopedLM")

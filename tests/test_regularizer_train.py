@@ -98,3 +98,28 @@ def test_cpu_recipe_checkpoint_snaps_through_the_cli(tmp_path, capsys):
     assert (tmp_path / "snapped_1x4" / "model.safetensors").is_file()
     assert snap_main([str(tmp_path / "latest-rank0.pt"), "--recipe", str(recipe), "--out", str(tmp_path / "cli")]) == 0
     assert "looped (1⊗4), distinct layers: 1" in capsys.readouterr().out
+
+
+class TotalLossLM(ComposerLoopedLM):
+    """A model whose loss is already a dict with a 'total' key (which Composer backpropagates as is)."""
+
+    def loss(self, outputs, batch, *args, **kwargs):
+        ce = super().loss(outputs, batch)
+        return {"ce": ce, "total": ce}
+
+
+def test_dict_loss_with_total_gets_the_term_and_resume_does_not_snap_twice(tmp_path):
+    torch.manual_seed(0)
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 32, (16, 8))]
+    model = TotalLossLM(LoopedLMConfig(spec="1x2", tied=False, vocab_size=32, d_model=16, n_heads=2, d_ff=32))
+    logger, regularizer = InMemoryLogger(), LoopRegularizer(lambda_reg=2.0, snap_at="2ba")
+    trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=8), max_duration="2ba",
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.0), algorithms=[regularizer],
+                      loggers=[logger], device="cpu", progress_bar=False, save_folder=str(tmp_path))
+    trainer.fit()
+    reg, total, ce = (series(logger, f"loss/train/{key}") for key in ("loop_reg", "total", "ce"))
+    assert total[0] == pytest.approx(ce[0] + reg[0], rel=1e-6) and reg[0] > 0
+    assert regularizer.snapped and (tmp_path / "snapped_1x2").is_dir()
+    resumed = LoopRegularizer(snap_at="2ba")
+    resumed.load_state_dict(regularizer.state_dict())
+    assert resumed.snapped

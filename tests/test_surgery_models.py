@@ -168,15 +168,17 @@ def test_unsupported_architecture_is_one_line():
                               "supported families: gpt2, gpt_neox, llama, loopreg, mistral, qwen2")
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gpt2", "loopreg"])
+@pytest.mark.parametrize("family, tied", [("qwen2", True), ("gpt2", True), ("mistral", False), ("loopreg", True)])
 @torch.no_grad()
-def test_saved_surgery_result_reloads_looped(sources, family, tmp_path):
-    model = loop_surgery(load_source(sources[family]).eval(), "2x(1,2,1)")
+def test_saved_surgery_result_reloads_looped(sources, family, tied, tmp_path):
+    model = loop_surgery(load_source(sources[family]).eval(), "2x(1,2,1)", tied=tied)
     model.save_pretrained(tmp_path)
     reloaded = load_source(tmp_path).eval()
     assert type(reloaded) is type(model)
-    assert len(stored_layers(reloaded)) == 6 and len(get_layers(reloaded)) == (6 if family == "loopreg" else 8)
+    assert len(stored_layers(reloaded)) == (6 if tied else 8)
+    assert type(get_layers(reloaded)) is type(get_layers(model))
     assert torch.equal(logits(reloaded, PROMPT), logits(model, PROMPT))
+    assert torch.equal(greedy(reloaded, PROMPT), greedy(model, PROMPT))
 
 
 @pytest.mark.parametrize("family, tied", [("gpt2", True), ("llama", True), ("qwen2", False), ("mistral", False),

@@ -384,6 +384,12 @@ class LoopRegularizer(Algorithm):
         self._pending: LoopRegularization | None = None  # built at BEFORE_FORWARD, added at AFTER_LOSS
         self._similarity: dict[str, torch.Tensor] = {}  # R_G of the last microbatch, logged once per batch
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "snapped": self.snapped}  # a resumed run does not snap twice
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.snapped = state.get("snapped", False)
+
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.BATCH_END, Event.FIT_END)
 
@@ -446,22 +452,21 @@ class LoopRegularizer(Algorithm):
         if dist.get_global_rank() != 0:
             return None
         untied = LoopedLM(unwrap(state.model).config)
-        prefix = "model."
-        untied.load_state_dict({name.removeprefix(prefix): tensor for name, tensor in weights.items()})
+        untied.load_state_dict({name.removeprefix("model."): tensor for name, tensor in weights.items()})
         looped = snap_to_looped(untied, **self.layout)
         before, after = (self._eval_loss(ComposerLoopedLM(m), state) for m in (untied, looped))
         folder = Path(self.snap_folder) if self.snap_folder else run_folder(state) / f"snapped_{looped.spec}"
         looped.save_pretrained(folder)
-        metrics = {"loop_reg/snap/eval_loss_untied": before, "loop_reg/snap/eval_loss_looped": after}
-        if before is not None and after is not None:
-            metrics["loop_reg/snap/eval_loss_change"] = after - before
-        logger.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        if before is not None:
+            logger.log_metrics({"loop_reg/snap/eval_loss_untied": before, "loop_reg/snap/eval_loss_looped": after,
+                                "loop_reg/snap/eval_loss_change": after - before})
         log.info("snapped to looped %s at %s: eval loss %s -> %s; saved %s", looped.spec,
                  state.timestamp.batch, before, after, folder)
         return folder
 
     def _eval_loss(self, model: nn.Module, state: State) -> float | None:
-        """Mean loss of ``model`` over the first ``snap_eval_batches`` batches of the first evaluator."""
+        """Mean loss of ``model`` over the first ``snap_eval_batches`` batches of the first evaluator (None
+        without an evaluator)."""
         if not state.evaluators or self.snap_eval_batches < 1:
             return None
         model = state.device.module_to_device(model).eval()

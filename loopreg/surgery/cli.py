@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import find_adapter, unwrap
 from loopreg.surgery.core import SurgeryPlan, distinct_param_count, loop_surgery, plan_surgery, stored_layers
 from loopreg.surgery.layer_map import INITS, format_layer_map
@@ -68,12 +69,13 @@ def _surgery(args: argparse.Namespace) -> None:
     from loopreg.surgery.sources import load_source, load_source_tokenizer
     from loopreg.surgery.verify import compare, probe, verification_prompts
 
+    spec = LoopSpec.parse(args.spec)  # a typo fails before the (slow) load
     started = time.perf_counter()
     model = load_source(args.source)
     tokenizer = load_source_tokenizer(args.source)
     load_seconds = time.perf_counter() - started
     adapter = find_adapter(model)
-    plan = plan_surgery(len(stored_layers(model, adapter)), args.spec, args.layers, args.init, tied=not args.untied)
+    plan = plan_surgery(len(stored_layers(model, adapter)), spec, args.layers, args.init, tied=not args.untied)
     prompts = verification_prompts(model, tokenizer) if args.verify else []
     before = probe(model, prompts) if args.verify else None
     params_before = distinct_param_count(model)
