@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -105,12 +105,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.probe:
         make_step(args)(args.probe)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+        # VmHWM is this address space's peak; ru_maxrss would keep the parent's (fork + exec carries it over).
+        status = Path("/proc/self/status").read_text()
+        print(int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024)
         return
     tokens = args.batch * args.seq
     print(f"untied {args.layers}-layer d={args.d_model} model in blocks of {args.block_size}, {tokens} tokens/step, "
           f"{torch.get_num_threads()} threads", flush=True)
-    results = {"tokens_per_step": tokens, **bench_time(args), **bench_memory(args)}
+    results = {"tokens_per_step": tokens, **bench_memory(args), **bench_time(args)}
     rounded = {k: [round(x, 2) for x in v] if isinstance(v, list) else round(v, 4) for k, v in results.items()}
     print(json.dumps(rounded, indent=2))
 

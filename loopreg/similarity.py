@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-__all__ = ["cli_main", "load_model", "parse_blocks"]
+__all__ = ["cli_main", "load_model", "parse_blocks", "add_model_arguments"]
 
 
 def load_model(path: str | Path, recipe: str | Path | None = None) -> nn.Module:
@@ -76,8 +76,9 @@ def parse_blocks(text: str) -> list[list[int]]:
     return blocks
 
 
-def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--block-size K`` or ``--blocks 4-7,8-11,...`` (default: the model's own untied loop spec)."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--block-size K`` or ``--blocks 4-7,8-11,...`` (default: the model's own untied loop spec), and
+    ``--recipe`` for a Composer checkpoint."""
     layout = parser.add_mutually_exclusive_group()
     layout.add_argument("--block-size", type=int, help="tie consecutive blocks of K layers")
     layout.add_argument("--blocks", type=parse_blocks, help="tie these layer ranges only, e.g. 4-7,8-11,12-15")
@@ -93,7 +94,7 @@ def cli_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="loopreg similarity", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="loopreg model folder, Hugging Face folder, or Composer checkpoint (--recipe)")
-    add_layout_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--include-norms", action="store_true", help="also compare the layers' norm weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--heatmaps", help="also write a block × block heatmap PNG per group into this folder")

@@ -18,12 +18,12 @@ __all__ = ["cli_main"]
 def cli_main(argv: list[str]) -> int:
     """``loopreg snap CKPT --out DIR [--block-size K | --blocks RANGES] [--recipe RECIPE.yaml]``."""
     from loopreg.algorithms import loop_similarity, snap_to_looped
-    from loopreg.similarity import add_layout_arguments, load_model
+    from loopreg.similarity import add_model_arguments, load_model
 
     parser = argparse.ArgumentParser(prog="loopreg snap", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="untied loopreg model folder, or Composer checkpoint file (with --recipe)")
     parser.add_argument("--out", required=True, help="folder for the looped model (LoopedLM.save_pretrained)")
-    add_layout_arguments(parser)
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     try:
         untied = load_model(args.checkpoint, args.recipe)

@@ -123,3 +123,13 @@ def test_dict_loss_with_total_gets_the_term_and_resume_does_not_snap_twice(tmp_p
     resumed = LoopRegularizer(snap_at="2ba")
     resumed.load_state_dict(regularizer.state_dict())
     assert resumed.snapped
+
+
+def test_lambda_schedules_at_the_end_of_training_and_bad_names(trained):
+    trainer, _, _ = trained  # its state sits at the last batch of max_duration
+    assert LoopRegularizer(schedule="constant").scheduler(trainer.state) == 1.0
+    assert LoopRegularizer(schedule="linear_warmup", t_warmup="5ba").scheduler(trainer.state) == 1.0
+    assert LoopRegularizer(schedule="cosine", t_warmup="5ba", alpha_f=0.1).scheduler(trainer.state) == \
+        pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule 'step' is not one of constant, linear_warmup, cosine"):
+        LoopRegularizer(schedule="step")

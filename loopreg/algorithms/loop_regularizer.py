@@ -134,6 +134,9 @@ def _role_params(model: nn.Module, include_norms: bool) -> dict[str, list[nn.Par
     adapter = find_adapter(model)
     per_layer = [layer_role_params(layer, adapter, include_norms) for layer in get_layers(model, adapter)]
     roles = list(per_layer[0])
+    if not roles:
+        raise ValueError(f"{type(unwrap(model)).__name__}: no {adapter.family} weight roles found in its layers "
+                         f"(expected {', '.join(adapter.roles.values())}; FSDP needs use_orig_params=True)")
     for index, params in enumerate(per_layer):
         if list(params) != roles:
             raise ValueError(f"{type(unwrap(model)).__name__}: layer {index} has roles {list(params)} but layer 0 has "
