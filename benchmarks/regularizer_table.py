@@ -26,14 +26,14 @@ from loopreg.train import build_dataloaders, build_trainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 REG = ["algorithms.loop_regularizer.snap_at=null"]  # snapping is done below, for every target
-# (row, recipe, overrides, block sizes the row is measured toward)
+# (row, run folder, recipe, overrides, block sizes the row is measured toward)
 RUNS = [
-    ("Base (4⊗1)", "cpu_phop_reg", [*REG, "algorithms.loop_regularizer.lambda_reg=0"], (1, 2)),
-    ("Reg k=1, λ=1", "cpu_phop_reg", [*REG, "algorithms.loop_regularizer.lambda_reg=1"], (1,)),
-    ("Reg k=1, λ=10", "cpu_phop_reg", REG, (1,)),
-    ("Reg k=2, λ=10", "cpu_phop_reg", [*REG, "model.spec=2x2"], (2,)),
-    ("Loop (1⊗4)", "cpu_phop", ["model.spec=1x4"], ()),
-    ("Loop (2⊗2)", "cpu_phop", ["model.spec=2x2"], ()),
+    ("Base (4⊗1)", "base_4x1", "cpu_phop_reg", [*REG, "algorithms.loop_regularizer.lambda_reg=0"], (1, 2)),
+    ("Reg k=1, λ=1", "reg_k1_lambda1", "cpu_phop_reg", [*REG, "algorithms.loop_regularizer.lambda_reg=1"], (1,)),
+    ("Reg k=1, λ=10", "reg_k1_lambda10", "cpu_phop_reg", REG, (1,)),
+    ("Reg k=2, λ=10", "reg_k2_lambda10", "cpu_phop_reg", [*REG, "model.spec=2x2"], (2,)),
+    ("Loop (1⊗4)", "loop_1x4", "cpu_phop", ["model.spec=1x4"], ()),
+    ("Loop (2⊗2)", "loop_2x2", "cpu_phop", ["model.spec=2x2"], ()),
 ]
 
 
@@ -48,9 +48,8 @@ def eval_accuracy(model: LoopedLM, recipe: Recipe) -> float:
     return float(trainer.state.eval_metrics["eval"]["AnswerExactMatch"].compute()) * 100
 
 
-def run_row(label: str, recipe_name: str, overrides: list[str], targets: tuple[int, ...], out: Path,
+def run_row(label: str, slug: str, recipe_name: str, overrides: list[str], targets: tuple[int, ...], out: Path,
             steps: int) -> list[dict]:
-    slug = "".join(c if c.isalnum() else "_" for c in label).strip("_").lower()
     recipe = load_recipe(RECIPES / f"{recipe_name}.yaml",
                          [*overrides, f"max_duration={steps}ba", f"eval_interval={steps}ba", f"run_name={slug}",
                           f"save_folder={out / slug}", f"save_interval={steps}ba", "save_overwrite=true"])
@@ -91,8 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for label, recipe_name, overrides, targets in RUNS:
-        new_rows = run_row(label, recipe_name, overrides, targets, args.out, args.steps)
+    for run in RUNS:
+        new_rows = run_row(*run, args.out, args.steps)
         print("\n".join(markdown(new_rows).splitlines()[2:]), flush=True)
         rows += new_rows
     args.out.mkdir(parents=True, exist_ok=True)

@@ -82,9 +82,10 @@ def train_row(table: PaperTable, spec: str, steps: int, overrides: list[str]) ->
 
 def render_markdown(results: dict) -> str:
     """``docs/REPRODUCTION.md``: our CPU-mini accuracies beside the paper's, one table per task."""
+    minutes = sum(row["seconds"] for task in results["tasks"].values() for row in task["rows"]) / 60
     lines = ["# Reproduction of the paper's synthetic tables at CPU-mini scale", "",
              f"Command: `{results['command']}` (seed {results['seed']}, {results['steps']} steps per model, "
-             f"{results['minutes']:.0f} min of training on this machine).", ""]
+             f"{minutes:.0f} min of training on this machine).", ""]
     for name in TABLES:
         if name not in results["tasks"]:
             continue
@@ -112,7 +113,7 @@ def reproduce(out: Path, tasks: list[str], steps: int, overrides: list[str], doc
     # Rows already in OUT/results.json (same steps and overrides) are kept: an interrupted run resumes.
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     if results.get("steps") != steps or results.get("overrides") != overrides:
-        results = {"steps": steps, "overrides": overrides, "tasks": {}, "minutes": 0.0}
+        results = {"steps": steps, "overrides": overrides, "tasks": {}}
     results["command"] = " ".join(["loopreg reproduce", f"--steps {steps}", *overrides])
     for name in tasks:
         table = TABLES[name]
@@ -127,7 +128,6 @@ def reproduce(out: Path, tasks: list[str], steps: int, overrides: list[str], doc
             console.print(f"  accuracy {rows[-1]['scores']} in {rows[-1]['seconds']:.0f}s")
             saved.write_text(json.dumps(results, indent=2) + "\n")  # progress survives a stop
     results["seed"] = load_recipe(RECIPES / TABLES[tasks[0]].recipe).seed
-    results["minutes"] = round(sum(row["seconds"] for task in results["tasks"].values() for row in task["rows"]) / 60, 1)
     saved.write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if doc is not None:
