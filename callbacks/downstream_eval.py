@@ -58,9 +58,10 @@ class DownstreamEval(Callback):
     def _evaluate(self, state: State, logger: Logger) -> None:
         from loopreg.evals import evaluate
         from loopreg.evals.models import ModelGenerator
+        from loopreg.surgery.adapters import unwrap
 
         if dist.get_global_rank() == 0:
-            model = state.model.model
+            model = unwrap(state.model)
             was_training = model.training
             results = evaluate(ModelGenerator(model, self.tokenizer), self.specs, self.data_dir, self.limit,
                                self.batch_size, progress=False)

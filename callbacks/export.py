@@ -19,6 +19,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 from tokenizers import Tokenizer
 
+from loopreg.surgery.adapters import unwrap
+
 __all__ = ["ExportModel"]
 
 
@@ -37,7 +39,7 @@ class ExportModel(Callback):
                   if state.fsdp_enabled else contextlib.nullcontext())
         with gather:
             if dist.get_global_rank() == 0:
-                self._write(model.model)
+                self._write(unwrap(model))  # the LoopedLM inside Composer's and DDP's wrappers
         dist.barrier()
 
     def _write(self, looped_lm) -> None:

@@ -51,8 +51,10 @@ def local_text(corpus: Path) -> list[str]:
             "eval_data.text_field=text"]
 
 
-def _cli(args, cwd=REPO, timeout=300):
+def _cli(args, cwd=REPO, timeout=300, threads=None):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if threads is not None:  # N ranks x N threads on N cores would spin in OpenMP barriers
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -97,7 +99,7 @@ def test_composer_launcher_two_cpu_ranks(text_corpus, tmp_path):
     """The user's literal usage: `composer -n 2 recipes/X.yaml` (gloo on CPU) trains and exits 0."""
     result = _cli([str(VENV_BIN / "composer"), "-n", "2", "--master_port", "29611",
                    "--stdout", str(tmp_path / "rank{rank}.out"), "--stderr", str(tmp_path / "rank{rank}.err"),
-                   "recipes/cpu_tiny_text.yaml", *local_text(text_corpus), "max_duration=3ba"])
+                   "recipes/cpu_tiny_text.yaml", *local_text(text_corpus), "max_duration=3ba"], threads=1)
     # Local rank 0 writes to the launcher's console, the other ranks to the --stdout/--stderr files.
     logs = [result.stdout + result.stderr, (tmp_path / "rank1.out").read_text() + (tmp_path / "rank1.err").read_text()]
     assert result.returncode == 0, logs[0][-3000:]
