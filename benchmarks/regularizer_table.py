@@ -32,6 +32,9 @@ RUNS = [
     ("Reg k=1, λ=1", "reg_k1_lambda1", "cpu_phop_reg", [*REG, "algorithms.loop_regularizer.lambda_reg=1"], (1,)),
     ("Reg k=1, λ=10", "reg_k1_lambda10", "cpu_phop_reg", REG, (1,)),
     ("Reg k=2, λ=10", "reg_k2_lambda10", "cpu_phop_reg", [*REG, "model.spec=2x2"], (2,)),
+    ("Reg k=2, λ=10, warm-up 1000ba", "reg_k2_lambda10_warmup", "cpu_phop_reg",
+     [*REG, "model.spec=2x2", "algorithms.loop_regularizer.schedule=linear_warmup",
+      "algorithms.loop_regularizer.t_warmup=1000ba"], (2,)),
     ("Loop (1⊗4)", "loop_1x4", "cpu_phop", ["model.spec=1x4"], ()),
     ("Loop (2⊗2)", "loop_2x2", "cpu_phop", ["model.spec=2x2"], ()),
 ]
