@@ -47,11 +47,11 @@ def _load_composer_checkpoint(path: Path, recipe: str | Path | None) -> nn.Modul
 
     from loopreg.config import load_recipe
     from loopreg.model import LoopedLM
-    from loopreg.train import _model_config  # recipe model section -> LoopedLMConfig
+    from loopreg.train import model_config
 
     if recipe is None:
         raise ValueError(f"{path}: a Composer checkpoint does not record the model's shape; pass --recipe RECIPE.yaml")
-    model = LoopedLM(_model_config(load_recipe(recipe).model))
+    model = LoopedLM(model_config(load_recipe(recipe).model))
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # a local file the user trained
     try:
         weights = checkpoint["state"]["model"]

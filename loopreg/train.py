@@ -23,10 +23,11 @@ from loopreg.composer_model import ComposerLoopedLM
 from loopreg.config import ModelSection, Recipe, RecipeError, check_kwargs, load_recipe, lookup
 from loopreg.model import LoopedLMConfig
 
-__all__ = ["main", "build_trainer", "run"]
+__all__ = ["main", "build_trainer", "run", "model_config"]
 
 
-def _model_config(section: ModelSection) -> LoopedLMConfig:
+def model_config(section: ModelSection) -> LoopedLMConfig:
+    """The :class:`LoopedLMConfig` a recipe's ``model`` section describes (``init_device`` dropped)."""
     from dataclasses import fields
 
     return LoopedLMConfig(**{f.name: getattr(section, f.name) for f in fields(LoopedLMConfig)})
@@ -112,7 +113,7 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
     reproducibility.seed_all(recipe.seed)
     data = build_dataloaders(recipe, dist.get_world_size(), dist.get_global_rank())
     with torch.device(recipe.model.init_device):
-        model = ComposerLoopedLM(_model_config(recipe.model), extra_eval_metrics=data.eval_metrics)
+        model = ComposerLoopedLM(model_config(recipe.model), extra_eval_metrics=data.eval_metrics)
 
     optimizer = _build(OPTIMIZERS, recipe.optimizer.name, {"lr": recipe.optimizer.lr, **recipe.optimizer.kwargs},
                        "optimizer", model.parameters())
