@@ -28,7 +28,8 @@ class ComposerLoopedLM(ComposerModel):
     """A :class:`LoopedLM` as a Composer model; ``self.model`` is the plain ``nn.Module``.
 
     ``extra_eval_metrics`` adds task metrics (e.g. answer exact match) next to cross entropy,
-    perplexity and token accuracy.
+    perplexity and token accuracy. ``forward_options`` are extra :meth:`LoopedLM.forward` keywords an
+    algorithm sets for the next training forward (CoTDistillation: loop count, per-layer states).
     """
 
     def __init__(self, config: LoopedLMConfig | LoopedLM, extra_eval_metrics: dict[str, Metric] | None = None) -> None:
@@ -36,6 +37,7 @@ class ComposerLoopedLM(ComposerModel):
         self.model = config if isinstance(config, LoopedLM) else LoopedLM(config)
         self.train_metrics = self._lm_metrics()
         self.eval_metrics = {**self._lm_metrics(), **(extra_eval_metrics or {})}
+        self.forward_options: dict[str, Any] = {}
 
     @staticmethod
     def _lm_metrics() -> dict[str, Metric]:
@@ -56,7 +58,7 @@ class ComposerLoopedLM(ComposerModel):
         return 3.0 * (matmul + attention)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch["input_ids"])
+        return self.model(batch["input_ids"], **self.forward_options)
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         return F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)

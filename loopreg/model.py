@@ -56,9 +56,20 @@ class LoopedLMConfig:
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     init_std: float = 0.02
+    # Latent thoughts (CoT distillation): the placeholder token, placeholders per CoT step, and how a
+    # decoded step re-enters the next loop ('residual': plain looping; 'soft_token': LoopedLM.forward).
+    placeholder_id: int | None = None
+    placeholders_per_step: int = 1
+    latent_feedback: str = "residual"
 
     def __post_init__(self) -> None:
         self.spec = str(LoopSpec.parse(self.spec))
+        if self.latent_feedback not in ("residual", "soft_token"):
+            raise ValueError(f"model.latent_feedback must be 'residual' or 'soft_token', got {self.latent_feedback!r}")
+        if self.latent_feedback == "soft_token" and self.placeholder_id is None:
+            raise ValueError("model.latent_feedback='soft_token' needs model.placeholder_id (the placeholder token id)")
+        if self.placeholders_per_step < 1:
+            raise ValueError(f"model.placeholders_per_step must be >= 1, got {self.placeholders_per_step}")
         if self.mlp not in ("swiglu", "gelu"):
             raise ValueError(f"model.mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
         if self.d_model % self.n_heads:
@@ -253,11 +264,21 @@ class LoopedLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, loops: int | Sequence[int] | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, layer_states: list[torch.Tensor] | None = None,
+                grad_loops: int | None = None, checkpoint: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for ``input_ids`` (B, T).
 
         ``attention_mask`` (B, T_total, 1 = real token, 0 = left padding) covers the cached positions
         too when a ``cache`` is given; ``loops`` overrides the loop counts of a tied model.
+        Training knobs: ``layer_states`` (a list) receives the residual stream after every layer
+        application; ``grad_loops=k`` builds the autograd graph only for the last k iterations of the
+        thinking block (earlier ones count as the identity in backward, Jacobian-free style, so the
+        embedding and earlier layers still learn); ``checkpoint`` recomputes each layer in backward.
+
+        With ``latent_feedback='soft_token'``, after thinking-block iteration t the placeholders of CoT
+        step t are decoded through the LM head and the expected embedding (a soft token) replaces the
+        residual stream of the aligned placeholder of step t+1: the continuous analogue of feeding a
+        decoded CoT token back as the next input (paper Thm 5.4).
         """
         past = cache.length if cache is not None else 0
         batch, length = input_ids.shape
@@ -266,12 +287,67 @@ class LoopedLM(nn.Module):
         rope = rotary(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         if mask is not None:
             mask = mask[:, None]  # broadcast over heads
+        spec = self.spec if loops is None else self.spec.with_loops(loops)
+        loop_ends = spec.loop_ends
+        steps = self.placeholder_steps(input_ids) if self.config.latent_feedback == "soft_token" else None
+        skipped = self._skipped_applications(spec, grad_loops) if torch.is_grad_enabled() else range(0)
+        if checkpoint and cache is not None:
+            raise ValueError("checkpoint=True is for training; it cannot be combined with a KV cache")
         for slot, layer_index in enumerate(self.schedule(loops)):
-            x = self.layers[layer_index](x, rope, mask, cache, slot)
+            layer = self.layers[layer_index]
+            if slot in skipped:
+                x_in = x if slot == skipped.start else x_in
+                with torch.no_grad():
+                    x = layer(x, rope, mask, cache, slot)
+                if slot == skipped.stop - 1:  # identity Jacobian through the skipped iterations
+                    x = x.detach() + (x_in - x_in.detach())
+            elif checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, None, slot, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, cache, slot)
+            if layer_states is not None:
+                layer_states.append(x)
+            if steps is not None and slot in loop_ends:
+                x = self._feed_soft_tokens(x, steps, loop_ends.index(slot))
         if cache is not None:
             cache.length += length
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def placeholder_steps(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T): the CoT step each placeholder token stands for (its rank // placeholders_per_step), -1
+        for other tokens.
+
+        >>> LoopedLM(LoopedLMConfig(spec="1x2", vocab_size=8, d_model=8, n_heads=2, placeholder_id=3,
+        ...          placeholders_per_step=2)).placeholder_steps(torch.tensor([[5, 3, 3, 3, 3, 6]]))
+        tensor([[-1,  0,  0,  1,  1, -1]])
+        """
+        if self.config.placeholder_id is None:
+            return torch.full_like(input_ids, -1)
+        is_placeholder = input_ids == self.config.placeholder_id
+        rank = is_placeholder.long().cumsum(-1) - 1
+        return torch.where(is_placeholder, rank // self.config.placeholders_per_step, -1)
+
+    def _feed_soft_tokens(self, x: torch.Tensor, steps: torch.Tensor, loop: int) -> torch.Tensor:
+        rows, cols = (steps == loop).nonzero(as_tuple=True)
+        targets = cols + self.config.placeholders_per_step  # the aligned placeholder of the next step
+        inside = targets < steps.shape[1]
+        inside[inside.clone()] = steps[rows[inside], targets[inside]] == loop + 1
+        if not bool(inside.any()):
+            return x
+        rows, cols, targets = rows[inside], cols[inside], targets[inside]
+        probs = self.lm_head(self.norm(x[rows, cols])).float().softmax(-1)
+        return x.index_put((rows, targets), probs.to(x.dtype) @ self.embed.weight)
+
+    def _skipped_applications(self, spec: LoopSpec, grad_loops: int | None) -> range:
+        """Layer applications run without a graph under ``grad_loops`` (the early thinking iterations)."""
+        block = spec.blocks[spec.thinking_block]
+        if grad_loops is None or grad_loops >= block.loops:
+            return range(0)
+        if grad_loops < 1:
+            raise ValueError(f"grad_loops must be >= 1, got {grad_loops}")
+        first = spec.loop_ends[0] - block.size + 1
+        return range(first, spec.loop_ends[block.loops - grad_loops - 1] + 1)
 
     @staticmethod
     def _positions_and_mask(batch: int, length: int, past: int, attention_mask: torch.Tensor | None,

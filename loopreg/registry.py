@@ -16,9 +16,11 @@ from composer import callbacks as composer_callbacks
 from composer import loggers as composer_loggers
 from composer import optim as composer_optim
 
+from loopreg.algorithms.cot_distillation import CoTDistillation
 from loopreg.algorithms.loop_regularizer import LoopRegularizer
 from loopreg.algorithms.loop_surgery import LoopSurgery
 from loopreg.callbacks.downstream_eval import DownstreamEval
+from loopreg.callbacks.nonfinite_guard import NonFiniteGuard
 from loopreg.callbacks.similarity_monitor import LoopSimilarityMonitor
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "CALLBACKS", "LOGGERS", "ALGORITHMS"]
@@ -44,6 +46,7 @@ CALLBACKS: dict[str, Callable[..., Any]] = {
     "runtime_estimator": composer_callbacks.RuntimeEstimator,
     "loop_similarity_monitor": LoopSimilarityMonitor,
     "downstream_eval": DownstreamEval,
+    "nonfinite_guard": NonFiniteGuard,
 }
 
 LOGGERS: dict[str, Callable[..., Any]] = {
@@ -57,4 +60,5 @@ LOGGERS: dict[str, Callable[..., Any]] = {
 ALGORITHMS: dict[str, Callable[..., Any]] = {
     "loop_regularizer": LoopRegularizer,
     "loop_surgery": LoopSurgery,
+    "cot_distillation": CoTDistillation,
 }

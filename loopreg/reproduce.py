@@ -84,13 +84,15 @@ def render_markdown(results: dict) -> str:
     """``docs/REPRODUCTION.md``: our CPU-mini accuracies beside the paper's, one table per task."""
     minutes = sum(row["seconds"] for task in results["tasks"].values() for row in task["rows"]) / 60
     lines = ["# Reproduction of the paper's synthetic tables at CPU-mini scale", "",
-             f"Command: `{results['command']}` (seed {results['seed']}, {results['steps']} steps per model, "
-             f"{minutes:.0f} min of training on this machine).", ""]
+             f"Seed {results['seed']}; {minutes:.0f} min of training in all on this machine (one thread per run).", ""]
     for name in TABLES:
         if name not in results["tasks"]:
             continue
         task, table = results["tasks"][name], TABLES[name]
-        lines += [f"## {table.title}", "", f"CPU-mini: {table.mini_note}.", ""]
+        steps = task.get("steps", results.get("steps"))
+        command = task.get("command", results.get("command"))
+        lines += [f"## {table.title}", "", f"CPU-mini: {table.mini_note}; {steps} steps per model.", "",
+                  f"Command: `{command}`", ""]
         header = ["Model", "Params/FLOPs", *[f"ours {c}" for c in table.mini_columns],
                   *[f"paper {c}" for c in table.paper_columns]]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -110,14 +112,20 @@ def reproduce(out: Path, tasks: list[str], steps: int, overrides: list[str], doc
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "results.json"
-    # Rows already in OUT/results.json (same steps and overrides) are kept: an interrupted run resumes.
+    # Each table keeps its own steps and overrides, so tables run with different budgets (or in parallel
+    # into other folders) merge into one file; a table's rows are kept when both match (resume).
     results = json.loads(saved.read_text()) if saved.is_file() else {}
-    if results.get("steps") != steps or results.get("overrides") != overrides:
-        results = {"steps": steps, "overrides": overrides, "tasks": {}}
-    results["command"] = " ".join(["loopreg reproduce", f"--steps {steps}", *overrides])
+    results.setdefault("tasks", {})
+    results["seed"] = load_recipe(RECIPES / TABLES[tasks[0]].recipe).seed
+    command = " ".join(["loopreg reproduce", f"--tasks {{task}} --steps {steps}", *overrides])
     for name in tasks:
         table = TABLES[name]
-        rows = results["tasks"].setdefault(name, {"rows": []})["rows"]
+        entry = results["tasks"].get(name, {})
+        if entry.get("steps") != steps or entry.get("overrides") != overrides:
+            entry = {"steps": steps, "overrides": overrides, "rows": []}
+        entry["command"] = command.format(task=name)
+        results["tasks"][name] = entry
+        rows = entry["rows"]
         done = {row["spec"] for row in rows}
         for spec in table.paper_rows:
             if spec in done:
@@ -127,9 +135,7 @@ def reproduce(out: Path, tasks: list[str], steps: int, overrides: list[str], doc
             rows.sort(key=lambda row: list(table.paper_rows).index(row["spec"]))
             console.print(f"  accuracy {rows[-1]['scores']} in {rows[-1]['seconds']:.0f}s")
             saved.write_text(json.dumps(results, indent=2) + "\n")  # progress survives a stop
-    results["seed"] = load_recipe(RECIPES / TABLES[tasks[0]].recipe).seed
     saved.write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if doc is not None:
         doc.parent.mkdir(parents=True, exist_ok=True)
         doc.write_text(render_markdown(results))

@@ -154,6 +154,24 @@ class LoopSpec:
         """True when any block is applied more than once."""
         return any(block.loops > 1 for block in self.blocks)
 
+    @property
+    def thinking_block(self) -> int:
+        """Index (in :attr:`blocks`) of the block whose iterations carry latent thoughts: the one looped
+        most often (the first on ties), e.g. the middle block of ``4x(1,4,1)``."""
+        loops = [block.loops for block in self.blocks]
+        return loops.index(max(loops))
+
+    @property
+    def loop_ends(self) -> tuple[int, ...]:
+        """Application index of the last layer of each iteration of the :attr:`thinking_block`.
+
+        >>> LoopSpec.parse("2x(1,3,1)").loop_ends
+        (3, 5, 7)
+        """
+        start = sum(block.size * block.loops for block in self.blocks[:self.thinking_block])
+        block = self.blocks[self.thinking_block]
+        return tuple(start + (t + 1) * block.size - 1 for t in range(block.loops))
+
     # ----------------------------------------------------------- accounting
     @property
     def params_units(self) -> int:

@@ -41,7 +41,8 @@ def test_reproduce_resumes_and_renders(tmp_path):
 
 
 def test_render_markdown_rows():
-    results = {"command": "loopreg reproduce", "seed": 17, "steps": 10, "minutes": 1.0,
-               "tasks": {"phop": {"rows": [{"spec": "1x6", "scores": [97.0], "seconds": 1.0}]}}}
+    results = {"seed": 17, "tasks": {"phop": {"steps": 10, "command": "loopreg reproduce --tasks phop --steps 10",
+                                              "rows": [{"spec": "1x6", "scores": [97.0], "seconds": 1.0}]}}}
     text = render_markdown(results)
     assert "| Loop (1⊗6) | 1x/6x | 97.0 | 99.9 | 99.5 |" in text
+    assert "10 steps per model" in text and "`loopreg reproduce --tasks phop --steps 10`" in text

@@ -1,5 +1,6 @@
 """Composer algorithms for looped models: each a plain function plus a thin ``Algorithm`` class."""
 
+from loopreg.algorithms.cot_distillation import CoTDistillation, LatentCurriculum, cot_distillation_loss
 from loopreg.algorithms.loop_regularizer import (LoopRegularization, LoopRegularizer, block_similarity,
                                                  loop_regularization, loop_similarity, loop_target, snap_to_looped)
 from loopreg.algorithms.loop_surgery import LoopSurgery, apply_loop_surgery

@@ -9,7 +9,9 @@ is the same problem with display spaces (use ``sep=" + "`` to get them, minus th
     cot     435 480 1304        (running sums after each operand from the second on)
 
 With ``reverse_answer=True`` the answer and every CoT sum are written least-significant digit first
-(``4031``), the order in which a left-to-right decoder can produce carries.
+(``4031``), the order in which a left-to-right decoder can produce carries. With ``modulus=m`` the answer
+and every running sum are taken mod m (``digits=1, modulus=10``: the parity-like sum-mod-10 task whose
+one-digit CoT steps the distillation demo uses).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class NaryAddition(SyntheticTask):
     digits: int = 3
     reverse_answer: bool = False
     sep: str = "+"
+    modulus: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,6 +56,7 @@ class NaryAddition(SyntheticTask):
         check_knob(self.digits >= 1, self.name, "digits", self.digits, "must be >= 1")
         check_knob(self.sep != "" and not set(self.sep) & set(_DIGITS + "="), self.name, "sep", self.sep,
                    "must be non-empty and contain no digit or '='")
+        check_knob(self.modulus is None or self.modulus >= 2, self.name, "modulus", self.modulus, "must be >= 2")
 
     @property
     def operand_counts(self) -> tuple[int, ...]:
@@ -65,6 +69,8 @@ class NaryAddition(SyntheticTask):
         operands = [rng.randrange(10**self.digits) for _ in range(count)]
         prompt = self.sep.join(f"{value:0{self.digits}d}" for value in operands) + "="
         running_sums = list(itertools.accumulate(operands))[1:]
+        if self.modulus is not None:
+            running_sums = [total % self.modulus for total in running_sums]
         cot = tuple(self._write(total) for total in running_sums)
         return Example(prompt=prompt, answer=cot[-1], cot=cot)
 

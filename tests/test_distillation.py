@@ -1,0 +1,302 @@
+"""CoT-to-latent distillation: paired renderings, latent-thought forward, loss terms, curriculum, algorithm."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loopreg.algorithms.cot_distillation import (CoTDistillation, LatentCurriculum, WeightSchedule,
+                                                 cot_distillation_loss, hidden_layer_map)
+from loopreg.composer_model import IGNORE_INDEX
+from loopreg.data.paired import PairedData, collate_rendered, read_jsonl_problems
+from loopreg.data.synthetic import build_task
+from loopreg.model import LoopedLM, LoopedLMConfig
+from loopreg.spec import LoopSpec
+
+REPO = Path(__file__).resolve().parents[1]
+SUM_TASK = {"n_operands": 5, "digits": 1, "modulus": 10}
+
+
+def student_for(data: PairedData, spec: str = "1x5", feedback: str = "soft_token", per_step: int = 1,
+                d_model: int = 32, seed: int = 0) -> LoopedLM:
+    torch.manual_seed(seed)
+    return LoopedLM(LoopedLMConfig(spec=spec, vocab_size=data.vocab_size, d_model=d_model, n_heads=4, d_ff=64,
+                                   mlp="gelu", max_seq_len=200, placeholder_id=data.placeholder_id,
+                                   placeholders_per_step=per_step, latent_feedback=feedback))
+
+
+# ------------------------------------------------------------------------------------ paired data
+@pytest.mark.parametrize("task, knobs", [("addition", SUM_TASK), ("addition", {"n_operands": 4}),
+                                         ("igsm", {"num_ops": 4}), ("multiplication", {"digits": 3})])
+def test_paired_renderings_agree_on_the_answer(task, knobs):
+    data = PairedData.from_task(task, **knobs)
+    for problem in data.test_set(5, seed=0):
+        example = next(e for e in data.task.fixed_set("test", 5, seed=0) if e.prompt == problem.question)
+        assert data.text(data.render(problem, 0)) == f"<bos>{data.task.render_cot(example)}"  # + <eos> as label
+        for latent_steps in range(len(problem.steps) + 1):
+            for per_step in (1, 2):
+                item = data.render(problem, latent_steps, per_step)
+                answer = item["labels"][item["answer_mask"]].tolist()
+                assert data.tokenizer.decode(answer[:-1], skip_special_tokens=False) == problem.answer
+                assert answer[-1] == data.eos_id
+                ids = item["input_ids"].tolist()
+                assert ids.count(data.placeholder_id) == latent_steps * per_step
+                # the answer trigger is the last token of " #### " and predicts the first answer token
+                trigger = int(item["trigger"])
+                assert data.tokenizer.decode(ids[trigger - 5:trigger + 1]) == " #### "
+                assert item["labels"][trigger] == data.ids(problem.answer)[0]
+                gold = [t for t in item["step_labels"].tolist() if t != IGNORE_INDEX]
+                assert gold == [t for step in problem.steps[:latent_steps] for t in data.ids(step)[:per_step]]
+                kept_text = [t for t in item["cot_labels"].tolist() if t != IGNORE_INDEX]
+                if latent_steps < len(problem.steps):
+                    tail = data.step_separator.join(problem.steps[latent_steps:]) + " #### "
+                    assert data.tokenizer.decode(kept_text) == tail
+                else:
+                    assert kept_text == []
+
+
+def test_modular_addition_cot_is_running_sums_mod_m():
+    task = build_task("addition", **SUM_TASK)
+    for example in task.fixed_set("train", 50, seed=1):
+        digits = [int(d) for d in example.prompt[:-1].split("+")]
+        sums = [sum(digits[:k + 1]) % 10 for k in range(1, len(digits))]
+        assert example.cot == tuple(map(str, sums)) and example.answer == str(sums[-1])
+
+
+def test_jsonl_adapter_and_malformed_lines(tmp_path):
+    good = tmp_path / "cot.jsonl"
+    good.write_text("\n".join(json.dumps({"question": f"{a}+{b}=", "cot": [str(a), str(a + b)], "answer": str(a + b)})
+                              for a, b in [(1, 2), (3, 4), (2, 2)]) + "\n")
+    data = PairedData.from_jsonl(good)
+    assert data.test_set(5, seed=0)[0].steps == ("1", "3")
+    assert data.text(data.render(data.problems[1], 1)) == "<bos>3+4=||<ph>7 #### 7"
+    for line, fragment in [("not json", ":2: not valid JSON"), ('{"question": "x", "answer": "1"}', ":2: missing key"),
+                           ('{"question": "x", "cot": [], "answer": "1"}', ":2: 'cot' must be a non-empty list")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(good.read_text().splitlines()[0] + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=fragment) as err:
+            read_jsonl_problems(bad)
+        assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------- latent-thought forward
+def reference_forward(model: LoopedLM, ids: torch.Tensor) -> torch.Tensor:
+    """Soft-token feedback written out step by step (no vectorisation), for a ``1xL`` model."""
+    c = model.config.placeholders_per_step
+    steps = model.placeholder_steps(ids)
+    x = model.embed(ids)
+    rope = __import__("loopreg.model", fromlist=["rotary"]).rotary(
+        torch.arange(ids.shape[1]).expand_as(ids), model.config.head_dim, model.config.rope_theta, x.dtype)
+    for loop in range(model.spec.effective_depth):
+        x = model.layers[0](x, rope)
+        new = x.clone()
+        for b in range(ids.shape[0]):
+            for t in range(ids.shape[1]):
+                if steps[b, t] == loop and t + c < ids.shape[1] and steps[b, t + c] == loop + 1:
+                    probs = model.lm_head(model.norm(x[b, t])).softmax(-1)
+                    new[b, t + c] = probs @ model.embed.weight
+        x = new
+    return model.lm_head(model.norm(x))
+
+
+@pytest.mark.parametrize("per_step", [1, 2])
+def test_soft_token_forward_matches_reference_and_cache(per_step):
+    data = PairedData.from_task("addition", **SUM_TASK)
+    model = student_for(data, per_step=per_step).eval()
+    batch = collate_rendered([data.render(p, 4, per_step) for p in data.test_set(3, seed=0)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch["input_ids"]), reference_forward(model, batch["input_ids"]),
+                                   rtol=1e-5, atol=1e-5)
+        residual = copy.deepcopy(model)
+        residual.config.latent_feedback = "residual"
+        assert not torch.allclose(residual(batch["input_ids"]), model(batch["input_ids"]))  # feedback matters
+        prompt = torch.tensor([data.prompt_ids(p, latent=True, per_step=per_step) for p in data.test_set(3, seed=0)])
+        cached = model.generate(prompt, 4, use_cache=True)
+        uncached = model.generate(prompt, 4, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_grad_loops_and_checkpoint():
+    data = PairedData.from_task("addition", **SUM_TASK)
+    model = student_for(data)
+    ids = collate_rendered([data.render(p, 4) for p in data.test_set(2, seed=0)])["input_ids"]
+
+    def grads(**options):
+        model.zero_grad()
+        out = model(ids, **options)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full_out, full = grads()
+    ckpt_out, ckpt = grads(checkpoint=True)
+    short_out, short = grads(grad_loops=2)
+    assert torch.equal(full_out, ckpt_out) and torch.equal(full_out, short_out)  # same values
+    for name in full:
+        torch.testing.assert_close(ckpt[name], full[name], rtol=1e-5, atol=1e-7)
+    assert short["embed.weight"].abs().sum() > 0  # skipped loops count as identity: the embedding still learns
+    assert not torch.allclose(short["layers.0.mlp.up_proj.weight"], full["layers.0.mlp.up_proj.weight"])
+
+
+def test_loop_ends_follow_the_thinking_block():
+    assert LoopSpec.parse("1x8").loop_ends == tuple(range(8))
+    assert LoopSpec.parse("2x(1,3,1)").loop_ends == (3, 5, 7)
+    assert LoopSpec.parse("2x1+4x3+2x1").with_loops([1, 2, 1]).loop_ends == (5, 9)
+    assert hidden_layer_map(3, 6) == [(0, 1), (1, 3), (2, 5)]
+
+
+# ----------------------------------------------------------------------------------- loss terms
+def test_hidden_and_kl_vanish_when_the_student_is_the_teacher():
+    data = PairedData.from_task("addition", **SUM_TASK)
+    model = student_for(data, spec="2x1", feedback="residual")
+    batch = collate_rendered([data.render_pair(p, 0) for p in data.test_set(4, seed=0)])  # identical inputs
+    terms = cot_distillation_loss(model, batch, teacher=copy.deepcopy(model))
+    assert terms["hidden"].item() == 0.0 and abs(terms["kl"].item()) < 1e-7
+    assert terms["answer"].item() > 0 and terms["cot"].item() > 0
+    latent = collate_rendered([data.render_pair(p, 3) for p in data.test_set(4, seed=0)])
+    hidden = cot_distillation_loss(model, latent, teacher=copy.deepcopy(model), weights={"hidden": 1.0})["hidden"]
+    assert hidden.item() > 0  # placeholders instead of the CoT change the trigger's hidden state
+
+
+def test_step_ce_reads_the_diagonal():
+    """Diagonal step CE equals CE of placeholder j's state after loop j, computed by hand."""
+    data = PairedData.from_task("addition", **SUM_TASK)
+    model = student_for(data)
+    batch = collate_rendered([data.render_pair(p, 4) for p in data.test_set(3, seed=0)])
+    step = cot_distillation_loss(model, batch, weights={"step": 1.0})["step"]
+    states: list[torch.Tensor] = []
+    model(batch["input_ids"], layer_states=states)
+    steps = model.placeholder_steps(batch["input_ids"])
+    losses = []
+    for b, t in zip(*torch.nonzero(steps >= 0, as_tuple=True)):
+        logits = model.lm_head(model.norm(states[int(steps[b, t])][b, t]))
+        losses.append(torch.nn.functional.cross_entropy(logits[None], batch["step_labels"][b, t][None]))
+    torch.testing.assert_close(step, torch.stack(losses).mean())
+    final = cot_distillation_loss(model, batch, weights={"step": 1.0}, step_read="final")["step"]
+    assert not torch.isclose(final, step)
+
+
+@pytest.mark.parametrize("term", ["answer", "cot", "step", "hidden", "kl"])
+def test_short_run_lowers_each_term_and_teacher_gets_no_gradient(term):
+    data = PairedData.from_task("addition", **SUM_TASK)
+    student = student_for(data, seed=1)
+    teacher = student_for(data, spec="2x1", feedback="residual", seed=2).requires_grad_(False)
+    teacher_before = {n: p.clone() for n, p in teacher.named_parameters()}
+    optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    rng, stream = random.Random(0), data.train_stream(0)
+    batches = [collate_rendered([data.render_pair(next(stream), rng.randint(0, 3)) for _ in range(32)])
+               for _ in range(4)]
+    history = []
+    for step in range(25):
+        value = cot_distillation_loss(student, batches[step % 4], teacher=teacher, weights={term: 1.0})[term]
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        history.append(value.item())
+    assert sum(history[-4:]) < 0.9 * sum(history[:4])
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
+
+
+# ---------------------------------------------------------------------------------- curriculum
+def test_curriculum_stages_smoothing_and_mixing():
+    curriculum = LatentCurriculum(every="100ba", start=1, max_stage=4)
+    assert [curriculum.stage_at(t) for t in (0, 99, 100, 250, 10_000)] == [1, 1, 2, 3, 4]
+    assert LatentCurriculum(start=3).stage_at(10_000) == 3
+    rng = random.Random(0)
+    smooth = LatentCurriculum(smoothing=2)
+    assert {smooth.latent_steps(2, 7, rng) for _ in range(200)} == {2, 3, 4}
+    assert {smooth.latent_steps(6, 7, rng) for _ in range(50)} == {6, 7}  # capped at the step count
+    mixed = LatentCurriculum(mix_prob=1.0)
+    assert {mixed.latent_steps(3, 7, rng) for _ in range(200)} == {0, 1, 2}
+    assert WeightSchedule({"0ba": 1.0, "10ba": 0.0}).at_value(5) == 0.5
+    with pytest.raises(ValueError, match="one unit"):
+        WeightSchedule({"0ba": 1.0, "0.5dur": 0.0})
+
+
+# ------------------------------------------------------------------------------ in the Trainer
+def distill_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "global_train_batch_size=8",
+            "device_train_microbatch_size=4", "device_eval_batch_size=50", "eval_data.eval_size=50",
+            "eval_interval=1000ba", "progress_bar=false", "log_to_console=false",
+            f"export_folder={tmp_path}/model", *extra]
+
+
+def test_algorithm_curriculum_resumes_from_checkpoint(tmp_path):
+    from composer.loggers import InMemoryLogger
+
+    from loopreg.config import load_recipe
+    from loopreg.train import build_trainer
+
+    recipe_path = REPO / "recipes" / "distill" / "cpu_sum_teacher.yaml"
+    common = distill_overrides(tmp_path, "algorithms.cot_distillation.curriculum.every=2ba",
+                               "algorithms.cot_distillation.curriculum.reset_optimizer=true",
+                               "algorithms.cot_distillation.weights.step=1.0", "model.spec=1x8",
+                               f"save_folder={tmp_path}/ckpt", "save_interval=3ba")
+    trainer = build_trainer(load_recipe(recipe_path, [*common, "max_duration=3ba", "loggers.in_memory={}"]))
+    logger = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+    trainer.fit()
+    algorithm = next(a for a in trainer.state.algorithms if isinstance(a, CoTDistillation))
+    assert [v for _, v in logger.data["distill/stage"]] == [0, 0, 1]
+    assert algorithm.stage == 1
+    trainer.close()
+    resumed = build_trainer(load_recipe(recipe_path, [*common, "max_duration=5ba",
+                                                      f"load_path={tmp_path}/ckpt/ep0-ba3-rank0.pt"]))
+    restored = next(a for a in resumed.state.algorithms if isinstance(a, CoTDistillation))
+    assert restored.stage == 1 and int(resumed.state.timestamp.batch) == 3
+    resumed.fit()
+    assert restored.stage == 2
+    resumed.close()
+
+
+def test_distill_recipes_train_with_teacher_and_log_each_term(tmp_path):
+    from composer.loggers import InMemoryLogger
+
+    from loopreg.config import load_recipe
+    from loopreg.train import build_trainer
+
+    teacher_recipe = load_recipe(REPO / "recipes" / "distill" / "cpu_sum_teacher.yaml",
+                                 distill_overrides(tmp_path / "teacher", "max_duration=2ba"))
+    trainer = build_trainer(teacher_recipe)
+    trainer.fit()
+    trainer.close()
+    student_recipe = load_recipe(REPO / "recipes" / "distill" / "cpu_sum_student.yaml",
+                                 distill_overrides(tmp_path / "student", "max_duration=2ba", "model.d_model=48",
+                                                   f"algorithms.cot_distillation.teacher={tmp_path}/teacher/model",
+                                                   "loggers.in_memory={}"))
+    trainer = build_trainer(student_recipe)
+    logger = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+    trainer.fit()
+    for term in ("answer", "cot", "step", "hidden", "kl"):
+        assert f"loss/train/{term}" in logger.data, term
+    model = trainer.state.model
+    assert model.distill_projection.weight.shape == (32, 48)  # widths differ: a trained projection
+    assert any(p is model.distill_projection.weight for g in trainer.state.optimizers[0].param_groups
+               for p in g["params"])
+    trainer.close()
+    assert LoopedLM.from_pretrained(tmp_path / "student" / "model").config.latent_feedback == "soft_token"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.vocab_size=30", "vocab_size 24 but the student has 30"),
+    ("model.placeholder_id=4", "model.placeholder_id=4 must be the data's <ph> token id (3)"),
+    ("algorithms.cot_distillation.weights.stpe=1.0", "unknown term(s) ['stpe']"),
+    ("algorithms.cot_distillation.teacher=/nonexistent", "/nonexistent/config.json: not found"),
+])
+def test_mismatches_are_one_line_errors_exit_2(tmp_path, override, fragment):
+    teacher = tmp_path / "teacher"
+    LoopedLM(LoopedLMConfig(spec="1x1", vocab_size=24, d_model=32, n_heads=2)).save_pretrained(teacher)
+    args = [sys.executable, "-m", "loopreg.cli", "train", str(REPO / "recipes" / "distill" / "cpu_sum_student.yaml"),
+            *distill_overrides(tmp_path, "max_duration=1ba"), f"algorithms.cot_distillation.teacher={teacher}",
+            override]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
+                                                                                  "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
