@@ -9,9 +9,6 @@ The folder (``config.json`` with the loop spec, ``model.safetensors``, ``tokeniz
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from composer.core import Callback, State
@@ -25,7 +22,7 @@ __all__ = ["ExportModel"]
 
 
 class ExportModel(Callback):
-    """At ``fit_end`` rank 0 writes ``folder`` atomically (a temp folder renamed into place); under
+    """At ``fit_end`` rank 0 writes ``folder`` atomically (:func:`~loopreg.surgery.export.write_folder`); under
     FSDP the full weights are gathered first."""
 
     def __init__(self, folder: str | Path, tokenizer: Tokenizer | None = None) -> None:
@@ -43,11 +40,11 @@ class ExportModel(Callback):
         dist.barrier()
 
     def _write(self, looped_lm) -> None:
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", dir=self.folder.parent))
-        looped_lm.save_pretrained(staging)
-        if self.tokenizer is not None:
-            self.tokenizer.save(str(staging / "tokenizer.json"))
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        os.replace(staging, self.folder)
+        from loopreg.surgery.export import write_folder
+
+        def save(staging: Path) -> None:
+            looped_lm.save_pretrained(staging)
+            if self.tokenizer is not None:
+                self.tokenizer.save(str(staging / "tokenizer.json"))
+
+        write_folder(self.folder, save)

@@ -45,12 +45,14 @@ def load_model(path: str | Path, recipe: str | Path | None = None) -> nn.Module:
 def _load_composer_checkpoint(path: Path, recipe: str | Path | None) -> nn.Module:
     import torch
 
+    from loopreg.checkpoints import check_checkpoint
     from loopreg.config import load_recipe
     from loopreg.model import LoopedLM
     from loopreg.train import model_config
 
     if recipe is None:
         raise ValueError(f"{path}: a Composer checkpoint does not record the model's shape; pass --recipe RECIPE.yaml")
+    check_checkpoint(path)  # torch.load would load a flipped byte silently, or fail with a zip-reader traceback
     model = LoopedLM(model_config(load_recipe(recipe).model))
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # a local file the user trained
     try:

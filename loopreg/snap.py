@@ -19,6 +19,7 @@ def cli_main(argv: list[str]) -> int:
     """``loopreg snap CKPT --out DIR [--block-size K | --blocks RANGES] [--recipe RECIPE.yaml]``."""
     from loopreg.algorithms import loop_similarity, snap_to_looped
     from loopreg.similarity import add_model_arguments, load_model
+    from loopreg.surgery.export import write_model_folder
 
     parser = argparse.ArgumentParser(prog="loopreg snap", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="untied loopreg model folder, or Composer checkpoint file (with --recipe)")
@@ -30,7 +31,7 @@ def cli_main(argv: list[str]) -> int:
         layout = dict(block_size=args.block_size, blocks=args.blocks)
         similarity = loop_similarity(untied, **layout)["mean"]
         looped = snap_to_looped(untied, **layout)
-        looped.save_pretrained(args.out)
+        write_model_folder(looped, args.out)  # staged and renamed: an existing --out survives a failure
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from composer.core import Callback
 from torch.utils.data import DataLoader
 
 from loopreg.composer_model import ComposerLoopedLM
@@ -37,7 +38,10 @@ def _build(registry: dict[str, Any], name: str, kwargs: dict[str, Any] | None, p
     factory = lookup(registry, name, path)
     kwargs = dict(kwargs or {})
     check_kwargs(factory, kwargs, path)
-    return factory(*args, **kwargs)
+    try:
+        return factory(*args, **kwargs)
+    except (ValueError, TypeError) as err:  # the component's own checks, e.g. a bad spec or a negative λ
+        raise RecipeError(f"{path}: {str(err).strip().splitlines()[0]}") from None
 
 
 def _device(recipe: Recipe) -> str:
@@ -79,20 +83,21 @@ def build_dataloaders(recipe: Recipe, world_size: int, rank: int) -> Data:
         raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.get_vocab_size()} tokens)")
 
-    def packed(section_name: str, max_sequences: int | None) -> PackedText:
+    def packed(section_name: str, max_sequences: int | None, batch_size: int) -> PackedText:
         data = getattr(recipe, section_name)
         try:
             docs = text_stream(data.source, data.split, data.subset, data.text_field, data.streaming)
-        except (FileNotFoundError, ValueError) as err:
-            raise RecipeError(f"{section_name}.source: {err}") from None
+        except (OSError, ValueError) as err:  # missing files; a hub id that is not there or not reachable
+            raise RecipeError(f"{section_name}.source: {str(err).strip().splitlines()[0]}") from None
         return PackedText(docs, tokenizer, recipe.max_seq_len, rank=rank, world_size=world_size,
-                          max_sequences=max_sequences)
+                          max_sequences=max_sequences, batch_size=batch_size)
 
-    train = DataLoader(packed("train_data", None), batch_size=per_device, num_workers=recipe.train_data.num_workers)
+    train = DataLoader(packed("train_data", None, per_device), batch_size=per_device,
+                       num_workers=recipe.train_data.num_workers)
     evaluation = None
     if recipe.eval_data is not None:
-        evaluation = DataLoader(packed("eval_data", recipe.eval_data.eval_size), batch_size=recipe.device_eval_batch_size,
-                                num_workers=recipe.eval_data.num_workers)
+        evaluation = DataLoader(packed("eval_data", recipe.eval_data.eval_size, recipe.device_eval_batch_size),
+                                batch_size=recipe.device_eval_batch_size, num_workers=recipe.eval_data.num_workers)
     return Data(train, evaluation, tokenizer)
 
 
@@ -110,6 +115,8 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
                           "use model.init_device=cpu without FSDP")
     if recipe.autoresume and not recipe.save_folder:
         raise RecipeError("autoresume=true needs save_folder (where the checkpoints to resume from live)")
+    if dist.get_global_rank() == 0:  # before any rank builds a Trainer: Composer then loads what this chose
+        _check_checkpoints(recipe)
     reproducibility.seed_all(recipe.seed)
     data = build_dataloaders(recipe, dist.get_world_size(), dist.get_global_rank())
     with torch.device(recipe.model.init_device):
@@ -132,7 +139,8 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
         callbacks.append(ExportModel(recipe.export_folder, data.tokenizer))
     loggers = [_build(LOGGERS, name, kwargs, f"loggers.{name}") for name, kwargs in recipe.loggers.items()]
     precision = recipe.precision or ("amp_bf16" if device == "gpu" else "fp32")
-    return Trainer(
+    restore_rng = _RestoreRNG()
+    trainer = Trainer(
         run_name=recipe.run_name,
         model=model,
         train_dataloader=data.train,
@@ -143,7 +151,7 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=algorithms,
-        callbacks=callbacks + list(extra_callbacks or []),
+        callbacks=callbacks + list(extra_callbacks or []) + [restore_rng],
         loggers=loggers,
         device=device,
         precision=precision,
@@ -160,6 +168,50 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
         autoresume=recipe.autoresume,
         seed=recipe.seed,
     )
+    restore_rng.arm(trainer)
+    return trainer
+
+
+def _check_checkpoints(recipe: Recipe) -> None:
+    """Fail early, in one line, on a missing or unreadable ``load_path``; with autoresume, make Composer
+    resume from the newest readable checkpoint (see :mod:`loopreg.checkpoints`). Local paths only."""
+    from composer.utils import format_name_with_dist
+
+    from loopreg.checkpoints import check_checkpoint, prepare_autoresume
+
+    if recipe.autoresume and "://" not in recipe.save_folder:
+        if prepare_autoresume(format_name_with_dist(recipe.save_folder, recipe.run_name)) is not None:
+            return  # Composer ignores load_path when it autoresumes
+    if recipe.load_path and "://" not in recipe.load_path:
+        try:
+            check_checkpoint(recipe.load_path)
+        except RecipeError as err:
+            raise RecipeError(f"load_path: {err}") from None
+
+
+class _RestoreRNG(Callback):
+    """Restores the checkpoint's RNG state when a run resumes mid-epoch through the dataset's own
+    ``load_state_dict``: Composer 0.32.1 restores it only while spinning the dataloader through the
+    consumed batches or at an epoch start, and the resumable streams skip the spinning. It is put back
+    right after the first resumed batch is drawn, where the uninterrupted run's RNG stood when it saved."""
+
+    def __init__(self) -> None:
+        self.rng_state: list[dict[str, Any]] | None = None
+
+    def arm(self, trainer: Any) -> None:
+        """Take over the RNG state ``trainer`` loaded if Composer itself will not restore it."""
+        state = trainer.state
+        # Trainer._rng_state (0.32.1) holds the loaded per-rank RNG until Composer restores it.
+        if trainer._rng_state is not None and state.dataset_resumption.get("train") and \
+                int(state.timestamp.batch_in_epoch) > 0:
+            self.rng_state, trainer._rng_state = trainer._rng_state, None
+
+    def after_dataloader(self, state: Any, logger: Any) -> None:
+        if self.rng_state is not None:
+            from composer.utils import reproducibility
+
+            reproducibility.load_rng_state(self.rng_state)
+            self.rng_state = None
 
 
 def run(recipe_path: str | Path, overrides: list[str] | None = None) -> Any:
@@ -177,11 +229,20 @@ def cli_main(argv: list[str]) -> int:
         print("usage: loopreg train RECIPE.yaml [key=value ...]   (OmegaConf dotlist overrides)",
               file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    from loopreg.callbacks.nonfinite_guard import NonFiniteLossError
+    from loopreg.data.text import DataError
+
     try:
         run(argv[0], argv[1:])
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (RecipeError, DataError) as err:
+        # A DataError raised in a DataLoader worker comes back with the worker's traceback in its message,
+        # ending in "loopreg.data.text.DataError: <the one line>".
+        line = str(err).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.{DataError.__name__}: ")
+        print(f"error: {line}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # the run diverged: not a usage error, but no traceback either
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,15 +15,17 @@ answer, so :class:`AnswerExactMatch` scores exactly what greedy decoding would o
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
 from loopreg.composer_model import IGNORE_INDEX
+from loopreg.data.resumable import ResumableStream
 from loopreg.data.synthetic import Example, SyntheticTask, build_task, char_tokenizer
 from loopreg.data.synthetic.tokenizer import BOS, EOS, PAD
 
@@ -71,20 +73,43 @@ def pad_collate(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[s
                               for item in items]) for key, value in fill.items()}
 
 
-class TrainStream(IterableDataset):
-    """Endless training examples; rank r of N (and each DataLoader worker) takes every N-th example of
-    one seeded stream, so N processes see exactly the batches one process would."""
+class TrainStream(ResumableStream):
+    """Endless training examples of the task's train split, sharded over ranks and DataLoader workers by
+    :func:`~loopreg.data.resumable.positions`: N processes see exactly the global batches one process
+    would, and a checkpoint's sample count is the exact resume position.
 
-    def __init__(self, data: TaskData, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
+    The stream is cut into chunks of :attr:`CHUNK` examples, each drawn from its own ``random.Random``
+    seeded by ``(seed, chunk)``, so a resume (or a worker's next batch) jumps to its chunk instead of
+    regenerating everything before it.
+
+    >>> stream = TrainStream(TaskData(PHop(length=8, hops=2)), seed=0, rank=1, world_size=2, batch_size=4)
+    >>> next(iter(stream))["input_ids"].shape   # global example 1: rank 1 takes the odd ones
+    torch.Size([9])
+    """
+
+    CHUNK = 256
+
+    def __init__(self, data: TaskData, seed: int, rank: int = 0, world_size: int = 1, batch_size: int = 1) -> None:
+        super().__init__(rank, world_size, batch_size)
+        self.data, self.seed = data, seed
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        worker = get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        stride, offset = self.world_size * workers, self.rank * workers + worker_id
-        for index, example in enumerate(self.data.task.stream("train", self.seed)):
-            if index % stride == offset:
-                yield self.data.encode(example)
+        chunk, drawn, rng, example = -1, 0, None, None
+        for index in self.my_positions():
+            wanted_chunk, offset = divmod(index, self.CHUNK)
+            if wanted_chunk != chunk:  # positions only increase: a new chunk starts its own generator
+                chunk, drawn, rng = wanted_chunk, 0, random.Random(f"{self.seed}/{wanted_chunk}")
+            while drawn <= offset:
+                example = self._draw_train(rng)
+                drawn += 1
+            yield self.data.encode(example)
+
+    def _draw_train(self, rng: random.Random) -> Example:
+        task = self.data.task
+        while True:  # test-split problems are drawn and dropped, as in SyntheticTask.stream
+            example = task.sample(rng)
+            if task.split_of(example) == "train":
+                return example
 
 
 class FixedSet(Dataset):
@@ -141,7 +166,7 @@ def synthetic_dataloaders(recipe: Any, per_device: int, world_size: int, rank: i
         raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the {section.task} vocabulary "
                           f"({data.vocab_size} tokens)")
     collate = lambda items: pad_collate(items, data.pad_id)  # noqa: E731
-    train = DataLoader(TrainStream(data, recipe.seed, rank, world_size), batch_size=per_device,
+    train = DataLoader(TrainStream(data, recipe.seed, rank, world_size, per_device), batch_size=per_device,
                        collate_fn=collate, num_workers=section.num_workers)
     evaluators = []
     eval_section = recipe.eval_data or section

@@ -6,20 +6,24 @@ packed fixed-length sequences.
     >>> next(iter(ds))["input_ids"].shape
     torch.Size([16])
 
-Each rank (and each DataLoader worker) takes every N-th packed sequence of one shared stream, so
-``composer -n 2`` with a global batch B sees exactly the sequences one process sees with batch B.
+Each rank takes every N-th packed sequence of one shared stream (DataLoader workers take whole batches,
+see :mod:`loopreg.data.resumable`), so ``composer -n 2`` with a global batch B sees exactly the
+sequences one process sees with batch B, and a checkpoint resumes at the exact sequence.
 """
 
 from __future__ import annotations
 
+import json
+from itertools import takewhile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from torch.utils.data import IterableDataset, get_worker_info
 
-__all__ = ["byte_level_tokenizer", "load_tokenizer", "text_stream", "PackedText", "EOS_TOKEN"]
+from loopreg.data.resumable import ResumableStream
+
+__all__ = ["byte_level_tokenizer", "load_tokenizer", "text_stream", "PackedText", "DataError", "EOS_TOKEN"]
 
 EOS_TOKEN = "<|endoftext|>"
 _LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -64,15 +68,21 @@ def eos_id(tokenizer: Tokenizer) -> int:
     raise ValueError("the tokenizer has no end-of-text token (<|endoftext|>, </s> or <eos>)")
 
 
+class DataError(ValueError):
+    """Bad training data found while reading it (a malformed JSONL line, a row without the text field);
+    ``str(err)`` is one line naming the file and line."""
+
+
 def text_stream(source: str, split: str = "train", subset: str | None = None, text_field: str = "text",
                 streaming: bool = True) -> Callable[[], Iterator[str]]:
     """A factory of fresh iterators over the documents of ``source``.
 
     ``source`` is a local file or folder (``.txt`` files are one document each; ``.jsonl``/``.json``/
-    ``.parquet`` rows give ``text_field``) or else a Hugging Face hub dataset id.
-    """
-    from datasets import load_dataset
+    ``.parquet`` rows give ``text_field``) or else a Hugging Face hub dataset id. Local ``.txt`` and
+    ``.jsonl`` files are read here, line by line, so a bad line raises :class:`DataError` naming it.
 
+    >>> docs = text_stream("corpus/", text_field="text")  # doctest: +SKIP
+    """
     path = Path(source)
     if path.exists():
         files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.suffix in _LOCAL_FORMATS)
@@ -81,42 +91,68 @@ def text_stream(source: str, split: str = "train", subset: str | None = None, te
         formats = {_LOCAL_FORMATS[p.suffix] for p in files}
         if len(formats) > 1:
             raise ValueError(f"data source '{source}' mixes file formats {sorted(formats)}; use one kind per source")
-        fmt = formats.pop()
-        extra = {"sample_by": "document"} if fmt == "text" else {}
-        dataset = load_dataset(fmt, data_files=[str(p) for p in files], split="train", streaming=streaming, **extra)
+        if files[0].suffix == ".txt":
+            return lambda: (file.read_text(encoding="utf-8") for file in files)
+        if files[0].suffix == ".jsonl":
+            return lambda: (text for file in files for text in _jsonl_texts(file, text_field))
+        from datasets import load_dataset
+
+        dataset = load_dataset(formats.pop(), data_files=[str(p) for p in files], split="train", streaming=streaming)
     elif source.startswith((".", "/", "~")) or source.endswith(tuple(_LOCAL_FORMATS)):
         raise FileNotFoundError(f"data source '{source}' not found")
     else:
+        from datasets import load_dataset
+
         dataset = load_dataset(source, subset, split=split, streaming=streaming)
 
     def documents() -> Iterator[str]:
         for row in dataset:
-            if text_field not in row:
-                raise KeyError(f"data source '{source}': rows have no field '{text_field}' (fields: {sorted(row)})")
+            if not isinstance(row.get(text_field), str):
+                raise DataError(f"data source '{source}': a row has no text field '{text_field}' "
+                                f"(fields: {', '.join(sorted(row))})")
             yield row[text_field]
 
     return documents
 
 
-class PackedText(IterableDataset):
+def _jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
+    with file.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{file}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                fields = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"{file}:{number}: no text field '{text_field}' (found: {fields})")
+            yield row[text_field]
+
+
+class PackedText(ResumableStream):
     """Infinite stream of ``{"input_ids", "labels"}`` of length ``seq_len`` packed from documents joined by EOS.
 
     The stream restarts from the first document when the source is exhausted (an epoch of text);
     ``max_sequences`` makes it finite (the first N sequences of the shared stream, for evaluation).
+    Sequences are sharded over ranks and workers by :func:`~loopreg.data.resumable.positions`
+    (``batch_size`` is the per-rank DataLoader batch size), and a checkpoint's sample count is the
+    resume position: the consumed text is re-read and re-tokenized to find it, but never collated.
     """
 
     def __init__(self, documents: Callable[[], Iterable[str]], tokenizer: Tokenizer, seq_len: int,
-                 rank: int = 0, world_size: int = 1, max_sequences: int | None = None, batch_docs: int = 64) -> None:
+                 rank: int = 0, world_size: int = 1, max_sequences: int | None = None, batch_docs: int = 64,
+                 batch_size: int = 1) -> None:
+        super().__init__(rank, world_size, batch_size)
         self.documents, self.tokenizer, self.seq_len = documents, tokenizer, seq_len
-        self.rank, self.world_size, self.batch_docs = rank, world_size, batch_docs
-        self.max_sequences = max_sequences
+        self.batch_docs, self.max_sequences = batch_docs, max_sequences
         self.eos = eos_id(tokenizer)
 
     def __len__(self) -> int:
         """This rank's share of a finite stream (DataLoader needs it to know an eval pass ends)."""
         if self.max_sequences is None:
             raise TypeError("an unbounded PackedText has no length")
-        return len(range(self.rank, self.max_sequences, self.world_size))
+        return len(range(self.start + self.rank, self.max_sequences, self.world_size))
 
     def _token_stream(self) -> Iterator[list[int]]:
         while True:
@@ -131,20 +167,27 @@ class PackedText(IterableDataset):
             elif not produced:
                 raise ValueError("the text source yielded no documents")
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        worker = get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        stride, offset = self.world_size * workers, self.rank * workers + worker_id
+    def _windows(self) -> Iterator[list[int]]:
+        """Every packed sequence of the shared stream: ``seq_len + 1`` tokens, overlapping by one (the last
+        target is the next sequence's first input)."""
         buffer: list[int] = []
-        index = 0
         for ids in self._token_stream():
             buffer.extend(ids)
-            # Chunks of seq_len + 1 overlapping by one token: the last target is the next chunk's first input.
             while len(buffer) > self.seq_len:
-                if self.max_sequences is not None and index >= self.max_sequences:
+                yield buffer[: self.seq_len + 1]
+                buffer = buffer[self.seq_len:]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        wanted = self.my_positions()
+        if self.max_sequences is not None:
+            wanted = takewhile(lambda index: index < self.max_sequences, wanted)
+        target = next(wanted, None)
+        if target is None:
+            return
+        for index, window in enumerate(self._windows()):
+            if index == target:
+                tensor = torch.tensor(window, dtype=torch.long)
+                yield {"input_ids": tensor[:-1], "labels": tensor[1:]}
+                target = next(wanted, None)
+                if target is None:
                     return
-                chunk, buffer = buffer[: self.seq_len + 1], buffer[self.seq_len:]
-                if index % stride == offset:
-                    tensor = torch.tensor(chunk, dtype=torch.long)
-                    yield {"input_ids": tensor[:-1], "labels": tensor[1:]}
-                index += 1

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from loopreg.model import LoopedLM
 from loopreg.surgery.adapters import ADAPTERS, find_adapter, get_layers, unwrap
 from loopreg.surgery.core import SPEC_KEY, TIED_KEY
 
-__all__ = ["export_unrolled", "unrolled_model", "write_model_folder", "cli_main"]
+__all__ = ["export_unrolled", "unrolled_model", "write_model_folder", "write_folder", "cli_main"]
 
 
 def export_unrolled(model: nn.Module, out_dir: str | Path, tokenizer: Any | None = None) -> Path:
@@ -39,23 +39,45 @@ def export_unrolled(model: nn.Module, out_dir: str | Path, tokenizer: Any | None
 
 
 def write_model_folder(model: nn.Module, out_dir: str | Path, tokenizer: Any | None = None) -> Path:
-    """``model.save_pretrained`` (and the tokenizer's) into a staging folder next to ``out_dir``, then one
-    rename, so an interrupted write never leaves a half-written ``out_dir``; an existing one is replaced.
+    """``model.save_pretrained`` (and the tokenizer's) into ``out_dir`` through :func:`write_folder`, so an
+    interrupted or failed write never leaves a half-written ``out_dir`` and never loses an existing one.
 
     >>> # write_model_folder(looped_model, "runs/smollm2_middle", tokenizer)
+    """
+    def save(staging: Path) -> None:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+    return write_folder(out_dir, save)
+
+
+def write_folder(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(staging)`` on a fresh folder next to ``out_dir``, then swap it in with renames: the
+    old ``out_dir`` is moved aside, the new one renamed into place, and only then is the old one deleted.
+    If ``write`` fails or the process dies, ``out_dir`` is untouched (at worst a hidden ``.<name>.*``
+    staging folder is left next to it).
+
+    >>> write_folder("runs/x", lambda folder: (folder / "config.json").write_text("{}"))  # doctest: +SKIP
+    PosixPath('runs/x')
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    old = staging.with_name(staging.name + ".old")
     try:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        write(staging)
         if out_dir.exists():
-            shutil.rmtree(out_dir.rename(staging.with_name(staging.name + ".old")))
-        os.replace(staging, out_dir)
+            out_dir.rename(old)
+        try:
+            os.replace(staging, out_dir)
+        except BaseException:
+            if old.exists() and not out_dir.exists():
+                old.rename(out_dir)  # put the previous folder back
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
