@@ -113,6 +113,7 @@ def test_sigkilled_synthetic_run_resumes_bitwise_identical(killed_run: dict):
     assert SAVE_EVERY < first < BATCHES and (first - 1) % SAVE_EVERY == 0, (killed_run["kill_at"], first)
     assert f"[batch={BATCHES}/{BATCHES}]" in log
     context = f"killed after batch {killed_run['kill_at']}, resumed at batch {first}"
+    print(context)  # shown with -rP: which batch this run was killed at
     _assert_same_run(_final(killed_run["whole"]), _final(killed_run["killed"]), samples=BATCHES * 8, context=context)
 
 
@@ -143,8 +144,9 @@ def test_crashed_text_run_resumes_bitwise_identical(text_corpus: Path, tmp_path:
     assert SAVE_EVERY < first <= crash_at + 1
     resumed.fit()
     resumed.close()
-    _assert_same_run(_final(tmp_path / "w"), _final(tmp_path / "k"), samples=BATCHES * 4,
-                     context=f"crashed after batch {crash_at}, resumed at batch {first}")
+    context = f"crashed after batch {crash_at}, resumed at batch {first}"
+    print(context)
+    _assert_same_run(_final(tmp_path / "w"), _final(tmp_path / "k"), samples=BATCHES * 4, context=context)
 
 
 def test_positions_cover_each_global_batch_once_for_any_ranks_and_workers():

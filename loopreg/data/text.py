@@ -121,9 +121,10 @@ def _jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
-                raise DataError(f"{file}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+                raise DataError(f"{file}:{number}: not valid JSON ({err.msg.removesuffix(' at')} at column "
+                                f"{err.colno})") from None
             if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
                 fields = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
                 raise DataError(f"{file}:{number}: no text field '{text_field}' (found: {fields})")
