@@ -43,14 +43,14 @@ class TokenizerSection:
 
 @dataclass
 class DataSection:
-    kind: str = "text"  # text | synthetic
+    kind: str = "text"  # text | synthetic | paired (CoT/latent problems for the cot_distillation algorithm)
     # text: a hub dataset id, or a local file / folder of .txt, .jsonl, .json or .parquet files
     source: Optional[str] = None
     subset: Optional[str] = None  # hub dataset config name
     split: str = "train"
     text_field: str = "text"
     streaming: bool = True
-    # synthetic: a task from loopreg.data.synthetic with its knobs
+    # synthetic / paired: a task from loopreg.data.synthetic with its knobs (paired: or a JSONL source)
     task: Optional[str] = None
     task_kwargs: Dict[str, Any] = field(default_factory=dict)
     # eval_data only: named eval sets, each overriding task knobs (e.g. {n24: {n_operands: 24}})
@@ -190,8 +190,11 @@ def _check_values(recipe: Recipe, where: str) -> None:
         data = getattr(recipe, section)
         if data is None:
             continue
-        if data.kind not in ("text", "synthetic"):
-            raise RecipeError(f"{where}: {section}.kind must be 'text' or 'synthetic', got '{data.kind}'")
+        if data.kind not in ("text", "synthetic", "paired"):
+            raise RecipeError(f"{where}: {section}.kind must be 'text', 'synthetic' or 'paired', got '{data.kind}'")
+        if data.kind == "paired" and not (data.task or data.source):
+            raise RecipeError(f"{where}: {section} of kind paired needs task (addition, igsm, multiplication) or "
+                              "source (a JSONL file of question/cot/answer)")
         if data.kind == "text" and not data.source:
             raise RecipeError(f"{where}: {section}.source is required for text data (a hub dataset id or a local path)")
         if data.kind == "synthetic" and not data.task:

@@ -56,6 +56,9 @@ class LoopedLMConfig:
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     init_std: float = 0.02
+    # learned absolute positions added to the token embedding, besides RoPE (GPT-2 style); they make
+    # fixed-offset lookups (CoT step j ↔ operand j+1) easy to learn on small synthetic tasks
+    learned_positions: bool = False
     # Latent thoughts (CoT distillation): the placeholder token, placeholders per CoT step, and how a
     # decoded step re-enters the next loop ('residual': plain looping; 'soft_token': LoopedLM.forward).
     placeholder_id: int | None = None
@@ -219,6 +222,8 @@ class LoopedLM(nn.Module):
         self.config = config
         self.spec = config.loop_spec
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        if config.learned_positions:
+            self.position_embed = nn.Embedding(config.max_seq_len, config.d_model)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -284,6 +289,8 @@ class LoopedLM(nn.Module):
         batch, length = input_ids.shape
         x = self.embed(input_ids)
         positions, mask = self._positions_and_mask(batch, length, past, attention_mask, x.device)
+        if self.config.learned_positions:
+            x = x + self.position_embed(positions)
         rope = rotary(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         if mask is not None:
             mask = mask[:, None]  # broadcast over heads

@@ -71,6 +71,10 @@ def build_dataloaders(recipe: Recipe, world_size: int, rank: int) -> Data:
         raise RecipeError(f"global_train_batch_size={recipe.global_train_batch_size} is not divisible by the world "
                           f"size {world_size}; choose a multiple of {world_size}")
     per_device = recipe.global_train_batch_size // world_size
+    if recipe.train_data.kind == "paired":
+        from loopreg.data.paired import paired_dataloaders
+
+        return paired_dataloaders(recipe, per_device, world_size, rank)
     if recipe.train_data.kind == "synthetic" or recipe.tokenizer.kind == "synthetic":
         from loopreg.data.tasks import synthetic_dataloaders
 

@@ -11,7 +11,10 @@ is the same problem with display spaces (use ``sep=" + "`` to get them, minus th
 With ``reverse_answer=True`` the answer and every CoT sum are written least-significant digit first
 (``4031``), the order in which a left-to-right decoder can produce carries. With ``modulus=m`` the answer
 and every running sum are taken mod m (``digits=1, modulus=10``: the parity-like sum-mod-10 task whose
-one-digit CoT steps the distillation demo uses).
+one-digit CoT steps the distillation demo uses). With ``cot_from_first=True`` the CoT starts with the
+first operand itself (the partial sum of one operand), so every step is the previous step plus one
+operand: a mod-m step then has first-order signal from each input, where ``(a + b) mod m`` alone has
+none (it is uncorrelated with a and with b), which is what makes sum-mod-10 CoT learnable quickly.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class NaryAddition(SyntheticTask):
     reverse_answer: bool = False
     sep: str = "+"
     modulus: int | None = None
+    cot_from_first: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,7 +72,7 @@ class NaryAddition(SyntheticTask):
         count = rng.choice(self.operand_counts)
         operands = [rng.randrange(10**self.digits) for _ in range(count)]
         prompt = self.sep.join(f"{value:0{self.digits}d}" for value in operands) + "="
-        running_sums = list(itertools.accumulate(operands))[1:]
+        running_sums = list(itertools.accumulate(operands))[0 if self.cot_from_first else 1:]
         if self.modulus is not None:
             running_sums = [total % self.modulus for total in running_sums]
         cot = tuple(self._write(total) for total in running_sums)
