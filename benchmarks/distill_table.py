@@ -2,8 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/distill_table.py --out runs/distill
 
-Trains the CoT teacher (``recipes/distill/cpu_sum_teacher.yaml``) unless ``OUT/teacher`` exists, then
-every student variant of ``recipes/distill/cpu_sum_student.yaml`` with the same number of steps, and
+Trains the CoT teacher (``recipes/distill/cpu_sum_teacher.yaml``), then every student variant of
+``recipes/distill/cpu_sum_student.yaml`` with the same steps and batch (the recipe's, or ``--steps``), and
 evaluates each by greedy generation on the same held-out problems: accuracy and generated tokens per
 answer (the teacher writes its chain of thought, students only the answer). The distilled student is
 also run with more loops than it was trained with. Rows already in ``OUT/results.json`` are kept.
@@ -30,16 +30,15 @@ NO_TEACHER = ["algorithms.cot_distillation.teacher=null", "algorithms.cot_distil
 ALL_LATENT = ["algorithms.cot_distillation.curriculum.every=null", "algorithms.cot_distillation.curriculum.start=99",
               "algorithms.cot_distillation.curriculum.smoothing=0", "algorithms.cot_distillation.curriculum.mix_prob=0.0"]
 STUDENTS: dict[str, list[str]] = {
+    "CoTDistillation": [],
     "answer-only (residual loops)": [*NO_TEACHER, *ALL_LATENT, "model.latent_feedback=residual",
                                      "algorithms.cot_distillation.weights.cot=0.0",
                                      "algorithms.cot_distillation.weights.step=0.0"],
-    "CoTDistillation": [],
-    "  − curriculum": ALL_LATENT,
     "  − step CE": ["algorithms.cot_distillation.weights.step=0.0"],
     "  − soft-token feedback (residual)": ["model.latent_feedback=residual"],
-    "  − teacher (step CE + curriculum only)": NO_TEACHER,
+    "  − curriculum (all latent from step 0)": ALL_LATENT,
 }
-EXTRA_LOOPS = (10, 12)
+EXTRA_LOOPS = (8, 10)
 
 
 def train(recipe: Path, folder: Path, overrides: list[str]) -> float:
@@ -79,7 +78,7 @@ def evaluate(model: LoopedLM, data: PairedData, problems: list[Problem], latent:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/distill"))
-    parser.add_argument("--steps", type=int, default=1500, help="training steps of the teacher and of each student")
+    parser.add_argument("--steps", type=int, default=None, help="training steps of each student (default: the recipe's)")
     parser.add_argument("--eval-size", type=int, default=500)
     args = parser.parse_args()
     console = Console()
@@ -93,7 +92,8 @@ def main() -> None:
     data = PairedData.from_task(section.task, **section.task_kwargs)
     problems = data.test_set(args.eval_size, seed=student_recipe.seed + 1)
     per_step = student_recipe.model.placeholders_per_step
-    steps = [f"max_duration={args.steps}ba"]
+    steps = [f"max_duration={args.steps}ba"] if args.steps else []
+    student_steps = args.steps or int(str(student_recipe.max_duration).removesuffix("ba"))
 
     def record(name: str, row: dict) -> None:
         results["rows"][name] = row
@@ -102,7 +102,7 @@ def main() -> None:
 
     teacher_dir = args.out / "teacher"
     if "CoT teacher" not in results["rows"]:
-        seconds = train(RECIPES / "cpu_sum_teacher.yaml", teacher_dir, steps)
+        seconds = train(RECIPES / "cpu_sum_teacher.yaml", teacher_dir, [])
         teacher = LoopedLM.from_pretrained(teacher_dir)
         accuracy, tokens = evaluate(teacher, data, problems, latent=False, per_step=per_step)
         record("CoT teacher", {"spec": teacher.config.spec, "accuracy": accuracy, "tokens": tokens,
@@ -125,7 +125,7 @@ def main() -> None:
                                                                     "seconds": 0})
 
     teacher_accuracy = results["rows"]["CoT teacher"]["accuracy"]
-    table = Table(title=f"CoT → latent distillation, sum mod 10 of 8 digits ({args.steps} steps each, "
+    table = Table(title=f"CoT → latent distillation, sum mod 10 of 5 digits ({student_steps} steps per student, "
                         f"{len(problems)} test problems)")
     for column in ("Model", "Spec", "Accuracy (%)", "of teacher", "Tokens / answer", "Train s"):
         table.add_column(column, justify="left" if column in ("Model", "Spec") else "right")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from loopreg.algorithms.cot_distillation import (CoTDistillation, LatentCurriculum, WeightSchedule,
                                                  cot_distillation_loss, hidden_layer_map)
 from loopreg.composer_model import IGNORE_INDEX
-from loopreg.data.paired import PairedData, collate_rendered, read_jsonl_problems
+from loopreg.data.paired import PairedData, ProblemStream, collate_rendered, read_jsonl_problems
 from loopreg.data.synthetic import build_task
 from loopreg.model import LoopedLM, LoopedLMConfig
 from loopreg.spec import LoopSpec
@@ -62,11 +61,12 @@ def test_paired_renderings_agree_on_the_answer(task, knobs):
                     assert kept_text == []
 
 
-def test_modular_addition_cot_is_running_sums_mod_m():
-    task = build_task("addition", **SUM_TASK)
+@pytest.mark.parametrize("from_first", [False, True])
+def test_modular_addition_cot_is_running_sums_mod_m(from_first):
+    task = build_task("addition", **SUM_TASK, cot_from_first=from_first)
     for example in task.fixed_set("train", 50, seed=1):
         digits = [int(d) for d in example.prompt[:-1].split("+")]
-        sums = [sum(digits[:k + 1]) % 10 for k in range(1, len(digits))]
+        sums = [sum(digits[:k + 1]) % 10 for k in range(0 if from_first else 1, len(digits))]
         assert example.cot == tuple(map(str, sums)) and example.answer == str(sums[-1])
 
 
@@ -84,6 +84,23 @@ def test_jsonl_adapter_and_malformed_lines(tmp_path):
         with pytest.raises(ValueError, match=fragment) as err:
             read_jsonl_problems(bad)
         assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("source", ["task", "jsonl"])
+def test_problem_stream_resumes_and_shards_exactly(source, tmp_path):
+    if source == "task":
+        data = PairedData.from_task("addition", **SUM_TASK)
+    else:
+        path = tmp_path / "p.jsonl"
+        path.write_text("".join(json.dumps({"question": f"{i}=", "cot": [str(i)], "answer": str(i)}) + "\n"
+                                for i in range(50)))
+        data = PairedData.from_jsonl(path)
+    single = list(itertools.islice(iter(ProblemStream(data, seed=3, batch_size=4)), 40))
+    ranks = [list(itertools.islice(iter(ProblemStream(data, 3, rank, 2, 2)), 20)) for rank in (0, 1)]
+    assert [p for pair in zip(*ranks) for p in pair] == single  # two ranks see the one-process batches
+    resumed = ProblemStream(data, seed=3, batch_size=4)
+    resumed.load_state_dict(ProblemStream(data, 3, batch_size=4).state_dict(num_samples=24))
+    assert list(itertools.islice(iter(resumed), 16)) == single[24:]
 
 
 # ------------------------------------------------------------------------- latent-thought forward
@@ -144,6 +161,16 @@ def test_grad_loops_and_checkpoint():
     assert not torch.allclose(short["layers.0.mlp.up_proj.weight"], full["layers.0.mlp.up_proj.weight"])
 
 
+def test_soft_token_and_learned_position_models_refuse_the_llama_export(tmp_path):
+    from loopreg.surgery.export import export_unrolled
+
+    common = {"spec": "1x2", "vocab_size": 24, "d_model": 32, "n_heads": 4, "mlp": "swiglu"}
+    for model in (LoopedLM(LoopedLMConfig(**common, placeholder_id=3, latent_feedback="soft_token")),
+                  LoopedLM(LoopedLMConfig(**common, learned_positions=True))):
+        with pytest.raises(ValueError, match="no Llama equivalent"):
+            export_unrolled(model, tmp_path / "out")
+
+
 def test_loop_ends_follow_the_thinking_block():
     assert LoopSpec.parse("1x8").loop_ends == tuple(range(8))
     assert LoopSpec.parse("2x(1,3,1)").loop_ends == (3, 5, 7)
@@ -189,7 +216,7 @@ def test_short_run_lowers_each_term_and_teacher_gets_no_gradient(term):
     teacher = student_for(data, spec="2x1", feedback="residual", seed=2).requires_grad_(False)
     teacher_before = {n: p.clone() for n, p in teacher.named_parameters()}
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
-    rng, stream = random.Random(0), data.train_stream(0)
+    rng, stream = random.Random(0), data.train_problems(0, itertools.count())
     batches = [collate_rendered([data.render_pair(next(stream), rng.randint(0, 3)) for _ in range(32)])
                for _ in range(4)]
     history = []
@@ -289,14 +316,34 @@ def test_distill_recipes_train_with_teacher_and_log_each_term(tmp_path):
     ("algorithms.cot_distillation.weights.stpe=1.0", "unknown term(s) ['stpe']"),
     ("algorithms.cot_distillation.teacher=/nonexistent", "/nonexistent/config.json: not found"),
 ])
-def test_mismatches_are_one_line_errors_exit_2(tmp_path, override, fragment):
+def test_mismatches_are_one_line_errors_exit_2(tmp_path, override, fragment, capsys):
+    from loopreg.cli import main as loopreg_main
+
     teacher = tmp_path / "teacher"
     LoopedLM(LoopedLMConfig(spec="1x1", vocab_size=24, d_model=32, n_heads=2)).save_pretrained(teacher)
-    args = [sys.executable, "-m", "loopreg.cli", "train", str(REPO / "recipes" / "distill" / "cpu_sum_student.yaml"),
-            *distill_overrides(tmp_path, "max_duration=1ba"), f"algorithms.cot_distillation.teacher={teacher}",
-            override]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
-                                                                                  "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and fragment in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    argv = ["train", str(REPO / "recipes" / "distill" / "cpu_sum_student.yaml"),
+            *distill_overrides(tmp_path, "max_duration=1ba"), f"algorithms.cot_distillation.teacher={teacher}", override]
+    with pytest.raises(SystemExit) as exit_info:
+        loopreg_main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and fragment in err
+
+
+def test_gpu_distill_recipes_run_tiny_on_cpu(tmp_path):
+    """The GPU-scale 4x4 multiplication teacher and middle-looped student recipes, shrunk, train on the CPU."""
+    from loopreg.config import load_recipe
+    from loopreg.train import build_trainer
+
+    tiny = ["device=cpu", "precision=fp32", "model.d_model=32", "model.n_heads=2", "global_train_batch_size=4",
+            "device_train_microbatch_size=2", "device_eval_batch_size=8", "eval_data.eval_size=8", "max_duration=1ba",
+            "eval_interval=1ba", "progress_bar=false", "log_to_console=false", "autoresume=false", "save_folder=null",
+            "callbacks={}"]
+    for name, extra in [("teacher", []), ("student", [f"algorithms.cot_distillation.teacher={tmp_path}/teacher"])]:
+        recipe = load_recipe(REPO / "recipes" / "distill" / f"gpu_mult4x4_{name}.yaml",
+                             [*tiny, f"export_folder={tmp_path}/{name}", *extra])
+        trainer = build_trainer(recipe)
+        trainer.fit()
+        trainer.close()
+    student = LoopedLM.from_pretrained(tmp_path / "student")
+    assert student.num_distinct_layers == 6 and student.spec.effective_depth == 14

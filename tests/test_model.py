@@ -55,9 +55,10 @@ def test_loop_override_runs_more_loops_without_new_weights():
         tiny("2x3", tied=False)(ids, loops=4)
 
 
-@pytest.mark.parametrize("spec, loops", [("2x3", None), ("1x(1,3,1)", None), ("2x2", 5)])
-def test_kv_cache_matches_recomputation(spec, loops):
-    model = tiny(spec, n_kv_heads=2)
+@pytest.mark.parametrize("spec, loops, learned", [("2x3", None, False), ("1x(1,3,1)", None, False), ("2x2", 5, False),
+                                                 ("2x3", None, True)])
+def test_kv_cache_matches_recomputation(spec, loops, learned):
+    model = tiny(spec, n_kv_heads=2, learned_positions=learned)
     ids = torch.randint(0, 61, (3, 5))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding

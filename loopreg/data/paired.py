@@ -27,15 +27,16 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 from loopreg.composer_model import IGNORE_INDEX
 from loopreg.data.synthetic import SyntheticTask, build_task, char_tokenizer
 from loopreg.data.synthetic.base import ANSWER_MARK, COT_OPEN
+from loopreg.data.resumable import ResumableStream
 from loopreg.data.synthetic.tokenizer import BOS, EOS, PAD, PLACEHOLDER
 
 __all__ = ["Problem", "PairedData", "ProblemStream", "RenderedSet", "read_jsonl_problems", "collate_rendered",
@@ -123,16 +124,23 @@ class PairedData:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
-    def train_stream(self, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[Problem]:
-        """Endless training problems; rank r of N takes every N-th of one seeded stream."""
+    def train_problems(self, seed: int, indices: Iterable[int]) -> Iterator[Problem]:
+        """Training problems at increasing global ``indices`` of one seeded stream (synthetic: the task's
+        chunked train stream; JSONL: the training problems, reshuffled every pass)."""
         if self.task is not None:
-            source = (Problem(e.prompt, e.cot, e.answer) for e in self.task.stream("train", seed))
-        else:
-            pool = [p for index, p in enumerate(self.problems) if index % 20]
-            source = (pool[i] for i in _shuffled_forever(len(pool), seed))
-        for index, problem in enumerate(source):
-            if index % world_size == rank:
-                yield problem
+            from loopreg.data.tasks import train_examples
+
+            for example in train_examples(self.task, seed, indices):
+                yield Problem(example.prompt, example.cot, example.answer)
+            return
+        pool = [p for index, p in enumerate(self.problems) if index % 20]
+        order, epoch = [], -1
+        for index in indices:
+            if index // len(pool) != epoch:
+                epoch = index // len(pool)
+                order = list(range(len(pool)))
+                random.Random(f"{seed}/{epoch}").shuffle(order)
+            yield pool[order[index % len(pool)]]
 
     def test_set(self, size: int, seed: int) -> list[Problem]:
         """A fixed evaluation set (the task's test split, or the held-out JSONL problems)."""
@@ -217,23 +225,17 @@ def collate_rendered(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> d
     return batch
 
 
-def _shuffled_forever(size: int, seed: int) -> Iterator[int]:
-    rng = random.Random(seed)
-    while True:
-        order = list(range(size))
-        rng.shuffle(order)
-        yield from order
+class ProblemStream(ResumableStream):
+    """Endless raw training problems for a rank, resumable at Composer's sample count; the distillation
+    algorithm renders them per step (the curriculum decides how many steps are latent), so a batch is
+    ``{"problems": [...]}``."""
 
-
-class ProblemStream(IterableDataset):
-    """Endless raw training problems for a rank; the distillation algorithm renders them per step
-    (the curriculum decides how many steps are latent), so a batch is ``{"problems": [...]}``."""
-
-    def __init__(self, data: PairedData, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
+    def __init__(self, data: PairedData, seed: int, rank: int = 0, world_size: int = 1, batch_size: int = 1) -> None:
+        super().__init__(rank, world_size, batch_size)
+        self.data, self.seed = data, seed
 
     def __iter__(self) -> Iterator[Problem]:
-        return self.data.train_stream(self.seed, self.rank, self.world_size)
+        return self.data.train_problems(self.seed, self.my_positions())
 
 
 class RenderedSet(Dataset):
@@ -274,7 +276,7 @@ def paired_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int)
     if recipe.model.placeholder_id != data.placeholder_id:
         raise RecipeError(f"model.placeholder_id={recipe.model.placeholder_id} must be the data's <ph> token id "
                           f"({data.placeholder_id})")
-    train = DataLoader(ProblemStream(data, recipe.seed, rank, world_size), batch_size=per_device,
+    train = DataLoader(ProblemStream(data, recipe.seed, rank, world_size, per_device), batch_size=per_device,
                        collate_fn=lambda problems: {"problems": problems}, num_workers=section.num_workers)
     eval_size = recipe.eval_data.eval_size if recipe.eval_data is not None else 500
     per_step = recipe.model.placeholders_per_step

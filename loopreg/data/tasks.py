@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from tokenizers import Tokenizer
@@ -29,7 +29,7 @@ from loopreg.data.resumable import ResumableStream
 from loopreg.data.synthetic import Example, SyntheticTask, build_task, char_tokenizer
 from loopreg.data.synthetic.tokenizer import BOS, EOS, PAD
 
-__all__ = ["TaskData", "AnswerExactMatch", "synthetic_dataloaders", "pad_collate"]
+__all__ = ["TaskData", "AnswerExactMatch", "synthetic_dataloaders", "pad_collate", "train_examples"]
 
 
 @dataclass
@@ -94,22 +94,28 @@ class TrainStream(ResumableStream):
         self.data, self.seed = data, seed
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        chunk, drawn, rng, example = -1, 0, None, None
-        for index in self.my_positions():
-            wanted_chunk, offset = divmod(index, self.CHUNK)
-            if wanted_chunk != chunk:  # positions only increase: a new chunk starts its own generator
-                chunk, drawn, rng = wanted_chunk, 0, random.Random(f"{self.seed}/{wanted_chunk}")
-            while drawn <= offset:
-                example = self._draw_train(rng)
-                drawn += 1
+        for example in train_examples(self.data.task, self.seed, self.my_positions(), self.CHUNK):
             yield self.data.encode(example)
 
-    def _draw_train(self, rng: random.Random) -> Example:
-        task = self.data.task
-        while True:  # test-split problems are drawn and dropped, as in SyntheticTask.stream
-            example = task.sample(rng)
-            if task.split_of(example) == "train":
-                return example
+
+def train_examples(task: SyntheticTask, seed: int, indices: Iterable[int], chunk_size: int = 256) -> Iterator[Example]:
+    """The train-split examples at increasing global ``indices`` of the seeded stream; each chunk of
+    ``chunk_size`` examples has its own ``random.Random(f"{seed}/{chunk}")``, so jumping ahead is cheap.
+
+    Example: ``next(train_examples(PHop(), seed=0, indices=[1000]))``
+    """
+    chunk, drawn, rng, example = -1, 0, None, None
+    for index in indices:
+        wanted_chunk, offset = divmod(index, chunk_size)
+        if wanted_chunk != chunk:  # positions only increase: a new chunk starts its own generator
+            chunk, drawn, rng = wanted_chunk, 0, random.Random(f"{seed}/{wanted_chunk}")
+        while drawn <= offset:
+            while True:  # test-split problems are drawn and dropped, as in SyntheticTask.stream
+                example = task.sample(rng)
+                if task.split_of(example) == "train":
+                    break
+            drawn += 1
+        yield example
 
 
 class FixedSet(Dataset):
