@@ -375,7 +375,7 @@ def _jsonl_rows(spec: TaskSpec, path: Path) -> Iterator[tuple[int, Any]]:
         for line_number, line in enumerate(lines, start=1):
             if line.strip():
                 try:
-                    yield line_number, json.loads(line)
+                    yield line_number, json.loads(line.rstrip("\n"))  # the newline is not part of the record
                 except json.JSONDecodeError as err:
                     raise EvalDataError(spec.name, path, f"malformed JSON: {err.msg} (column {err.colno})",
                                         line=line_number) from err
