@@ -31,11 +31,12 @@ ALL_LATENT = ["algorithms.cot_distillation.curriculum.every=null", "algorithms.c
               "algorithms.cot_distillation.curriculum.smoothing=0", "algorithms.cot_distillation.curriculum.mix_prob=0.0"]
 STUDENTS: dict[str, list[str]] = {
     "CoTDistillation": [],
-    "answer-only (residual loops)": [*NO_TEACHER, *ALL_LATENT, "model.latent_feedback=residual",
+    "answer-only (plain loops)": [*NO_TEACHER, *ALL_LATENT, "model.latent_feedback=residual", "model.latent_mask=false",
                                      "algorithms.cot_distillation.weights.cot=0.0",
                                      "algorithms.cot_distillation.weights.step=0.0"],
     "  − step CE": ["algorithms.cot_distillation.weights.step=0.0"],
     "  − soft-token feedback (residual)": ["model.latent_feedback=residual"],
+    "  − latent mask": ["model.latent_mask=false"],
     "  − curriculum (all latent from step 0)": ALL_LATENT,
 }
 EXTRA_LOOPS = (8, 10)
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/distill"))
     parser.add_argument("--steps", type=int, default=None, help="training steps of each student (default: the recipe's)")
     parser.add_argument("--eval-size", type=int, default=500)
+    parser.add_argument("--rows", default=None, help="comma-separated student rows to run (default: all); "
+                        "run disjoint sets in parallel with different --out and merge the results.json files")
     args = parser.parse_args()
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,8 +110,9 @@ def main() -> None:
         accuracy, tokens = evaluate(teacher, data, problems, latent=False, per_step=per_step)
         record("CoT teacher", {"spec": teacher.config.spec, "accuracy": accuracy, "tokens": tokens,
                                "seconds": round(seconds)})
+    wanted = [name.strip() for name in args.rows.split(",")] if args.rows else None
     for name, overrides in STUDENTS.items():
-        if name in results["rows"]:
+        if name in results["rows"] or (wanted is not None and name.strip(" −") not in wanted):
             continue
         folder = args.out / name.strip(" −").split(" ")[0].replace("(", "")
         teacher_arg = [f"algorithms.cot_distillation.teacher={teacher_dir}"] if "teacher=null" not in " ".join(

@@ -59,6 +59,9 @@ class LoopedLMConfig:
     # learned absolute positions added to the token embedding, besides RoPE (GPT-2 style); they make
     # fixed-offset lookups (CoT step j ↔ operand j+1) easy to learn on small synthetic tasks
     learned_positions: bool = False
+    # Thm 5.4's masked loops: in thinking loop t only the placeholders of steps >= t and the positions
+    # after them are updated; the question and finished steps keep their state, like CoT inputs
+    latent_mask: bool = False
     # Latent thoughts (CoT distillation): the placeholder token, placeholders per CoT step, and how a
     # decoded step re-enters the next loop ('residual': plain looping; 'soft_token': LoopedLM.forward).
     placeholder_id: int | None = None
@@ -282,8 +285,10 @@ class LoopedLM(nn.Module):
 
         With ``latent_feedback='soft_token'``, after thinking-block iteration t the placeholders of CoT
         step t are decoded through the LM head and the expected embedding (a soft token) replaces the
-        residual stream of the aligned placeholder of step t+1: the continuous analogue of feeding a
-        decoded CoT token back as the next input (paper Thm 5.4).
+        residual stream of the aligned placeholder of step t+1 (plus its learned position embedding, if
+        any): the continuous analogue of feeding a decoded CoT token back as the next input (paper Thm 5.4).
+        With ``latent_mask`` thinking iteration t only updates the placeholders of steps >= t and what
+        follows them; the question and finished steps keep their state (Thm 5.4's masked block, Def. B.3).
         """
         past = cache.length if cache is not None else 0
         batch, length = input_ids.shape
@@ -296,12 +301,17 @@ class LoopedLM(nn.Module):
             mask = mask[:, None]  # broadcast over heads
         spec = self.spec if loops is None else self.spec.with_loops(loops)
         loop_ends = spec.loop_ends
-        steps = self.placeholder_steps(input_ids) if self.config.latent_feedback == "soft_token" else None
+        latent = self.config.latent_feedback == "soft_token" or self.config.latent_mask
+        steps = self.placeholder_steps(input_ids) if latent else None
+        frozen_after = self._frozen_after(steps) if self.config.latent_mask else None
+        loop_starts = {end - spec.blocks[spec.thinking_block].size + 1: end for end in loop_ends}
         skipped = self._skipped_applications(spec, grad_loops) if torch.is_grad_enabled() else range(0)
         if checkpoint and cache is not None:
             raise ValueError("checkpoint=True is for training; it cannot be combined with a KV cache")
         for slot, layer_index in enumerate(self.schedule(loops)):
             layer = self.layers[layer_index]
+            if slot in loop_starts:
+                loop_input = x
             if slot in skipped:
                 x_in = x if slot == skipped.start else x_in
                 with torch.no_grad():
@@ -312,10 +322,12 @@ class LoopedLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, None, slot, use_reentrant=False)
             else:
                 x = layer(x, rope, mask, cache, slot)
+            if frozen_after is not None and slot in loop_ends:  # Thm 5.4's masked block (Def. B.3)
+                x = torch.where((frozen_after < loop_ends.index(slot))[..., None], loop_input, x)
             if layer_states is not None:
                 layer_states.append(x)
-            if steps is not None and slot in loop_ends:
-                x = self._feed_soft_tokens(x, steps, loop_ends.index(slot))
+            if self.config.latent_feedback == "soft_token" and slot in loop_ends:
+                x = self._feed_soft_tokens(x, steps, loop_ends.index(slot), positions)
         if cache is not None:
             cache.length += length
         x = self.norm(x)
@@ -335,7 +347,18 @@ class LoopedLM(nn.Module):
         rank = is_placeholder.long().cumsum(-1) - 1
         return torch.where(is_placeholder, rank // self.config.placeholders_per_step, -1)
 
-    def _feed_soft_tokens(self, x: torch.Tensor, steps: torch.Tensor, loop: int) -> torch.Tensor:
+    @staticmethod
+    def _frozen_after(steps: torch.Tensor) -> torch.Tensor:
+        """(B, T): the last thinking loop that updates each position under ``latent_mask``: -1 for the
+        question (before the first placeholder; it is never updated, like CoT inputs), j for the
+        placeholders of step j, and "never frozen" for everything after them and for rows without any."""
+        never = torch.iinfo(steps.dtype).max
+        has_latent = steps >= 0
+        seen = has_latent.long().cumsum(-1) > 0
+        before = ~seen & has_latent.any(-1, keepdim=True)
+        return torch.where(has_latent, steps, torch.where(before, -1, never))
+
+    def _feed_soft_tokens(self, x: torch.Tensor, steps: torch.Tensor, loop: int, positions: torch.Tensor) -> torch.Tensor:
         rows, cols = (steps == loop).nonzero(as_tuple=True)
         targets = cols + self.config.placeholders_per_step  # the aligned placeholder of the next step
         inside = targets < steps.shape[1]
@@ -344,7 +367,10 @@ class LoopedLM(nn.Module):
             return x
         rows, cols, targets = rows[inside], cols[inside], targets[inside]
         probs = self.lm_head(self.norm(x[rows, cols])).float().softmax(-1)
-        return x.index_put((rows, targets), probs.to(x.dtype) @ self.embed.weight)
+        soft = probs.to(x.dtype) @ self.embed.weight
+        if self.config.learned_positions:  # a fed-back token is an input like any other: token + position
+            soft = soft + self.position_embed(positions[rows, targets])
+        return x.index_put((rows, targets), soft)
 
     def _skipped_applications(self, spec: LoopSpec, grad_loops: int | None) -> range:
         """Layer applications run without a graph under ``grad_loops`` (the early thinking iterations)."""
@@ -414,6 +440,8 @@ class LoopedLM(nn.Module):
         new_tokens = []
         for _ in range(max_new_tokens):
             logits = self(step_input if use_cache else tokens, attention_mask=mask, cache=cache, loops=loops)[:, -1]
+            if self.config.placeholder_id is not None:  # placeholders are inputs (latent steps), never outputs
+                logits[:, self.config.placeholder_id] = float("-inf")
             next_token = self._pick(logits.float(), temperature, top_k, generator)
             if eos_token_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)

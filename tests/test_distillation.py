@@ -16,7 +16,7 @@ from loopreg.algorithms.cot_distillation import (CoTDistillation, LatentCurricul
 from loopreg.composer_model import IGNORE_INDEX
 from loopreg.data.paired import PairedData, ProblemStream, collate_rendered, read_jsonl_problems
 from loopreg.data.synthetic import build_task
-from loopreg.model import LoopedLM, LoopedLMConfig
+from loopreg.model import LoopedLM, LoopedLMConfig, rotary
 from loopreg.spec import LoopSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,11 +24,12 @@ SUM_TASK = {"n_operands": 5, "digits": 1, "modulus": 10}
 
 
 def student_for(data: PairedData, spec: str = "1x5", feedback: str = "soft_token", per_step: int = 1,
-                d_model: int = 32, seed: int = 0) -> LoopedLM:
+                d_model: int = 32, seed: int = 0, learned_positions: bool = False) -> LoopedLM:
     torch.manual_seed(seed)
     return LoopedLM(LoopedLMConfig(spec=spec, vocab_size=data.vocab_size, d_model=d_model, n_heads=4, d_ff=64,
                                    mlp="gelu", max_seq_len=200, placeholder_id=data.placeholder_id,
-                                   placeholders_per_step=per_step, latent_feedback=feedback))
+                                   placeholders_per_step=per_step, latent_feedback=feedback,
+                                   learned_positions=learned_positions))
 
 
 # ------------------------------------------------------------------------------------ paired data
@@ -46,7 +47,7 @@ def test_paired_renderings_agree_on_the_answer(task, knobs):
                 assert data.tokenizer.decode(answer[:-1], skip_special_tokens=False) == problem.answer
                 assert answer[-1] == data.eos_id
                 ids = item["input_ids"].tolist()
-                assert ids.count(data.placeholder_id) == latent_steps * per_step
+                assert ids.count(data.placeholder_id) == (latent_steps + (latent_steps > 0)) * per_step  # + echo
                 # the answer trigger is the last token of " #### " and predicts the first answer token
                 trigger = int(item["trigger"])
                 assert data.tokenizer.decode(ids[trigger - 5:trigger + 1]) == " #### "
@@ -76,7 +77,7 @@ def test_jsonl_adapter_and_malformed_lines(tmp_path):
                               for a, b in [(1, 2), (3, 4), (2, 2)]) + "\n")
     data = PairedData.from_jsonl(good)
     assert data.test_set(5, seed=0)[0].steps == ("1", "3")
-    assert data.text(data.render(data.problems[1], 1)) == "<bos>3+4=||<ph>7 #### 7"
+    assert data.text(data.render(data.problems[1], 1)) == "<bos>3+4=||<ph><ph>7 #### 7"
     for line, fragment in [("not json", ":2: not valid JSON"), ('{"question": "x", "answer": "1"}', ":2: missing key"),
                            ('{"question": "x", "cot": [], "answer": "1"}', ":2: 'cot' must be a non-empty list")]:
         bad = tmp_path / "bad.jsonl"
@@ -109,30 +110,43 @@ def reference_forward(model: LoopedLM, ids: torch.Tensor) -> torch.Tensor:
     c = model.config.placeholders_per_step
     steps = model.placeholder_steps(ids)
     x = model.embed(ids)
-    rope = __import__("loopreg.model", fromlist=["rotary"]).rotary(
-        torch.arange(ids.shape[1]).expand_as(ids), model.config.head_dim, model.config.rope_theta, x.dtype)
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    if model.config.learned_positions:
+        x = x + model.position_embed(positions)
+    rope = rotary(positions, model.config.head_dim, model.config.rope_theta, x.dtype)
     for loop in range(model.spec.effective_depth):
+        start = x
         x = model.layers[0](x, rope)
+        if model.config.latent_mask:  # only placeholders of steps >= loop and what follows them change
+            for b in range(ids.shape[0]):
+                first = int((steps[b] >= 0).nonzero()[0])
+                for t in range(ids.shape[1]):
+                    if t < first and steps[b, t] < 0 or 0 <= steps[b, t] < loop:
+                        x = x.clone()
+                        x[b, t] = start[b, t]
         new = x.clone()
         for b in range(ids.shape[0]):
             for t in range(ids.shape[1]):
                 if steps[b, t] == loop and t + c < ids.shape[1] and steps[b, t + c] == loop + 1:
                     probs = model.lm_head(model.norm(x[b, t])).softmax(-1)
                     new[b, t + c] = probs @ model.embed.weight
+                    if model.config.learned_positions:
+                        new[b, t + c] += model.position_embed.weight[t + c]
         x = new
     return model.lm_head(model.norm(x))
 
 
-@pytest.mark.parametrize("per_step", [1, 2])
-def test_soft_token_forward_matches_reference_and_cache(per_step):
+@pytest.mark.parametrize("per_step, learned, mask", [(1, False, False), (2, False, False), (2, True, True)])
+def test_soft_token_forward_matches_reference_and_cache(per_step, learned, mask):
     data = PairedData.from_task("addition", **SUM_TASK)
-    model = student_for(data, per_step=per_step).eval()
+    model = student_for(data, per_step=per_step, learned_positions=learned).eval()
+    model.config.latent_mask = mask
     batch = collate_rendered([data.render(p, 4, per_step) for p in data.test_set(3, seed=0)])
     with torch.no_grad():
         torch.testing.assert_close(model(batch["input_ids"]), reference_forward(model, batch["input_ids"]),
                                    rtol=1e-5, atol=1e-5)
         residual = copy.deepcopy(model)
-        residual.config.latent_feedback = "residual"
+        residual.config.latent_feedback, residual.config.latent_mask = "residual", False
         assert not torch.allclose(residual(batch["input_ids"]), model(batch["input_ids"]))  # feedback matters
         prompt = torch.tensor([data.prompt_ids(p, latent=True, per_step=per_step) for p in data.test_set(3, seed=0)])
         cached = model.generate(prompt, 4, use_cache=True)
@@ -201,7 +215,7 @@ def test_step_ce_reads_the_diagonal():
     model(batch["input_ids"], layer_states=states)
     steps = model.placeholder_steps(batch["input_ids"])
     losses = []
-    for b, t in zip(*torch.nonzero(steps >= 0, as_tuple=True)):
+    for b, t in zip(*torch.nonzero((steps >= 0) & (batch["step_labels"] != IGNORE_INDEX), as_tuple=True)):
         logits = model.lm_head(model.norm(states[int(steps[b, t])][b, t]))
         losses.append(torch.nn.functional.cross_entropy(logits[None], batch["step_labels"][b, t][None]))
     torch.testing.assert_close(step, torch.stack(losses).mean())

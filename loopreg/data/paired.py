@@ -4,12 +4,15 @@ Every problem is a question, a list of CoT steps and an answer. Its renderings s
 (the iCoT one, ``question||steps #### answer``), with the first ``s`` steps replaced by placeholders:
 
     CoT (s = 0)      <bos> 9+1+4=|| 0 4 #### 4 <eos>        teacher; CE on the steps and the answer
-    mixed (s = 1)    <bos> 9+1+4=|| <ph> 4 #### 4 <eos>      curriculum stage 1
-    latent (s = m)   <bos> 9+1+4=|| <ph> <ph> #### 4 <eos>   the student at test time generates only "4"
+    mixed (s = 1)    <bos> 9+1+4=|| <ph> <ph> 4 #### 4 <eos>          curriculum stage 1 (step + echo)
+    latent (s = m)   <bos> 9+1+4=|| <ph> <ph> <ph> #### 4 <eos>     the student generates only "4"
 
 Each CoT step gets ``per_step`` placeholders; placeholder i of step j is supervised (latent-step CE)
-with token i of step j. The last token of `` #### `` is the *answer trigger* (its output predicts the
-first answer token) in every rendering, which is where teacher and student hidden states are matched.
+with token i of step j. One more *echo* group follows the latent steps: with soft-token feedback it
+receives the last latent step, so the kept CoT text or the answer reads that step from a token-like
+input at the same offset as in the CoT rendering. The last token of `` #### `` is the *answer trigger*
+(its output predicts the first answer token) in every rendering, which is where teacher and student
+hidden states are matched.
 
 Sources: the synthetic tasks with a CoT (n-ary addition with running sums, i-GSM with topological
 evaluation lines, k×k multiplication in the iCoT format) and user JSONL lines
@@ -18,7 +21,7 @@ evaluation lines, k×k multiplication in the iCoT format) and user JSONL lines
     >>> data = PairedData.from_task("addition", n_operands=3, digits=1, modulus=10)
     >>> problem = data.test_set(1, seed=0)[0]
     >>> data.text(data.render(problem, latent_steps=2))  # doctest: +ELLIPSIS
-    '<bos>...=||<ph><ph> #### ...<eos>'
+    '<bos>...=||<ph><ph><ph> #### ...'
 """
 
 from __future__ import annotations
@@ -171,6 +174,9 @@ class PairedData:
             gold = self.ids(step)[:per_step]
             prompt += [self.placeholder_id] * per_step
             step_labels += gold + [IGNORE_INDEX] * (per_step - len(gold))
+        if latent_steps:  # the echo group: receives the last latent step (soft-token feedback), no target
+            prompt += [self.placeholder_id] * per_step
+            step_labels += [IGNORE_INDEX] * per_step
         kept = self.step_separator.join(problem.steps[latent_steps:])
         cot = self.ids(kept + ANSWER_MARK) if kept else []
         mark = [] if kept else self.ids(ANSWER_MARK)

@@ -125,9 +125,9 @@ def _llama_config_and_state(model: LoopedLM) -> tuple[Any, dict[str, torch.Tenso
     if cfg.mlp != "swiglu":
         raise ValueError(f"a LoopedLM with mlp={cfg.mlp!r} has no standard Hugging Face equivalent; only SwiGLU "
                          "LoopedLMs export as LlamaForCausalLM")
-    if cfg.learned_positions or cfg.latent_feedback != "residual":
-        raise ValueError("a LoopedLM with learned_positions or latent_feedback='soft_token' has no Llama equivalent "
-                         "(Llama has rotary positions only and no soft-token feedback between loops)")
+    if cfg.learned_positions or cfg.latent_feedback != "residual" or cfg.latent_mask:
+        raise ValueError("a LoopedLM with learned_positions, latent_feedback='soft_token' or latent_mask has no "
+                         "Llama equivalent (Llama has rotary positions only and nothing between loops)")
     config = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=model.spec.effective_depth, num_attention_heads=cfg.n_heads,
