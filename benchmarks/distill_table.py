@@ -38,6 +38,7 @@ STUDENTS: dict[str, list[str]] = {
     "  − soft-token feedback (residual)": ["model.latent_feedback=residual"],
     "  − latent mask": ["model.latent_mask=false"],
     "  − curriculum (all latent from step 0)": ALL_LATENT,
+    "  − teacher (hidden, KL)": NO_TEACHER,
 }
 EXTRA_LOOPS = (8, 10)
 
