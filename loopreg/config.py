@@ -70,7 +70,8 @@ class OptimizerSection:
 class SchedulerSection:
     name: str = "cosine_with_warmup"
     t_warmup: str = "0ba"
-    alpha_f: float = 0.0
+    alpha_f: Optional[float] = 0.0  # final lr multiplier (cosine, linear); null for constant_with_warmup
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # other arguments of the scheduler
 
 
 @dataclass

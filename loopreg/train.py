@@ -128,8 +128,9 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
 
     optimizer = _build(OPTIMIZERS, recipe.optimizer.name, {"lr": recipe.optimizer.lr, **recipe.optimizer.kwargs},
                        "optimizer", model.parameters())
+    alpha_f = {} if recipe.scheduler.alpha_f is None else {"alpha_f": recipe.scheduler.alpha_f}
     scheduler = _build(SCHEDULERS, recipe.scheduler.name,
-                       {"t_warmup": recipe.scheduler.t_warmup, "alpha_f": recipe.scheduler.alpha_f}, "scheduler")
+                       {"t_warmup": recipe.scheduler.t_warmup, **alpha_f, **recipe.scheduler.kwargs}, "scheduler")
     algorithms = [_build(ALGORITHMS, name, kwargs, f"algorithms.{name}") for name, kwargs in recipe.algorithms.items()]
     if recipe.gradient_clipping:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.gradient_clipping))
