@@ -126,3 +126,17 @@ def test_synthetic_recipe_smoke(path, tmp_path):
     trainer = run(path, SYNTHETIC_TINY + [f"save_folder={tmp_path}", f"export_folder={tmp_path}/model"])
     assert int(trainer.state.timestamp.batch) == 2
     assert "AnswerExactMatch" in next(iter(trainer.state.eval_metrics.values()))
+
+
+def test_every_registered_scheduler_builds_from_a_recipe(text_corpus):
+    """alpha_f is passed only when set: constant_with_warmup takes none (its own knobs go in scheduler.kwargs)."""
+    from loopreg.registry import SCHEDULERS
+    from loopreg.train import build_trainer
+
+    for name in SCHEDULERS:
+        extra = ["scheduler.alpha_f=null", "scheduler.kwargs.alpha=0.5"] if name == "constant_with_warmup" else []
+        recipe = load_recipe(REPO / "recipes" / "cpu_tiny_text.yaml",
+                             [*local_text(text_corpus), f"scheduler.name={name}", *extra])
+        trainer = build_trainer(recipe)  # before the fix: "unknown key 'scheduler.alpha_f'" for constant
+        assert len(trainer.state.schedulers) == 1
+        trainer.close()
