@@ -316,6 +316,9 @@ def test_distill_recipes_train_with_teacher_and_log_each_term(tmp_path):
     trainer.fit()
     for term in ("answer", "cot", "step", "hidden", "kl"):
         assert f"loss/train/{term}" in logger.data, term
+    # the batch is rendered with the model's placeholders per step (2 in this recipe): whole groups only
+    counts = (trainer.state.batch["input_ids"] == 3).sum(-1)
+    assert bool((counts % 2 == 0).all()) and bool((counts > 0).any())
     model = trainer.state.model
     assert model.distill_projection.weight.shape == (32, 48)  # widths differ: a trained projection
     assert any(p is model.distill_projection.weight for g in trainer.state.optimizers[0].param_groups

@@ -265,7 +265,7 @@ class CoTDistillation(Algorithm):
     >>> CoTDistillation(teacher="self", curriculum={"every": "500ba"}, weights={"step": 1.0})  # doctest: +SKIP
     """
 
-    def __init__(self, teacher: str | None = None, per_step: int = 1, curriculum: Mapping[str, Any] | None = None,
+    def __init__(self, teacher: str | None = None, curriculum: Mapping[str, Any] | None = None,
                  weights: Mapping[str, float | Mapping[str, float]] | None = None, step_read: str = "diagonal",
                  hidden_loss: str = "smooth_l1", temperature: float = 1.0, loops: list[int] | None = None,
                  grad_loops: int | None = None, checkpoint: bool = False, seed: int = 0) -> None:
@@ -278,7 +278,7 @@ class CoTDistillation(Algorithm):
             raise RecipeError(f"algorithms.cot_distillation.hidden_loss must be 'smooth_l1' or 'mse', got {hidden_loss!r}")
         if loops is not None and (len(loops) != 2 or not 1 <= loops[0] <= loops[1]):
             raise RecipeError(f"algorithms.cot_distillation.loops must be [min, max] with 1 <= min <= max, got {loops}")
-        self.teacher_source, self.per_step, self.step_read = teacher, per_step, step_read
+        self.teacher_source, self.step_read = teacher, step_read
         self.hidden_loss, self.temperature, self.loop_range = hidden_loss, temperature, loops
         self.grad_loops, self.checkpoint, self.seed = grad_loops, checkpoint, seed
         try:
@@ -382,8 +382,8 @@ class CoTDistillation(Algorithm):
         latent = [self.curriculum.latent_steps(self.stage, len(p.steps), rng) for p in problems]
         if self._loops is not None:  # every latent step needs its own loop
             self._loops = max(self._loops, max(latent))
-        batch = collate_rendered([data.render_pair(p, n, self.per_step) for p, n in zip(problems, latent)],
-                                 data.pad_id)
+        per_step = _composer_model(state).model.config.placeholders_per_step  # one source of truth: the model
+        batch = collate_rendered([data.render_pair(p, n, per_step) for p, n in zip(problems, latent)], data.pad_id)
         return state.device.batch_to_device(batch)
 
     def _loss(self, state: State) -> dict[str, torch.Tensor]:
