@@ -364,3 +364,21 @@ def test_gpu_distill_recipes_run_tiny_on_cpu(tmp_path):
         trainer.close()
     student = LoopedLM.from_pretrained(tmp_path / "student")
     assert student.num_distinct_layers == 6 and student.spec.effective_depth == 14
+
+
+def test_random_loop_counts_cover_the_latent_steps(tmp_path):
+    from composer.loggers import InMemoryLogger
+
+    from loopreg.config import load_recipe
+    from loopreg.train import build_trainer
+
+    recipe = load_recipe(REPO / "recipes" / "distill" / "cpu_sum_teacher.yaml", distill_overrides(
+        tmp_path, "max_duration=6ba", "model.spec=1x4", "algorithms.cot_distillation.loops=[2,7]",
+        "algorithms.cot_distillation.curriculum.start=3", "algorithms.cot_distillation.weights.step=1.0",
+        "loggers.in_memory={}"))
+    trainer = build_trainer(recipe)
+    logger = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+    trainer.fit()
+    trainer.close()
+    loops = [v for _, v in logger.data["distill/loops"]]
+    assert len(loops) == 6 and all(2 <= n <= 7 for n in loops) and len(set(loops)) > 1

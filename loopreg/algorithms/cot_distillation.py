@@ -301,17 +301,15 @@ class CoTDistillation(Algorithm):
 
     # -------------------------------------------------------------------------------------- events
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.FIT_START, Event.BATCH_START, Event.AFTER_DATALOADER, Event.BEFORE_FORWARD,
-                         Event.AFTER_LOSS)
+        return event in (Event.INIT, Event.FIT_START, Event.AFTER_DATALOADER, Event.BEFORE_FORWARD, Event.AFTER_LOSS)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self._setup(state)
         elif event == Event.FIT_START:
             self._check_data(state)
-        elif event == Event.BATCH_START:
+        elif event == Event.AFTER_DATALOADER:  # Composer runs it before BATCH_START: stage and loops first
             self._advance_curriculum(state, logger)
-        elif event == Event.AFTER_DATALOADER:
             state.batch = self._render(state)
         elif event == Event.BEFORE_FORWARD:
             self._states = []
