@@ -243,9 +243,18 @@ def cot_distillation_loss(student: LoopedLM, batch: Mapping[str, torch.Tensor], 
     Example: ``sum(cot_distillation_loss(student, batch, teacher).values()).backward()``
     """
     weights = {term: 1.0 for term in TERMS} if weights is None else dict(weights)
-    wanted = tuple(term for term in TERMS if weights.get(term, 0.0) != 0.0)
     states: list[torch.Tensor] = []
     logits = student(batch["input_ids"], loops=loops, layer_states=states)
+    return _weighted_terms(student, logits, states, batch, teacher, weights, loops, step_read, hidden_loss,
+                           temperature, projection)
+
+
+def _weighted_terms(student: LoopedLM, logits: torch.Tensor, states: list[torch.Tensor],
+                    batch: Mapping[str, torch.Tensor], teacher: LoopedLM | None, weights: Mapping[str, float],
+                    loops: int | None, step_read: str, hidden_loss: str, temperature: float,
+                    projection: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The terms with a non-zero weight, weighted; the teacher runs only when ``hidden``/``kl`` need it."""
+    wanted = tuple(term for term in TERMS if weights.get(term, 0.0) != 0.0)
     teacher_logits, teacher_states = (_teacher_forward(teacher, batch) if teacher is not None
                                       and {"hidden", "kl"} & set(wanted) else (None, None))
     terms = distillation_terms(student, logits, states, batch, loops, teacher_logits, teacher_states, step_read,
@@ -292,6 +301,9 @@ class CoTDistillation(Algorithm):
                                                  f"algorithms.cot_distillation.weights.{term}") for term in TERMS}
         except ValueError as err:
             raise RecipeError(str(err)) from None
+        if teacher is None and (self._uses("hidden") or self._uses("kl")):
+            raise RecipeError("algorithms.cot_distillation: weights for 'hidden'/'kl' need a teacher "
+                              "(a model folder or 'self')")
         self.stage = self.curriculum.start
         self.teacher: LoopedLM | None = None
         self.teacher_vocab: dict[str, int] | None = None
@@ -336,7 +348,7 @@ class CoTDistillation(Algorithm):
                              "(the data's <ph> token id, 3 for the synthetic tasks)")
         if self.teacher_source not in (None, "self"):
             self.teacher, self.teacher_vocab = _load_teacher(self.teacher_source, student)
-            if self.teacher.config.d_model != student.config.d_model and self._uses_hidden():
+            if self.teacher.config.d_model != student.config.d_model and self._uses("hidden"):
                 # a trained map from student to teacher width; it is part of the model (checkpointed) and
                 # joins the optimizer
                 model.distill_projection = nn.Linear(student.config.d_model, self.teacher.config.d_model, bias=False)
@@ -358,8 +370,9 @@ class CoTDistillation(Algorithm):
             raise RecipeError(f"algorithms.cot_distillation.teacher: {self.teacher_source}/tokenizer.json differs "
                              "from the data's tokenizer; teacher and student must share one tokenizer")
 
-    def _uses_hidden(self) -> bool:
-        return any(weight != 0.0 for _, weight in self.weights["hidden"].points)
+    def _uses(self, term: str) -> bool:
+        """Whether ``term``'s weight is non-zero at any point of its schedule."""
+        return any(weight != 0.0 for _, weight in self.weights[term].points)
 
     def _advance_curriculum(self, state: State, logger: Logger) -> None:
         stage = self.curriculum.stage(state)
@@ -387,18 +400,11 @@ class CoTDistillation(Algorithm):
     def _loss(self, state: State) -> dict[str, torch.Tensor]:
         model = _composer_model(state)
         student = model.model
+        teacher = self.teacher if self.teacher is not None else student if self.teacher_source == "self" else None
         weights = {term: schedule.at(state) for term, schedule in self.weights.items()}
-        wanted = tuple(term for term in TERMS if weights[term] != 0.0)
-        teacher_logits = teacher_states = None
-        if {"hidden", "kl"} & set(wanted):
-            teacher = self.teacher if self.teacher is not None else student
-            if self.teacher_source is None:
-                raise RecipeError("CoTDistillation: weights for 'hidden'/'kl' need a teacher (a model folder or 'self')")
-            teacher_logits, teacher_states = _teacher_forward(teacher, state.batch)
-        terms = distillation_terms(student, state.outputs, self._states, state.batch, self._loops, teacher_logits,
-                                   teacher_states, self.step_read, self.hidden_loss, self.temperature,
-                                   getattr(model, "distill_projection", None), wanted)
-        return {term: weights[term] * value for term, value in terms.items()}
+        return _weighted_terms(student, state.outputs, self._states, state.batch, teacher, weights, self._loops,
+                               self.step_read, self.hidden_loss, self.temperature,
+                               getattr(model, "distill_projection", None))
 
 
 def _composer_model(state: State) -> ComposerLoopedLM:
