@@ -5,11 +5,14 @@ loop spec, then ``docs/REPRODUCTION.md`` puts our accuracies beside the paper's.
 
     loopreg reproduce --out runs/repro                  # all three tables (about 1.5 h on 2 cores)
     loopreg reproduce --tasks phop --steps 1500         # one table, shorter runs
+    loopreg reproduce --tasks igsm --rows 8x1,1x8 &     # split a table over processes: same --out,
+    loopreg reproduce --tasks igsm --rows 1x1,1x2 &     # rows merge into one results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
@@ -38,12 +41,13 @@ class PaperTable:
 
 TABLES: dict[str, PaperTable] = {
     "addition": PaperTable(
-        "n-ary addition (Table 1, left)", "cpu_addition.yaml", ("n4", "n6", "n8"),
+        "n-ary addition (Table 1, left)", "cpu_addition.yaml", ("n2", "n3", "n4"),
         ("n=8", "n=16", "n=24", "n=32"),
         {"12x1": (100.0, 100.0, 100.0, 100.0), "1x1": (0.1, 0.1, 0.1, 0.0), "1x12": (99.9, 100.0, 99.9, 99.6),
          "2x1": (85.8, 71.5, 49.3, 38.8), "2x6": (100.0, 99.8, 99.7, 99.5), "3x1": (97.2, 78.5, 69.2, 60.7),
          "3x4": (100.0, 99.1, 97.0, 96.6)},
-        "train on 2/4/8 operands, eval on 4, 6 (unseen) and 8; d=64; paper: 2–32 operands, d=256, 200k steps"),
+        "four 3-digit operand slots, 1–4 of them real in training (the rest 000), eval on 2, 3 and 4 real operands; "
+        "d=64, lr 2e-3; paper: 2–32 operands, d=256, 200k steps"),
     "phop": PaperTable(
         "p-hop induction (Table 1, right)", "cpu_phop.yaml", ("eval",), ("p=16", "p=32"),
         {"6x1": (99.9, 99.6), "1x1": (48.9, 49.0), "1x6": (99.9, 99.5), "2x1": (68.8, 59.4), "2x3": (99.9, 99.8),
@@ -53,7 +57,7 @@ TABLES: dict[str, PaperTable] = {
         "symbolic i-GSM (Table 2)", "cpu_igsm.yaml", ("eval",), ("accuracy",),
         {"8x1": (73.2,), "1x1": (24.5,), "1x2": (52.3,), "1x4": (69.9,), "1x8": (73.2,), "2x1": (54.0,),
          "2x2": (66.9,), "2x4": (73.6,), "4x1": (71.3,), "4x2": (71.6,)},
-        "4 needed parameters, 2 distractors, depth ≤ 3, mod 7; d=64; paper: larger graphs, d=128, 200k steps"),
+        "3 needed parameters, 1 distractor, ≤ 2 operands, depth ≤ 2, mod 7; d=64; paper: larger graphs, d=128, 200k steps"),
 }
 
 
@@ -106,36 +110,56 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def reproduce(out: Path, tasks: list[str], steps: int, overrides: list[str], doc: Path | None) -> dict:
+def _record(saved: Path, name: str, steps: int, overrides: list[str], row: dict | None = None) -> dict:
+    """Read ``OUT/results.json``, start (or keep) table ``name``'s entry, add ``row``, write it back.
+
+    Each table keeps its own steps and overrides, so tables run with different budgets merge into one
+    file, and a table's rows are kept while both match (resume). The read-modify-write happens under
+    an exclusive ``flock``, so processes that run different ``--rows`` of a table into the same
+    ``--out`` merge their rows instead of overwriting each other's.
+    """
+    table = TABLES[name]
+    with open(saved.with_name(saved.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(saved.read_text()) if saved.is_file() else {}
+        results["seed"] = load_recipe(RECIPES / table.recipe).seed
+        entry = results.setdefault("tasks", {}).get(name, {})
+        if entry.get("steps") != steps or entry.get("overrides") != overrides:
+            entry = {"steps": steps, "overrides": overrides, "rows": []}
+        entry["command"] = " ".join(["loopreg reproduce", f"--tasks {name} --steps {steps}", *overrides])
+        if row is not None:
+            entry["rows"] = [old for old in entry["rows"] if old["spec"] != row["spec"]] + [row]
+            entry["rows"].sort(key=lambda item: list(table.paper_rows).index(item["spec"]))
+        results["tasks"][name] = entry
+        staging = saved.with_name(saved.name + ".tmp")
+        staging.write_text(json.dumps(results, indent=2) + "\n")
+        staging.replace(saved)  # a stop mid-write never leaves a truncated file
+    return results
+
+
+def reproduce(out: Path, tasks: list[str], steps: int, overrides: list[str], doc: Path | None,
+              only: list[str] | None = None) -> dict:
+    """Train every row of ``tasks`` (or the specs in ``only``) not yet in ``OUT/results.json``; write the
+    markdown report to ``doc``.
+
+    >>> reproduce(Path("runs/repro"), ["phop"], 2000, [], Path("docs/REPRODUCTION.md"))  # doctest: +SKIP
+    """
     from rich.console import Console
 
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "results.json"
-    # Each table keeps its own steps and overrides, so tables run with different budgets (or in parallel
-    # into other folders) merge into one file; a table's rows are kept when both match (resume).
-    results = json.loads(saved.read_text()) if saved.is_file() else {}
-    results.setdefault("tasks", {})
-    results["seed"] = load_recipe(RECIPES / TABLES[tasks[0]].recipe).seed
-    command = " ".join(["loopreg reproduce", f"--tasks {{task}} --steps {steps}", *overrides])
     for name in tasks:
         table = TABLES[name]
-        entry = results["tasks"].get(name, {})
-        if entry.get("steps") != steps or entry.get("overrides") != overrides:
-            entry = {"steps": steps, "overrides": overrides, "rows": []}
-        entry["command"] = command.format(task=name)
-        results["tasks"][name] = entry
-        rows = entry["rows"]
-        done = {row["spec"] for row in rows}
+        done = {row["spec"] for row in _record(saved, name, steps, overrides)["tasks"][name]["rows"]}
         for spec in table.paper_rows:
-            if spec in done:
+            if spec in done or (only is not None and spec not in only):
                 continue
             console.print(f"[bold]{name}[/bold] {_row_label(LoopSpec.parse(spec))} ({steps} steps)")
-            rows.append(train_row(table, spec, steps, overrides))
-            rows.sort(key=lambda row: list(table.paper_rows).index(row["spec"]))
-            console.print(f"  accuracy {rows[-1]['scores']} in {rows[-1]['seconds']:.0f}s")
-            saved.write_text(json.dumps(results, indent=2) + "\n")  # progress survives a stop
-    saved.write_text(json.dumps(results, indent=2) + "\n")
+            row = train_row(table, spec, steps, overrides)
+            _record(saved, name, steps, overrides, row)  # progress survives a stop
+            console.print(f"  accuracy {row['scores']} in {row['seconds']:.0f}s")
+    results = json.loads(saved.read_text())
     if doc is not None:
         doc.parent.mkdir(parents=True, exist_ok=True)
         doc.write_text(render_markdown(results))
@@ -149,6 +173,8 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--tasks", default="addition,phop,igsm", help="comma-separated: addition, phop, igsm")
     parser.add_argument("--steps", type=int, default=3000, help="training steps per model")
     parser.add_argument("--doc", type=Path, default=Path("docs/REPRODUCTION.md"), help="markdown report path")
+    parser.add_argument("--rows", help="comma-separated loop specs to run (default: every row), e.g. to split a "
+                        "table over processes writing to different --out folders")
     parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every row")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -156,8 +182,14 @@ def cli_main(argv: list[str]) -> int:
     if unknown or not tasks:
         print(f"error: --tasks: unknown task(s) {unknown}; choose from {', '.join(TABLES)}", file=sys.stderr)
         return 2
+    rows = None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
+    known = {spec for name in tasks for spec in TABLES[name].paper_rows}
+    if rows is not None and (not rows or set(rows) - known):
+        print(f"error: --rows: {sorted(set(rows) - known) or rows} not a row of {', '.join(tasks)}; choose from "
+              f"{', '.join(sorted(known))}", file=sys.stderr)
+        return 2
     try:
-        reproduce(args.out, tasks, args.steps, args.overrides, args.doc)
+        reproduce(args.out, tasks, args.steps, args.overrides, args.doc, rows)
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,7 +14,8 @@ import torch
 from loopreg.algorithms.cot_distillation import (CoTDistillation, LatentCurriculum, WeightSchedule,
                                                  cot_distillation_loss, hidden_layer_map)
 from loopreg.composer_model import IGNORE_INDEX
-from loopreg.data.paired import PairedData, ProblemStream, collate_rendered, read_jsonl_problems
+from loopreg.data.paired import PairedData, ProblemStream, read_jsonl_problems
+from loopreg.data.tasks import pad_collate
 from loopreg.data.synthetic import build_task
 from loopreg.model import LoopedLM, LoopedLMConfig, rotary
 from loopreg.spec import LoopSpec
@@ -141,7 +142,7 @@ def test_soft_token_forward_matches_reference_and_cache(per_step, learned, mask)
     data = PairedData.from_task("addition", **SUM_TASK)
     model = student_for(data, per_step=per_step, learned_positions=learned).eval()
     model.config.latent_mask = mask
-    batch = collate_rendered([data.render(p, 4, per_step) for p in data.test_set(3, seed=0)])
+    batch = pad_collate([data.render(p, 4, per_step) for p in data.test_set(3, seed=0)])
     with torch.no_grad():
         torch.testing.assert_close(model(batch["input_ids"]), reference_forward(model, batch["input_ids"]),
                                    rtol=1e-5, atol=1e-5)
@@ -157,7 +158,7 @@ def test_soft_token_forward_matches_reference_and_cache(per_step, learned, mask)
 def test_grad_loops_and_checkpoint():
     data = PairedData.from_task("addition", **SUM_TASK)
     model = student_for(data)
-    ids = collate_rendered([data.render(p, 4) for p in data.test_set(2, seed=0)])["input_ids"]
+    ids = pad_collate([data.render(p, 4) for p in data.test_set(2, seed=0)])["input_ids"]
 
     def grads(**options):
         model.zero_grad()
@@ -196,11 +197,11 @@ def test_loop_ends_follow_the_thinking_block():
 def test_hidden_and_kl_vanish_when_the_student_is_the_teacher():
     data = PairedData.from_task("addition", **SUM_TASK)
     model = student_for(data, spec="2x1", feedback="residual")
-    batch = collate_rendered([data.render_pair(p, 0) for p in data.test_set(4, seed=0)])  # identical inputs
+    batch = pad_collate([data.render_pair(p, 0) for p in data.test_set(4, seed=0)])  # identical inputs
     terms = cot_distillation_loss(model, batch, teacher=copy.deepcopy(model))
     assert terms["hidden"].item() == 0.0 and abs(terms["kl"].item()) < 1e-7
     assert terms["answer"].item() > 0 and terms["cot"].item() > 0
-    latent = collate_rendered([data.render_pair(p, 3) for p in data.test_set(4, seed=0)])
+    latent = pad_collate([data.render_pair(p, 3) for p in data.test_set(4, seed=0)])
     hidden = cot_distillation_loss(model, latent, teacher=copy.deepcopy(model), weights={"hidden": 1.0})["hidden"]
     assert hidden.item() > 0  # placeholders instead of the CoT change the trigger's hidden state
 
@@ -209,7 +210,7 @@ def test_step_ce_reads_the_diagonal():
     """Diagonal step CE equals CE of placeholder j's state after loop j, computed by hand."""
     data = PairedData.from_task("addition", **SUM_TASK)
     model = student_for(data)
-    batch = collate_rendered([data.render_pair(p, 4) for p in data.test_set(3, seed=0)])
+    batch = pad_collate([data.render_pair(p, 4) for p in data.test_set(3, seed=0)])
     step = cot_distillation_loss(model, batch, weights={"step": 1.0})["step"]
     states: list[torch.Tensor] = []
     model(batch["input_ids"], layer_states=states)
@@ -231,7 +232,7 @@ def test_short_run_lowers_each_term_and_teacher_gets_no_gradient(term):
     teacher_before = {n: p.clone() for n, p in teacher.named_parameters()}
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
     rng, stream = random.Random(0), data.train_problems(0, itertools.count())
-    batches = [collate_rendered([data.render_pair(next(stream), rng.randint(0, 3)) for _ in range(32)])
+    batches = [pad_collate([data.render_pair(next(stream), rng.randint(0, 3)) for _ in range(32)])
                for _ in range(4)]
     history = []
     for step in range(25):

@@ -56,6 +56,21 @@ def test_addition_exact_format() -> None:
     assert (reversed_example.answer, reversed_example.cot) == ("8512", ("7861", "7112", "8512"))
 
 
+def test_addition_real_operands_curriculum() -> None:
+    """Every problem keeps its n slots; the non-zero operands number at most the drawn real count, the
+    rest are 000, and the answer is still the sum."""
+    task = NaryAddition(n_operands=(4, 8), real_operands=(1, 2), reverse_answer=True)
+    real_counts = set()
+    for example in examples(task):
+        operands = [int(text) for text in example.prompt[:-1].split("+")]
+        assert len(operands) in (4, 8)
+        assert example.answer == str(sum(operands))[::-1]
+        real_counts.add(sum(value != 0 for value in operands))
+    assert real_counts <= {0, 1, 2} and {1, 2} <= real_counts
+    with pytest.raises(ValueError, match="real_operands"):
+        NaryAddition(real_operands=(0,))
+
+
 # ------------------------------------------------------------------------------------------- p-hop
 def naive_hop(sequence: str, hops: int) -> str | None:
     """Follow the hops directly: find the previous occurrence of the current token, step right."""

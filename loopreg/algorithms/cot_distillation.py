@@ -20,12 +20,13 @@ smoothing, stage mixing and an optional optimizer reset; its stage is saved in c
 
 Without the Trainer::
 
-    >>> from loopreg.data.paired import PairedData, collate_rendered
+    >>> from loopreg.data.paired import PairedData
+    >>> from loopreg.data.tasks import pad_collate
     >>> from loopreg.model import LoopedLM, LoopedLMConfig
     >>> data = PairedData.from_task("addition", n_operands=4, digits=1, modulus=10)
     >>> student = LoopedLM(LoopedLMConfig(spec="1x4", vocab_size=data.vocab_size, d_model=32, n_heads=4,
     ...                                   placeholder_id=data.placeholder_id, latent_feedback="soft_token"))
-    >>> batch = collate_rendered([data.render_pair(p, latent_steps=3) for p in data.test_set(4, seed=0)])
+    >>> batch = pad_collate([data.render_pair(p, latent_steps=3) for p in data.test_set(4, seed=0)])
     >>> sorted(cot_distillation_loss(student, batch, teacher=student))
     ['answer', 'cot', 'hidden', 'kl', 'step']
 """
@@ -385,7 +386,7 @@ class CoTDistillation(Algorithm):
         logger.log_metrics({"distill/stage": stage, **({"distill/loops": self._loops} if self._loops else {})})
 
     def _render(self, state: State) -> dict[str, torch.Tensor]:
-        from loopreg.data.paired import collate_rendered
+        from loopreg.data.tasks import pad_collate
 
         data = self.data
         rng = random.Random(self.seed * 7_919 + int(state.timestamp.batch) * 104_729 + _rank())
@@ -394,7 +395,7 @@ class CoTDistillation(Algorithm):
         if self._loops is not None:  # every latent step needs its own loop
             self._loops = max(self._loops, max(latent))
         per_step = _composer_model(state).model.config.placeholders_per_step  # one source of truth: the model
-        batch = collate_rendered([data.render_pair(p, n, per_step) for p, n in zip(problems, latent)], data.pad_id)
+        batch = pad_collate([data.render_pair(p, n, per_step) for p, n in zip(problems, latent)], data.pad_id)
         return state.device.batch_to_device(batch)
 
     def _loss(self, state: State) -> dict[str, torch.Tensor]:

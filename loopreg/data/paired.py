@@ -40,9 +40,10 @@ from loopreg.composer_model import IGNORE_INDEX
 from loopreg.data.synthetic import SyntheticTask, build_task, char_tokenizer
 from loopreg.data.synthetic.base import ANSWER_MARK, COT_OPEN
 from loopreg.data.resumable import ResumableStream
+from loopreg.data.tasks import pad_collate
 from loopreg.data.synthetic.tokenizer import BOS, EOS, PAD, PLACEHOLDER
 
-__all__ = ["Problem", "PairedData", "ProblemStream", "RenderedSet", "read_jsonl_problems", "collate_rendered",
+__all__ = ["Problem", "PairedData", "ProblemStream", "RenderedSet", "read_jsonl_problems",
            "paired_dataloaders"]
 
 
@@ -216,21 +217,6 @@ class PairedData:
         return text.rsplit(ANSWER_MARK, 1)[-1]
 
 
-def collate_rendered(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad rendered examples into a batch (ids with ``pad_id``, labels with -100, masks with False)."""
-    batch = {}
-    for key in items[0]:
-        values = [item[key] for item in items]
-        if values[0].dim() == 0:
-            batch[key] = torch.stack(values)
-            continue
-        fill = pad_id if key.endswith("input_ids") else False if values[0].dtype == torch.bool else IGNORE_INDEX
-        width = max(value.shape[0] for value in values)
-        batch[key] = torch.stack([torch.nn.functional.pad(value, (0, width - value.shape[0]), value=fill)
-                                  for value in values])
-    return batch
-
-
 class ProblemStream(ResumableStream):
     """Endless raw training problems for a rank, resumable at Composer's sample count; the distillation
     algorithm renders them per step (the curriculum decides how many steps are latent), so a batch is
@@ -288,7 +274,7 @@ def paired_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int)
     per_step = recipe.model.placeholders_per_step
     dataset = RenderedSet(data, data.test_set(eval_size, seed=recipe.seed + 1), per_step=per_step)
     loader = DataLoader(dataset, batch_size=recipe.device_eval_batch_size,
-                        collate_fn=lambda items: collate_rendered(items, data.pad_id),
+                        collate_fn=lambda items: pad_collate(items, data.pad_id),
                         sampler=dist.get_sampler(dataset, shuffle=False))
     evaluator = Evaluator(label="latent", dataloader=loader, metric_names=["LanguageCrossEntropy", "AnswerExactMatch"])
     return Data(train, [evaluator], data.tokenizer, {"AnswerExactMatch": AnswerExactMatch()})

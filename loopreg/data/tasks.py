@@ -66,11 +66,25 @@ class TaskData:
 
 
 def pad_collate(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encoded examples to the longest one (labels with -100, masks with False)."""
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "answer_mask": False}
-    width = max(item["input_ids"].shape[0] for item in items)
-    return {key: torch.stack([torch.nn.functional.pad(item[key], (0, width - item[key].shape[0]), value=value)
-                              for item in items]) for key, value in fill.items()}
+    """Right-pad encoded examples to the longest one: ``*input_ids`` with ``pad_id``, boolean masks with
+    False, every other sequence (labels) with -100; 0-d values are stacked. Shared by the synthetic tasks
+    and the paired CoT/latent renderings, whose extra keys (``teacher_*``, ``step_*``) it pads the same way.
+
+    >>> pad_collate([{"input_ids": torch.tensor([1, 2])}, {"input_ids": torch.tensor([3])}])["input_ids"]
+    tensor([[1, 2],
+            [3, 0]])
+    """
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if values[0].dim() == 0:
+            batch[key] = torch.stack(values)
+            continue
+        fill = pad_id if key.endswith("input_ids") else False if values[0].dtype == torch.bool else IGNORE_INDEX
+        width = max(value.shape[0] for value in values)
+        batch[key] = torch.stack([torch.nn.functional.pad(value, (0, width - value.shape[0]), value=fill)
+                                  for value in values])
+    return batch
 
 
 class TrainStream(ResumableStream):
@@ -82,6 +96,7 @@ class TrainStream(ResumableStream):
     seeded by ``(seed, chunk)``, so a resume (or a worker's next batch) jumps to its chunk instead of
     regenerating everything before it.
 
+    >>> from loopreg.data.synthetic import PHop
     >>> stream = TrainStream(TaskData(PHop(length=8, hops=2)), seed=0, rank=1, world_size=2, batch_size=4)
     >>> next(iter(stream))["input_ids"].shape   # global example 1: rank 1 takes the odd ones
     torch.Size([9])

@@ -15,6 +15,11 @@ one-digit CoT steps the distillation demo uses). With ``cot_from_first=True`` th
 first operand itself (the partial sum of one operand), so every step is the previous step plus one
 operand: a mod-m step then has first-order signal from each input, where ``(a + b) mod m`` alone has
 none (it is uncorrelated with a and with b), which is what makes sum-mod-10 CoT learnable quickly.
+
+``real_operands=r`` is the operand-count curriculum inside one format: a problem still shows n operands,
+but only a count drawn from ``r`` (at most n) of them, at random places, are random; the rest are
+``000``. Easy sums of two or three numbers then sit in the same positions as the hard ones, which takes
+reversed-digit addition off the long plateau it otherwise sits on (eval sets leave it unset).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class NaryAddition(SyntheticTask):
     sep: str = "+"
     modulus: int | None = None
     cot_from_first: bool = False
+    real_operands: int | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,16 +67,22 @@ class NaryAddition(SyntheticTask):
         check_knob(self.sep != "" and not set(self.sep) & set(_DIGITS + "="), self.name, "sep", self.sep,
                    "must be non-empty and contain no digit or '='")
         check_knob(self.modulus is None or self.modulus >= 2, self.name, "modulus", self.modulus, "must be >= 2")
+        real = () if self.real_operands is None else _as_tuple(self.real_operands)
+        check_knob(self.real_operands is None or (len(real) > 0 and all(isinstance(r, int) and r >= 1 for r in real)),
+                   self.name, "real_operands", self.real_operands, "every count must be an int >= 1")
 
     @property
     def operand_counts(self) -> tuple[int, ...]:
         """The operand counts the sampler mixes over, always as a tuple."""
-        return (self.n_operands,) if isinstance(self.n_operands, int) else tuple(self.n_operands)
+        return _as_tuple(self.n_operands)
 
     def sample(self, rng: random.Random) -> Example:
         """One addition problem; the operand count is drawn from ``operand_counts``."""
         count = rng.choice(self.operand_counts)
         operands = [rng.randrange(10**self.digits) for _ in range(count)]
+        if self.real_operands is not None:
+            real = set(rng.sample(range(count), min(count, rng.choice(_as_tuple(self.real_operands)))))
+            operands = [value if slot in real else 0 for slot, value in enumerate(operands)]
         prompt = self.sep.join(f"{value:0{self.digits}d}" for value in operands) + "="
         running_sums = list(itertools.accumulate(operands))[0 if self.cot_from_first else 1:]
         if self.modulus is not None:
@@ -84,3 +96,7 @@ class NaryAddition(SyntheticTask):
 
     def _problem_symbols(self) -> str:
         return _DIGITS + self.sep + "="
+
+
+def _as_tuple(counts: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (counts,) if isinstance(counts, int) else tuple(counts)
