@@ -3,7 +3,7 @@
 Each row trains the task's CPU-mini recipe (``recipes/cpu_{addition,phop,igsm}.yaml``) with the row's
 loop spec, then ``docs/REPRODUCTION.md`` puts our accuracies beside the paper's.
 
-    loopreg reproduce --out runs/repro                  # all three tables (about 1.5 h on 2 cores)
+    loopreg reproduce --out runs/repro                  # all three tables, each at its own step budget
     loopreg reproduce --tasks phop --steps 1500         # one table, shorter runs
     loopreg reproduce --tasks igsm --rows 8x1,1x8 &     # split a table over processes: same --out,
     loopreg reproduce --tasks igsm --rows 1x1,1x2 &     # rows merge into one results.json
@@ -37,6 +37,7 @@ class PaperTable:
     paper_columns: tuple[str, ...]
     paper_rows: dict[str, tuple[float, ...]]  # spec -> the paper's accuracies (%)
     mini_note: str
+    steps: int  # the CPU-mini training budget per row (``--steps`` overrides it)
 
 
 TABLES: dict[str, PaperTable] = {
@@ -47,17 +48,18 @@ TABLES: dict[str, PaperTable] = {
          "2x1": (85.8, 71.5, 49.3, 38.8), "2x6": (100.0, 99.8, 99.7, 99.5), "3x1": (97.2, 78.5, 69.2, 60.7),
          "3x4": (100.0, 99.1, 97.0, 96.6)},
         "four 3-digit operand slots, 1–4 of them real in training (the rest 000), eval on 2, 3 and 4 real operands; "
-        "d=64, lr 2e-3; paper: 2–32 operands, d=256, 200k steps"),
+        "d=64, lr 2e-3; paper: 2–32 operands, d=256, 200k steps", 3000),
     "phop": PaperTable(
         "p-hop induction (Table 1, right)", "cpu_phop.yaml", ("eval",), ("p=16", "p=32"),
         {"6x1": (99.9, 99.6), "1x1": (48.9, 49.0), "1x6": (99.9, 99.5), "2x1": (68.8, 59.4), "2x3": (99.9, 99.8),
          "3x1": (97.2, 73.0), "3x2": (99.9, 99.5)},
-        "|Σ|=4, n=32, p=2, a label at every position; d=64; paper: n=256, p=16/32, d=128, 200k steps"),
+        "|Σ|=4, n=32, p=2, a label at every position; d=64; paper: n=256, p=16/32, d=128, 200k steps", 2000),
     "igsm": PaperTable(
         "symbolic i-GSM (Table 2)", "cpu_igsm.yaml", ("eval",), ("accuracy",),
         {"8x1": (73.2,), "1x1": (24.5,), "1x2": (52.3,), "1x4": (69.9,), "1x8": (73.2,), "2x1": (54.0,),
          "2x2": (66.9,), "2x4": (73.6,), "4x1": (71.3,), "4x2": (71.6,)},
-        "3 needed parameters, 1 distractor, ≤ 2 operands, depth ≤ 2, mod 7; d=64; paper: larger graphs, d=128, 200k steps"),
+        "3 needed parameters, 1 distractor, ≤ 2 operands, depth ≤ 2, mod 7; d=64; paper: larger graphs, d=128, "
+        "200k steps", 2000),
 }
 
 
@@ -71,7 +73,8 @@ def train_row(table: PaperTable, spec: str, steps: int, overrides: list[str]) ->
 
     from loopreg.train import build_trainer
 
-    recipe = load_recipe(RECIPES / table.recipe, [f"model.spec={spec}", f"run_name=repro_{spec}",
+    run_name = f"repro_{Path(table.recipe).stem.removeprefix('cpu_')}_{spec}"  # e.g. repro_igsm_1x4: one per row
+    recipe = load_recipe(RECIPES / table.recipe, [f"model.spec={spec}", f"run_name={run_name}",
                                                   f"max_duration={steps}ba", f"eval_interval={steps}ba", *overrides])
     reproducibility.seed_all(recipe.seed)
     start = time.perf_counter()
@@ -88,7 +91,8 @@ def render_markdown(results: dict) -> str:
     """``docs/REPRODUCTION.md``: our CPU-mini accuracies beside the paper's, one table per task."""
     minutes = sum(row["seconds"] for task in results["tasks"].values() for row in task["rows"]) / 60
     lines = ["# Reproduction of the paper's synthetic tables at CPU-mini scale", "",
-             f"Seed {results['seed']}; {minutes:.0f} min of training in all on this machine (one thread per run).", ""]
+             f"Seed {results['seed']}; per-row training times (wall clock, one thread per run, runs sharing the "
+             f"machine's cores) sum to {minutes:.0f} min.", ""]
     for name in TABLES:
         if name not in results["tasks"]:
             continue
@@ -137,12 +141,12 @@ def _record(saved: Path, name: str, steps: int, overrides: list[str], row: dict 
     return results
 
 
-def reproduce(out: Path, tasks: list[str], steps: int, overrides: list[str], doc: Path | None,
+def reproduce(out: Path, tasks: list[str], steps: int | None, overrides: list[str], doc: Path | None,
               only: list[str] | None = None) -> dict:
-    """Train every row of ``tasks`` (or the specs in ``only``) not yet in ``OUT/results.json``; write the
-    markdown report to ``doc``.
+    """Train every row of ``tasks`` (or the specs in ``only``) not yet in ``OUT/results.json``, for ``steps``
+    steps (None: each table's own budget); write the markdown report to ``doc``.
 
-    >>> reproduce(Path("runs/repro"), ["phop"], 2000, [], Path("docs/REPRODUCTION.md"))  # doctest: +SKIP
+    >>> reproduce(Path("runs/repro"), ["phop"], None, [], Path("docs/REPRODUCTION.md"))  # doctest: +SKIP
     """
     from rich.console import Console
 
@@ -151,13 +155,14 @@ def reproduce(out: Path, tasks: list[str], steps: int, overrides: list[str], doc
     saved = out / "results.json"
     for name in tasks:
         table = TABLES[name]
-        done = {row["spec"] for row in _record(saved, name, steps, overrides)["tasks"][name]["rows"]}
+        budget = steps or table.steps
+        done = {row["spec"] for row in _record(saved, name, budget, overrides)["tasks"][name]["rows"]}
         for spec in table.paper_rows:
             if spec in done or (only is not None and spec not in only):
                 continue
-            console.print(f"[bold]{name}[/bold] {_row_label(LoopSpec.parse(spec))} ({steps} steps)")
-            row = train_row(table, spec, steps, overrides)
-            _record(saved, name, steps, overrides, row)  # progress survives a stop
+            console.print(f"[bold]{name}[/bold] {_row_label(LoopSpec.parse(spec))} ({budget} steps)")
+            row = train_row(table, spec, budget, overrides)
+            _record(saved, name, budget, overrides, row)  # progress survives a stop
             console.print(f"  accuracy {row['scores']} in {row['seconds']:.0f}s")
     results = json.loads(saved.read_text())
     if doc is not None:
@@ -171,10 +176,11 @@ def cli_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loopreg reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--tasks", default="addition,phop,igsm", help="comma-separated: addition, phop, igsm")
-    parser.add_argument("--steps", type=int, default=3000, help="training steps per model")
+    parser.add_argument("--steps", type=int, help="training steps per model (default: each table's own: "
+                        + ", ".join(f"{name} {table.steps}" for name, table in TABLES.items()) + ")")
     parser.add_argument("--doc", type=Path, default=Path("docs/REPRODUCTION.md"), help="markdown report path")
     parser.add_argument("--rows", help="comma-separated loop specs to run (default: every row), e.g. to split a "
-                        "table over processes writing to different --out folders")
+                        "table over processes that share one --out")
     parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every row")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
