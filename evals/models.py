@@ -1,5 +1,6 @@
 """Models for the harness: batched greedy generation (KV cache, left padding, stop sequences) for
-loopreg ``LoopedLM`` folders (with loop overrides), surgery outputs and any Hugging Face causal LM.
+loopreg ``LoopedLM`` folders and tied surgery outputs (both with loop overrides) and any Hugging Face
+causal LM.
 
     >>> generator, info = load_generator("runs/loop_12x2/model", loops=4)  # doctest: +SKIP
     >>> generator.generate(["a=1, b=2, b=? "], max_new_tokens=2, stop=["\\n"])  # doctest: +SKIP
@@ -14,10 +15,11 @@ import torch
 from torch import nn
 
 from loopreg.model import LoopedLM
+from loopreg.spec import LoopSpec
 
 from .report import ModelInfo
 
-__all__ = ["ModelGenerator", "load_generator", "model_info"]
+__all__ = ["ModelGenerator", "load_generator", "model_info", "check_loop_override"]
 
 
 class _Tokens:
@@ -64,8 +66,8 @@ class ModelGenerator:
 
     def __init__(self, model: nn.Module, tokenizer: Any, loops: int | None = None, context: int | None = None) -> None:
         self.model, self.tokens, self.loops = model.eval(), _Tokens(tokenizer), loops
-        if loops is not None and not isinstance(model, LoopedLM):
-            raise ValueError(f"--loops needs a loopreg LoopedLM; {type(model).__name__} runs its stored loop count")
+        if loops is not None:
+            check_loop_override(model)
         config = model.config
         self.context = context or getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", 2048)
 
@@ -88,11 +90,28 @@ class ModelGenerator:
                                       loops=self.loops, stop_when=stopped)
         else:
             extra = {"stop_strings": list(stop), "tokenizer": self.tokens.raw} if stop else {}
+            if self.loops is not None:
+                extra["loops"] = self.loops  # a tied retrofit's generate takes the override (LoopedCausalLM)
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=self.tokens.pad_id,
                                       eos_token_id=self.tokens.eos_id, **extra)
             new = out[:, width:]
         return [self.tokens.decode(row) for row in new.tolist()]
+
+
+def check_loop_override(model: nn.Module) -> None:
+    """Raise a one-line ``ValueError`` unless ``model`` can run another loop count: a tied looped
+    ``LoopedLM`` or tied surgery output."""
+    from loopreg.surgery.core import LoopedLayers, get_layers, looped_spec
+
+    spec = looped_spec(model)
+    if spec is None or not spec.is_looped:
+        raise ValueError(f"--loops: this {type(model).__name__} does not loop (spec {spec or 'none'}); "
+                         "loop it first with `loopreg surgery`")
+    tied = model.config.tied if isinstance(model, LoopedLM) else isinstance(get_layers(model), LoopedLayers)
+    if not tied:
+        raise ValueError(f"--loops: this {type(model).__name__} is untied (spec {spec}): each application has its own "
+                         "layer, so its loop count is fixed; snap it to a tied model first (`loopreg snap`)")
 
 
 def model_info(name: str, model: nn.Module, loops: int | None = None) -> ModelInfo:
@@ -104,7 +123,8 @@ def model_info(name: str, model: nn.Module, loops: int | None = None) -> ModelIn
         return ModelInfo.from_spec(name, str(spec))
     spec = getattr(model.config, "loopreg_spec", None)
     if spec is not None:
-        return ModelInfo.from_spec(name, spec)
+        spec = LoopSpec.parse(spec)
+        return ModelInfo.from_spec(name, str(spec.with_loops(loops) if loops is not None else spec))
     depth = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     return ModelInfo.from_spec(name, f"{depth}x1")
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopreg.spec import LoopSpec
+from loopreg.update_rules import check_update_rule, iteration_hooks
 
 __all__ = ["LoopedLMConfig", "LoopedLM", "KVCache"]
 
@@ -67,9 +68,17 @@ class LoopedLMConfig:
     placeholder_id: int | None = None
     placeholders_per_step: int = 1
     latent_feedback: str = "residual"
+    # how a looped block iterates (loopreg.update_rules): 'plain' h <- g(h), or training-free 'damped'
+    # sub-steps anchored to the block's single application with weight `anchor`
+    update: str = "plain"
+    anchor: float = 0.0
 
     def __post_init__(self) -> None:
         self.spec = str(LoopSpec.parse(self.spec))
+        try:
+            check_update_rule(self.update, self.anchor)
+        except ValueError as err:
+            raise ValueError(f"model.update/model.anchor: {err}") from None
         if self.latent_feedback not in ("residual", "soft_token"):
             raise ValueError(f"model.latent_feedback must be 'residual' or 'soft_token', got {self.latent_feedback!r}")
         if self.latent_feedback == "soft_token" and self.placeholder_id is None:
@@ -305,13 +314,16 @@ class LoopedLM(nn.Module):
         steps = self.placeholder_steps(input_ids) if latent else None
         frozen_after = self._frozen_after(steps) if self.config.latent_mask else None
         loop_starts = {end - spec.blocks[spec.thinking_block].size + 1: end for end in loop_ends}
-        skipped = self._skipped_applications(spec, grad_loops) if torch.is_grad_enabled() else range(0)
+        skipped = spec.truncated_applications(grad_loops) if torch.is_grad_enabled() else range(0)
+        enter, leave = iteration_hooks(spec, self.config.update, self.config.anchor)
         if checkpoint and cache is not None:
             raise ValueError("checkpoint=True is for training; it cannot be combined with a KV cache")
         for slot, layer_index in enumerate(self.schedule(loops)):
             layer = self.layers[layer_index]
             if slot in loop_starts:
                 loop_input = x
+            if slot in enter:
+                enter[slot](x)
             if slot in skipped:
                 x_in = x if slot == skipped.start else x_in
                 with torch.no_grad():
@@ -322,6 +334,8 @@ class LoopedLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, None, slot, use_reentrant=False)
             else:
                 x = layer(x, rope, mask, cache, slot)
+            if slot in leave:
+                x = leave[slot](x)
             if frozen_after is not None and slot in loop_ends:  # Thm 5.4's masked block (Def. B.3)
                 x = torch.where((frozen_after < loop_ends.index(slot))[..., None], loop_input, x)
             if layer_states is not None:
@@ -371,16 +385,6 @@ class LoopedLM(nn.Module):
         if self.config.learned_positions:  # a fed-back token is an input like any other: token + position
             soft = soft + self.position_embed(positions[rows, targets])
         return x.index_put((rows, targets), soft)
-
-    def _skipped_applications(self, spec: LoopSpec, grad_loops: int | None) -> range:
-        """Layer applications run without a graph under ``grad_loops`` (the early thinking iterations)."""
-        block = spec.blocks[spec.thinking_block]
-        if grad_loops is None or grad_loops >= block.loops:
-            return range(0)
-        if grad_loops < 1:
-            raise ValueError(f"grad_loops must be >= 1, got {grad_loops}")
-        first = spec.loop_ends[0] - block.size + 1
-        return range(first, spec.loop_ends[block.loops - grad_loops - 1] + 1)
 
     @staticmethod
     def _positions_and_mask(batch: int, length: int, past: int, attention_mask: torch.Tensor | None,

@@ -172,6 +172,21 @@ class LoopSpec:
         block = self.blocks[self.thinking_block]
         return tuple(start + (t + 1) * block.size - 1 for t in range(block.loops))
 
+    def truncated_applications(self, grad_loops: int | None) -> range:
+        """Layer applications of the thinking block's early iterations that run without an autograd graph
+        when only its last ``grad_loops`` iterations are backpropagated (truncated backprop).
+
+        >>> LoopSpec.parse("1x1+2x4+1x1").truncated_applications(1)
+        range(1, 7)
+        """
+        block = self.blocks[self.thinking_block]
+        if grad_loops is None or grad_loops >= block.loops:
+            return range(0)
+        if grad_loops < 1:
+            raise ValueError(f"grad_loops must be >= 1, got {grad_loops}")
+        first = self.loop_ends[0] - block.size + 1
+        return range(first, self.loop_ends[block.loops - grad_loops - 1] + 1)
+
     # ----------------------------------------------------------- accounting
     @property
     def params_units(self) -> int:

@@ -38,3 +38,18 @@ def tiny_overrides(corpus: Path, save_folder: Path | None = None) -> list[str]:
     if save_folder is not None:
         extra += [f"save_folder={save_folder}", f"export_folder={save_folder}/model"]
     return TINY_OVERRIDES + extra
+
+
+def hf_byte_tokenizer():
+    """A Llama-style Hugging Face tokenizer over bytes (258 ids: 256 bytes, EOS, ``<s>``), ``<s>`` prepended to
+    every encoded input: the tokenizer of the tiny HF test models."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from loopreg.data.text import byte_level_tokenizer
+
+    raw = byte_level_tokenizer()
+    raw.add_special_tokens(["<s>"])
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    eos = raw.id_to_token(256)
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token=eos, pad_token=eos)

@@ -24,10 +24,12 @@ reloads looped with :func:`load_looped`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import inspect
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -36,11 +38,13 @@ from loopreg.model import LoopedLM
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import Adapter, find_adapter, get_layers, unwrap
 from loopreg.surgery.layer_map import check_init, default_layer_map, parse_layer_map
+from loopreg.update_rules import check_update_rule, iteration_hooks
 
-__all__ = ["LoopedLayers", "LayerApplication", "SurgeryPlan", "plan_surgery", "loop_surgery", "load_looped",
-           "stored_layers", "distinct_param_count", "set_cache_slot"]
+__all__ = ["LoopedLayers", "LayerApplication", "LoopedCausalLM", "SurgeryPlan", "plan_surgery", "loop_surgery",
+           "load_looped", "looped_class", "looped_spec", "stored_layers", "distinct_param_count", "set_cache_slot"]
 
 SPEC_KEY, TIED_KEY = "loopreg_spec", "loopreg_tied"
+UPDATE_KEY, ANCHOR_KEY = "loopreg_update", "loopreg_anchor"
 
 
 def set_cache_slot(layer: nn.Module, slot: int) -> None:
@@ -54,10 +58,16 @@ def set_cache_slot(layer: nn.Module, slot: int) -> None:
 class LayerApplication:
     """One application of a stored layer: calling it runs that layer with the KV-cache slot
     (``layer_idx``) of its position in the stack. Attribute reads go to the layer.
+
+    ``enter``/``leave`` are the update rule's hooks (:mod:`loopreg.update_rules`) and the truncated-backprop
+    bookkeeping: ``enter(h)`` sees the layer's input hidden state, ``leave(h)`` maps its output hidden state;
+    ``no_grad`` runs the layer without an autograd graph.
     """
 
-    def __init__(self, owner: LoopedLayers, key: str, slot: int) -> None:
+    def __init__(self, owner: LoopedLayers, key: str, slot: int, enter: Sequence[Callable] = (),
+                 leave: Sequence[Callable] = (), no_grad: bool = False) -> None:
         self._owner, self._key, self.slot = owner, key, slot
+        self._enter, self._leave, self._no_grad = tuple(enter), tuple(leave), no_grad
 
     @property
     def layer(self) -> nn.Module:
@@ -67,7 +77,18 @@ class LayerApplication:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         layer = self.layer
         set_cache_slot(layer, self.slot)
-        return layer(*args, **kwargs)
+        if not (self._enter or self._leave or self._no_grad):
+            return layer(*args, **kwargs)  # plain looping: nothing between the layers
+        hidden = args[0] if args else kwargs["hidden_states"]
+        for hook in self._enter:
+            hook(hidden)
+        with torch.no_grad() if self._no_grad else contextlib.nullcontext():
+            output = layer(*args, **kwargs)
+        # Decoder layers return the hidden state, or a tuple that starts with it (GPT-2, NeoX, 4.53 Llama).
+        hidden = output[0] if isinstance(output, tuple) else output
+        for hook in self._leave:
+            hidden = hook(hidden)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # private names (and unpickling, before __init__ ran) never forward
@@ -83,17 +104,66 @@ class LoopedLayers(nn.ModuleList):
     ``state_dict``, FSDP units, parameter count) and *reads* as the unrolled stack (iteration, ``len`` and
     indexing give one :class:`LayerApplication` per application), which is all a decoder's forward uses.
 
-    >>> layers = LoopedLayers([nn.Identity(), nn.Identity()], schedule=(0, 1, 1, 1))
+    :meth:`running` swaps in another loop count (or truncated backprop) for the length of one call.
+
+    >>> layers = LoopedLayers([nn.Identity(), nn.Identity()], spec="1x1+1x3")
     >>> len(layers), len(list(layers.children())), layers[3]
     (4, 2, LayerApplication(slot=3, layer=1))
     """
 
-    def __init__(self, layers: Sequence[nn.Module], schedule: Sequence[int]) -> None:
+    def __init__(self, layers: Sequence[nn.Module], spec: LoopSpec | str, update: str = "plain",
+                 anchor: float = 0.0) -> None:
         super().__init__()
         for index, layer in enumerate(layers):
             self.add_module(str(index), layer)
-        self.schedule = tuple(schedule)
-        self.applications = [LayerApplication(self, str(index), slot) for slot, index in enumerate(self.schedule)]
+        self.spec = LoopSpec.parse(spec)
+        if self.spec.distinct_layers != len(layers):
+            raise ValueError(f"loop spec '{self.spec}' has {self.spec.distinct_layers} distinct layers, "
+                             f"got {len(layers)} layers")
+        check_update_rule(update, anchor)
+        self.update, self.anchor = update, float(anchor)
+        self.applications = self._applications(self.spec)
+
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        return self.spec.schedule
+
+    def _applications(self, spec: LoopSpec, grad_loops: int | None = None) -> list[LayerApplication]:
+        enter, leave = iteration_hooks(spec, self.update, self.anchor)
+        hooks: dict[int, tuple[list[Callable], list[Callable]]] = {}
+        for slot, hook in enter.items():
+            hooks.setdefault(slot, ([], []))[0].append(hook)
+        for slot, hook in leave.items():
+            hooks.setdefault(slot, ([], []))[1].append(hook)
+        skipped = spec.truncated_applications(grad_loops)
+        if skipped:
+            # Jacobian-free through the skipped iterations (as LoopedLM.forward): their output carries the
+            # gradient of their input unchanged, so earlier layers and the embedding still learn.
+            start: dict[str, torch.Tensor] = {}
+            hooks.setdefault(skipped.start, ([], []))[0].insert(0, lambda h: start.__setitem__("h", h))
+            hooks.setdefault(skipped.stop - 1, ([], []))[1].append(
+                lambda out: out.detach() + (start["h"] - start["h"].detach()))
+        return [LayerApplication(self, str(index), slot, *hooks.get(slot, ((), ())), no_grad=slot in skipped)
+                for slot, index in enumerate(spec.schedule)]
+
+    @contextlib.contextmanager
+    def running(self, config: Any, loops: int | Sequence[int] | None = None,
+                grad_loops: int | None = None) -> Iterator[None]:
+        """Within the block the stack runs ``loops`` (see :meth:`LoopSpec.with_loops`) and, while autograd
+        records, builds the graph of only the last ``grad_loops`` thinking iterations; ``config`` (the HF
+        config, whose ``num_hidden_layers`` bounds the decoder's loop) follows. ``None`` keeps what runs
+        now, so a forward nested in ``generate(loops=...)`` keeps the override."""
+        if loops is None and (grad_loops is None or not torch.is_grad_enabled()):
+            yield
+            return
+        spec = self.spec.with_loops(loops) if loops is not None else self.spec
+        saved = self.applications, config.num_hidden_layers
+        self.applications = self._applications(spec, grad_loops if torch.is_grad_enabled() else None)
+        config.num_hidden_layers = spec.effective_depth
+        try:
+            yield
+        finally:
+            self.applications, config.num_hidden_layers = saved
 
     def __iter__(self) -> Iterator[LayerApplication]:
         return iter(self.applications)
@@ -108,7 +178,90 @@ class LoopedLayers(nn.ModuleList):
         return nn.Module.__repr__(self)  # the stored layers, not D application lines
 
     def extra_repr(self) -> str:
-        return f"schedule={self.schedule}"
+        update = f", update={self.update}, anchor={self.anchor}" if self.update != "plain" else ""
+        return f"spec={self.spec}{update}"
+
+
+class LoopedCausalLM:
+    """Put in front of a looped Hugging Face model's own class by surgery (the class keeps its name, so
+    ``save_pretrained`` records the same architecture): ``forward`` and ``generate`` take ``loops=`` (a loop
+    override, as :class:`~loopreg.model.LoopedLM` has it) and ``forward`` takes ``grad_loops=`` (truncated
+    backprop through the thinking block). Both travel per call, e.g. in a Composer batch.
+
+    >>> # retrofit.generate(input_ids, max_new_tokens=8, loops=3)
+    """
+
+    def forward(self, *args: Any, loops: int | Sequence[int] | None = None, grad_loops: int | None = None,
+                **kwargs: Any) -> Any:
+        with self._running(loops, grad_loops):
+            return super().forward(*args, **kwargs)
+
+    def generate(self, *args: Any, loops: int | Sequence[int] | None = None, **kwargs: Any) -> Any:
+        with self._running(loops, None):
+            return super().generate(*args, **kwargs)
+
+    def _running(self, loops: int | Sequence[int] | None, grad_loops: int | None) -> contextlib.AbstractContextManager:
+        layers = get_layers(self)
+        if isinstance(layers, LoopedLayers):
+            return layers.running(self.config, loops, grad_loops)
+        if loops is not None or grad_loops is not None:
+            raise ValueError(f"loop override loops={loops!r}, grad_loops={grad_loops!r} needs a tied looped model; "
+                             f"this one is untied ('{getattr(self.config, SPEC_KEY, None)}'): snap it first")
+        return contextlib.nullcontext()
+
+
+class _LoopedClasses:
+    """Where the looped variant of each HF class lives, e.g. ``_LOOPED.LlamaForCausalLM``: made once per
+    class and found again by name (transformers exports every causal-LM class), so looped models pickle."""
+
+    def __getattr__(self, name: str) -> type:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        import transformers
+
+        return looped_class(getattr(transformers, name))
+
+
+_LOOPED = _LoopedClasses()
+_LOOPED_BY_BASE: dict[type, type] = {}
+
+
+def looped_class(base: type) -> type:
+    """The subclass of ``base`` with :class:`LoopedCausalLM` in front (the same one on every call)."""
+    if issubclass(base, LoopedCausalLM):
+        return base
+    if base not in _LOOPED_BY_BASE:
+        _LOOPED_BY_BASE[base] = type(base.__name__, (LoopedCausalLM, base), {
+            "__module__": __name__, "__qualname__": f"_LOOPED.{base.__name__}", "__doc__": base.__doc__,
+            "forward": _forward_with_signature(base)})
+    return _LOOPED_BY_BASE[base]
+
+
+def _forward_with_signature(base: type) -> Callable:
+    """:meth:`LoopedCausalLM.forward` showing ``base.forward``'s parameters plus ``loops``/``grad_loops``:
+    Composer's ``HuggingFaceModel`` passes the batch keys that the forward's signature names."""
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return LoopedCausalLM.forward(self, *args, **kwargs)
+
+    parameters = list(inspect.signature(base.forward).parameters.values())
+    variadic = [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("loops", "grad_loops")]
+    forward.__signature__ = inspect.Signature([p for p in parameters if p not in variadic] + extra + variadic)
+    forward.__doc__ = base.forward.__doc__
+    return forward
+
+
+def looped_spec(model: nn.Module) -> LoopSpec | None:
+    """The loop spec ``model`` runs (a :class:`~loopreg.model.LoopedLM` or a surgery output), ``None`` for a
+    plain model.
+
+    >>> # looped_spec(load_source("runs/smollm2_keepall"))  ->  LoopSpec '7x1+5x2+18x1'
+    """
+    model = unwrap(model)
+    if isinstance(model, LoopedLM):
+        return model.spec
+    spec = getattr(getattr(model, "config", None), SPEC_KEY, None)
+    return LoopSpec.parse(spec) if spec is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +317,15 @@ def distinct_param_count(model: nn.Module) -> int:
 
 
 def loop_surgery(model: nn.Module, spec: LoopSpec | str, layers: str | None = None, init: str = "copy",
-                 tied: bool = True) -> nn.Module:
+                 tied: bool = True, update: str = "plain", anchor: float = 0.0) -> nn.Module:
     """Relayout ``model``'s layers by ``spec`` in place and return it (see the module docstring).
 
     ``layers`` is a layer map like ``"0-3,13-16,26-29"`` (one range per distinct block; default: first
     and last blocks from the ends, middle blocks from the middle); ``init`` is ``copy``, ``average`` or
     ``stepwise``; ``tied=False`` gives the untied, grouped model. The source layers of an already looped
-    model are its stored (distinct) layers.
+    model are its stored (distinct) layers. ``update``/``anchor`` choose how looped blocks iterate
+    (:mod:`loopreg.update_rules`: ``plain``, or the training-free ``damped`` rule with anchor β); they are
+    stored in the config with the spec.
 
     >>> # loop_surgery(smollm2, "4x(1,4,1)")  # 0-3 | 13-16 x4 | 26-29: 12 distinct layers, depth 24
     """
@@ -178,14 +333,18 @@ def loop_surgery(model: nn.Module, spec: LoopSpec | str, layers: str | None = No
     adapter = find_adapter(causal_lm)
     source = stored_layers(causal_lm, adapter)
     plan = plan_surgery(len(source), spec, layers, init, tied)
+    check_update_rule(update, anchor)
+    if update != "plain" and not tied:
+        raise ValueError(f"update rule '{update}' runs one block K times: it needs a tied model, not --untied")
     distinct = [_seed(source, seed, plan.init) for seed in plan.seeds]
     applications = _application_layers(distinct, plan, getattr(causal_lm, "config", None))
     if isinstance(causal_lm, LoopedLM):
-        causal_lm.config = dataclasses.replace(causal_lm.config, spec=str(plan.spec), tied=tied)
+        causal_lm.config = dataclasses.replace(causal_lm.config, spec=str(plan.spec), tied=tied, update=update,
+                                               anchor=float(anchor))
         causal_lm.spec = causal_lm.config.loop_spec
         causal_lm.layers = nn.ModuleList(distinct if tied else applications)
     else:
-        _relayout_hf(causal_lm, adapter, distinct, applications, plan)
+        _relayout_hf(causal_lm, adapter, distinct, applications, plan, update, float(anchor))
     return model
 
 
@@ -216,10 +375,11 @@ def _application_layers(distinct: list[nn.Module], plan: SurgeryPlan, config: An
 
 
 def _relayout_hf(model: nn.Module, adapter: Adapter, distinct: list[nn.Module], applications: list[nn.Module],
-                 plan: SurgeryPlan) -> None:
+                 plan: SurgeryPlan, update: str, anchor: float) -> None:
     config = model.config
+    model.__class__ = looped_class(type(model))
     if plan.tied:
-        model.set_submodule(adapter.layers, LoopedLayers(distinct, plan.spec.schedule))
+        model.set_submodule(adapter.layers, LoopedLayers(distinct, plan.spec, update, anchor))
     else:
         model.set_submodule(adapter.layers, nn.ModuleList(applications))
         for slot, layer in enumerate(applications):
@@ -229,6 +389,8 @@ def _relayout_hf(model: nn.Module, adapter: Adapter, distinct: list[nn.Module], 
         config.layer_types = [layer.attention_type for layer in applications]
     setattr(config, SPEC_KEY, str(plan.spec))
     setattr(config, TIED_KEY, plan.tied)
+    setattr(config, UPDATE_KEY, update)
+    setattr(config, ANCHOR_KEY, anchor)
     _mark_layer_units(model, type(distinct[0]))
 
 
@@ -262,6 +424,7 @@ def load_looped(folder: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
         # Plain, or untied: the checkpoint already has one layer per application.
         model = AutoModelForCausalLM.from_pretrained(folder, config=config, **from_pretrained_kwargs)
         if spec_text is not None:
+            model.__class__ = looped_class(type(model))  # loops= gets the one-line "untied" error
             _mark_layer_units(model, type(stored_layers(model)[0]))
         return model
     spec = LoopSpec.parse(spec_text)
@@ -271,4 +434,5 @@ def load_looped(folder: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
         config.layer_types = [config.layer_types[slot] for slot in first_application]
     model = AutoModelForCausalLM.from_pretrained(folder, config=config, **from_pretrained_kwargs)
     identity = ",".join(f"{b.offset}-{b.offset + b.size - 1}" for b in spec.blocks)
-    return loop_surgery(model, spec, layers=identity)
+    return loop_surgery(model, spec, layers=identity, update=getattr(config, UPDATE_KEY, "plain"),
+                        anchor=getattr(config, ANCHOR_KEY, 0.0))
