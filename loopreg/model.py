@@ -30,10 +30,24 @@ from torch import nn
 from loopreg.spec import LoopSpec
 from loopreg.update_rules import check_update_rule, iteration_hooks
 
-__all__ = ["LoopedLMConfig", "LoopedLM", "KVCache"]
+__all__ = ["LoopedLMConfig", "LoopedLM", "KVCache", "batch_option"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+def batch_option(value: int | torch.Tensor | None) -> int | None:
+    """A per-batch loop option as an int. In a Composer batch it is a (B,) tensor of one repeated value, so
+    that Composer can count samples and split the batch into microbatches (it cannot do either with an int).
+
+    >>> batch_option(torch.full((4,), 3)), batch_option(2), batch_option(None)
+    (3, 2, None)
+    """
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.numel() == 0 or bool((value != value.flatten()[0]).any()):
+        raise ValueError(f"a per-batch loop option must repeat one value over the batch, got {value.tolist()}")
+    return int(value.flatten()[0])
 
 
 @dataclass

@@ -38,7 +38,17 @@ def cases(corpus: Path) -> dict[str, list[str]]:
         "regularized_4x1_untied": [*text, "model.spec=4x1", "model.tied=false",
                                    "algorithms.loop_regularizer.lambda_reg=10.0", "algorithms.loop_regularizer.block_size=2"],
         "middle_looped_1x(1,2,1)": [*text, "model.spec=1x(1,2,1)"],
+        "random_loops_1x(1,2,1)": [*text, "model.spec=1x(1,2,1)", *RANDOM_LOOPS],
     }
+
+
+RANDOM_LOOPS = ["algorithms.random_loops.distribution.kind=uniform", "algorithms.random_loops.distribution.low=1",
+                "algorithms.random_loops.distribution.high=4", "algorithms.random_loops.grad_loops=2"]
+
+
+def drawn_loops(trainer) -> list[int]:
+    memory = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+    return [int(v) for _, v in memory.data["random_loops/loops"]]
 
 
 class PoisonRank1(Callback):
@@ -78,7 +88,11 @@ def launched_main(spec_path: str) -> None:
     from composer.utils import dist
 
     spec = json.loads(Path(spec_path).read_text())
-    results = {name: train(recipe, overrides)[0] for name, (recipe, *overrides) in spec["cases"].items()}
+    results = {}
+    for name, (recipe, *overrides) in spec["cases"].items():
+        results[name], trainer = train(recipe, overrides)
+        if name.startswith("random_loops"):
+            results["random_loops_per_rank"] = dist.all_gather_object(drawn_loops(trainer))
     poison = PoisonRank1()
     recipe, *overrides = spec["poison"]
     _, trainer = train(recipe, overrides, extra_callbacks=[poison])
@@ -104,7 +118,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -> di
     return json.loads((folder / "results.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["plain_looped_1x4", "regularized_4x1_untied", "middle_looped_1x(1,2,1)"])
+@pytest.mark.parametrize("name", ["plain_looped_1x4", "regularized_4x1_untied", "middle_looped_1x(1,2,1)",
+                                  "random_loops_1x(1,2,1)"])
 def test_two_ranks_follow_the_one_process_loss_curve(two_ranks: dict, text_corpus: Path, name: str):
     recipe, *overrides = cases(text_corpus)[name]
     one, _ = train(recipe, overrides)
@@ -116,6 +131,13 @@ def test_two_ranks_follow_the_one_process_loss_curve(two_ranks: dict, text_corpu
         worst = max(abs(a - b) / abs(a) for a, b in zip(one[key], two[key]))
         assert worst <= 1e-5, (key, one[key], two[key])
     assert one["loss/train/total"][-1] < one["loss/train/total"][0]  # it trained: the curves are not flat
+
+
+def test_two_ranks_draw_the_same_random_loop_counts(two_ranks: dict, text_corpus: Path):
+    recipe, *overrides = cases(text_corpus)["random_loops_1x(1,2,1)"]
+    rank0, rank1 = two_ranks["random_loops_per_rank"]
+    assert rank0 == rank1 and len(rank0) == BATCHES and len(set(rank0)) > 1
+    assert drawn_loops(train(recipe, overrides)[1]) == rank0  # and what one process draws
 
 
 def test_a_nan_on_one_rank_skips_the_batch_on_every_rank(two_ranks: dict):

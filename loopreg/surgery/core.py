@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from loopreg.model import LoopedLM
+from loopreg.model import LoopedLM, batch_option
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import Adapter, find_adapter, get_layers, unwrap
 from loopreg.surgery.layer_map import check_init, default_layer_map, parse_layer_map
@@ -200,7 +200,9 @@ class LoopedCausalLM:
         with self._running(loops, None):
             return super().generate(*args, **kwargs)
 
-    def _running(self, loops: int | Sequence[int] | None, grad_loops: int | None) -> contextlib.AbstractContextManager:
+    def _running(self, loops: int | Sequence[int] | torch.Tensor | None,
+                 grad_loops: int | torch.Tensor | None) -> contextlib.AbstractContextManager:
+        loops, grad_loops = batch_option(loops), batch_option(grad_loops)  # as RandomLoops puts them in a batch
         layers = get_layers(self)
         if isinstance(layers, LoopedLayers):
             return layers.running(self.config, loops, grad_loops)
@@ -355,8 +357,11 @@ def _seed(source: list[nn.Module], seed: tuple[int, ...], init: str) -> nn.Modul
         peers = [source[index] for index in seed]
         with torch.no_grad():
             for name, param in layer.named_parameters():
-                # fp32 so bf16 sources average accurately; the mean lands in the kept layer's own tensor.
-                param.copy_(torch.stack([peer.get_parameter(name).float() for peer in peers]).mean(0))
+                # fp32 so bf16 sources average accurately; the mean lands in the kept layer's own tensor. As
+                # first + mean difference it is exact for identical seeds (snapping untied copies).
+                first = param.float()
+                differences = sum(peer.get_parameter(name).float() - first for peer in peers[1:])
+                param.copy_(first + differences / len(peers))
     return layer
 
 
