@@ -1,7 +1,10 @@
-"""Save the trained model as a self-describing loopreg folder at the end of training.
+"""Save the trained model as a self-describing folder at the end of training.
 
-The folder (``config.json`` with the loop spec, ``model.safetensors``, ``tokenizer.json``) is what
-``loopreg eval``, ``loopreg export``, ``loopreg similarity`` and ``LoopedLM.from_pretrained`` read.
+A :class:`~loopreg.model.LoopedLM` becomes a loopreg folder (``config.json`` with the loop spec,
+``model.safetensors``, ``tokenizer.json``); a Hugging Face model (a retrofit: a tied or untied loop-surgery
+output) becomes a surgery-style Hugging Face folder with its tokenizer
+(:func:`~loopreg.surgery.export.write_model_folder`). ``loopreg eval``, ``loopreg export``,
+``loopreg similarity`` and :func:`~loopreg.surgery.load_source` read both back (looped).
 
     >>> ExportModel("runs/loop_12x2/model", tokenizer)  # doctest: +SKIP
 """
@@ -10,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
-from tokenizers import Tokenizer
+from torch import nn
 
 from loopreg.surgery.adapters import unwrap
 
@@ -23,9 +27,10 @@ __all__ = ["ExportModel"]
 
 class ExportModel(Callback):
     """At ``fit_end`` rank 0 writes ``folder`` atomically (:func:`~loopreg.surgery.export.write_folder`); under
-    FSDP the full weights are gathered first."""
+    FSDP the full weights are gathered first. ``tokenizer`` is the recipe's: a ``tokenizers.Tokenizer`` for a
+    LoopedLM, the source's Hugging Face tokenizer for a Hugging Face model."""
 
-    def __init__(self, folder: str | Path, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, folder: str | Path, tokenizer: Any | None = None) -> None:
         self.folder, self.tokenizer = Path(folder), tokenizer
 
     def fit_end(self, state: State, logger: Logger) -> None:
@@ -36,14 +41,19 @@ class ExportModel(Callback):
                   if state.fsdp_enabled else contextlib.nullcontext())
         with gather:
             if dist.get_global_rank() == 0:
-                self._write(unwrap(model))  # the LoopedLM inside Composer's and DDP's wrappers
+                self._write(unwrap(model))  # the bare model inside Composer's and DDP's wrappers
         dist.barrier()
 
-    def _write(self, looped_lm) -> None:
-        from loopreg.surgery.export import write_folder
+    def _write(self, model: nn.Module) -> None:
+        from loopreg.model import LoopedLM
+        from loopreg.surgery.export import write_folder, write_model_folder
+
+        if not isinstance(model, LoopedLM):
+            write_model_folder(model, self.folder, self.tokenizer)
+            return
 
         def save(staging: Path) -> None:
-            looped_lm.save_pretrained(staging)
+            model.save_pretrained(staging)
             if self.tokenizer is not None:
                 self.tokenizer.save(str(staging / "tokenizer.json"))
 

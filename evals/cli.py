@@ -2,8 +2,11 @@
 
     loopreg eval runs/loop_4x6/model --groups reasoning_primitives --loops 1,2,4,8 --out runs/eval/loop_4x6.json
     loopreg eval path/to/SmolLM2-135M-Instruct.Q4_1.gguf --tasks svamp --limit 100 --out runs/eval/smol.json
+    loopreg eval runs/smollm2_middle --ppl-text heldout.jsonl --loops 1,2,3,4 --out runs/eval/middle.json
 
 With several ``--loops`` values each gets its own results file (``NAME_loops4.json``) and sidecar.
+``--ppl-text`` adds the token-weighted perplexity (:mod:`.perplexity`) to each results file (the report's
+PPL column); it may be the only thing measured.
 """
 
 from __future__ import annotations
@@ -13,30 +16,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-__all__ = ["cli_main", "perplexity"]
+from .perplexity import DEFAULT_MAX_TOKENS, perplexity
 
-
-def perplexity(generator, source: str, seq_len: int = 512, max_sequences: int = 64) -> float:
-    """Token perplexity of the model on ``source`` (a text file/folder/JSONL/hub dataset), packed into
-    ``seq_len`` sequences (the first ``max_sequences``)."""
-    import math
-
-    import torch
-
-    from loopreg.data.text import PackedText, text_stream
-
-    tokens = generator.tokens
-    if tokens.is_hf:
-        raise ValueError("--ppl-text is supported for loopreg models (their tokenizers.Tokenizer); "
-                         "use lm-eval's perplexity tasks for Hugging Face models")
-    data = PackedText(text_stream(source), tokens.raw, seq_len, max_sequences=max_sequences)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for item in data:
-            logits = generator.model(item["input_ids"][None], loops=generator.loops)
-            total += torch.nn.functional.cross_entropy(logits[0].float(), item["labels"], reduction="sum").item()
-            count += item["labels"].numel()
-    return math.exp(total / max(count, 1))
+__all__ = ["cli_main"]
 
 
 def _loop_list(text: str | None) -> list[int | None]:
@@ -64,13 +46,16 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-dir", default=None, help="offline eval data (default: $LOOPREG_EVALDATA or ../shared/evaldata)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder)")
-    parser.add_argument("--ppl-text", default=None, help="text source for perplexity (loopreg models)")
+    parser.add_argument("--ppl-text", default=None, help="text file/folder/JSONL for perplexity (any model)")
+    parser.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window (default: min(512, context))")
+    parser.add_argument("--ppl-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help="predicted tokens to score, in whole windows (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON path")
     parser.add_argument("--allow-hub", action="store_true", help="load tasks without local data from the HF hub")
     args = parser.parse_args(argv)
     names = [n.strip() for n in f"{args.groups},{args.tasks}".split(",") if n.strip()]
-    if not names:
-        print("error: name at least one --groups or --tasks", file=sys.stderr)
+    if not names and not args.ppl_text:
+        print("error: name at least one --groups or --tasks, or give --ppl-text", file=sys.stderr)
         return 2
     try:
         from .models import load_generator
@@ -79,7 +64,11 @@ def cli_main(argv: list[str]) -> int:
         for loops in _loop_list(args.loops):
             generator, info = load_generator(args.model, loops, args.gguf_file)
             if args.ppl_text:
-                info = dataclasses.replace(info, perplexity=perplexity(generator, args.ppl_text))
+                result = perplexity(generator.model, generator.tokens.raw, args.ppl_text, seq_len=args.ppl_seq_len,
+                                    max_tokens=args.ppl_tokens, loops=generator.loops)
+                print(f"{info.name}: perplexity {result.ppl:.3f} over {result.tokens} tokens "
+                      f"({result.windows} windows)")
+                info = dataclasses.replace(info, perplexity=result.ppl)
             out = args.out if loops is None or args.loops.count(",") == 0 else \
                 args.out.with_name(f"{args.out.stem}_loops{loops}{args.out.suffix}")
             evaluate(generator, specs, args.data_dir, args.limit, args.batch_size,

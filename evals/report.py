@@ -35,7 +35,7 @@ from rich.table import Table
 from loopreg.spec import LoopSpec
 
 from .aggregate import GroupScore, TaskScore, aggregate_groups, percent_gap
-from .scaling import DepthPoint, alpha_ratios, fit_scaling, plot_scaling
+from .scaling import DepthPoint, alpha_ratios, fit_scaling, plot_scaling, plotted_groups
 from .tasks import EvalDataError, GroupSpec, load_groups
 
 __all__ = [
@@ -271,7 +271,9 @@ def scaling_report(results: Sequence[EvalResults], groups: Mapping[str, GroupSpe
                    png: str | Path | None = None) -> ReportTable:
     """Fit ``Acc = α·ln D + β`` per group and family (see :mod:`.scaling`); optionally write the PNG.
 
-    α and β are in accuracy points (%), α per unit of natural-log depth.
+    α and β are in accuracy points (%), α per unit of natural-log depth. A fit through fewer than three
+    distinct depths is exact: its R² cell is ``—`` (``None`` in JSON) and a note says why. The PNG draws
+    only the groups some model has a score in.
 
     Example: ``to_markdown(scaling_report(load_results(["runs/"]), load_groups(), png="scaling.png"))``
     """
@@ -285,21 +287,27 @@ def scaling_report(results: Sequence[EvalResults], groups: Mapping[str, GroupSpe
         group_scores = aggregate_groups({g: groups[g] for g in columns}, r.tasks, centered)
         points.append(DepthPoint(r.info.name, r.info.params_units, r.info.flops_units,
                                  {g: s.score for g, s in group_scores.items() if s.score is not None}))
-    fits = fit_scaling(points, columns)
-    rows = []
+    fits, plotted = fit_scaling(points, columns), plotted_groups(points, columns)
+    rows, exact = [], None
     for group in columns:
         ratios = alpha_ratios(fits[group])
         for family, fit in fits[group].items():
             ratio = ratios.get(family)
+            exact = fit.r2_label if fit.exact else exact
             rows.append(ReportRow("fit", (groups[group].title, family, f"{100 * fit.alpha:.2f}",
-                                          f"{100 * fit.beta:.1f}", f"{fit.r2:.3f}", str(fit.n),
-                                          MISSING_CELL if ratio is None else f"{ratio:.2f}"),
+                                          f"{100 * fit.beta:.1f}", MISSING_CELL if fit.exact else f"{fit.r2:.3f}",
+                                          str(fit.n), MISSING_CELL if ratio is None else f"{ratio:.2f}"),
                                   (group, family, fit.alpha, fit.beta, fit.r2, fit.n, ratio)))
     notes = ["Acc = α·ln(D) + β, natural log, D = effective depth (FLOPs in layer units); α, β in accuracy points",
              "α ratio = α_looped / α_non-looped for the same group"]
+    if exact is not None:
+        notes.append(f"R² {MISSING_CELL}: {exact} (a line through two depths fits them exactly)")
+    unfitted = [group for group in plotted if not fits[group]]
+    if unfitted:
+        notes.append(f"no fit (every family has a single depth): {', '.join(unfitted)}")
     if png is not None:
         plot_scaling(points, fits, png, {g: groups[g].title for g in columns})
-        notes.append(f"plot: {png}")
+        notes.append(f"plot: {png} (only the groups with scores: {', '.join(plotted)})")
     return ReportTable("Depth scaling", ("Group", "Family", "α", "β", "R²", "n", "α ratio"), tuple(rows),
                        tuple(notes))
 

@@ -8,6 +8,8 @@ Families: non-looped models (distinct layers == D) form one; looped models with 
     >>> fit = fit_log_depth([4, 8, 16], [0.1 + 0.05 * math.log(d) for d in (4, 8, 16)])
     >>> round(fit.alpha, 3), round(fit.beta, 3), round(fit.r2, 3)
     (0.05, 0.1, 1.0)
+    >>> fit_log_depth([4, 8], [0.1, 0.2]).r2_label  # two depths: any line through them is exact
+    'n=2 depths: exact fit, R² not meaningful'
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["NON_LOOPED", "DepthPoint", "LogDepthFit", "alpha_ratios", "families", "fit_log_depth",
-           "fit_scaling", "plot_scaling"]
+__all__ = ["MIN_R2_DEPTHS", "NON_LOOPED", "DepthPoint", "LogDepthFit", "alpha_ratios", "families", "fit_log_depth",
+           "fit_scaling", "plot_scaling", "plotted_groups", "scaling_figure"]
 
 NON_LOOPED = "non-looped (D⊗1)"
+MIN_R2_DEPTHS = 3  # below this many distinct depths a line fits exactly and R² is 1 by construction
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,29 @@ class DepthPoint:
 
 @dataclass(frozen=True)
 class LogDepthFit:
-    """Least-squares ``score = alpha·ln(depth) + beta`` over ``n`` points, with its R²."""
+    """Least-squares ``score = alpha·ln(depth) + beta`` over ``n`` points at ``depths`` distinct depths.
+
+    ``r2`` is ``None`` below :data:`MIN_R2_DEPTHS` distinct depths: a line through two depths fits them
+    exactly, so its R² is 1 by construction and says nothing about the law (see :attr:`exact`).
+
+    Example: ``LogDepthFit(alpha=0.05, beta=0.1, r2=None, n=2, depths=2).exact`` -> ``True``
+    """
 
     alpha: float
     beta: float
-    r2: float
+    r2: float | None
     n: int
+    depths: int
+
+    @property
+    def exact(self) -> bool:
+        """Fewer than :data:`MIN_R2_DEPTHS` distinct depths: an exact fit whose R² is not meaningful."""
+        return self.depths < MIN_R2_DEPTHS
+
+    @property
+    def r2_label(self) -> str:
+        """R² for a legend, or why there is none: ``'R²=0.99'`` / ``'n=2 depths: exact fit, R² not meaningful'``."""
+        return f"n={self.depths} depths: exact fit, R² not meaningful" if self.r2 is None else f"R²={self.r2:.2f}"
 
     def predict(self, depth: float | np.ndarray) -> float | np.ndarray:
         """The fitted score at ``depth``."""
@@ -55,18 +75,21 @@ class LogDepthFit:
 
 
 def fit_log_depth(depths: Sequence[float], scores: Sequence[float]) -> LogDepthFit:
-    """Fit ``score = α·ln(depth) + β``; needs at least two distinct depths.
+    """Fit ``score = α·ln(depth) + β``; needs at least two distinct depths, and three for an R².
 
     Example: ``fit_log_depth([4, 8, 12, 24], [0.20, 0.25, 0.27, 0.31]).alpha``
     """
     log_depth, y = np.log(np.asarray(depths, dtype=float)), np.asarray(scores, dtype=float)
-    if len(np.unique(log_depth)) < 2:
+    distinct = len(np.unique(log_depth))
+    if distinct < 2:
         raise ValueError(f"a log-depth fit needs at least two distinct depths, got {sorted(set(depths))}")
     alpha, beta = np.polyfit(log_depth, y, 1)
-    residual = float(np.sum((y - (alpha * log_depth + beta)) ** 2))
-    total = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1.0 - residual / total if total > 0 else 1.0  # all-equal scores: the flat line fits exactly
-    return LogDepthFit(float(alpha), float(beta), r2, len(y))
+    r2 = None
+    if distinct >= MIN_R2_DEPTHS:
+        residual = float(np.sum((y - (alpha * log_depth + beta)) ** 2))
+        total = float(np.sum((y - y.mean()) ** 2))
+        r2 = 1.0 - residual / total if total > 0 else 1.0  # all-equal scores: the flat line fits exactly
+    return LogDepthFit(float(alpha), float(beta), r2, len(y), distinct)
 
 
 def families(points: Sequence[DepthPoint]) -> dict[str, list[DepthPoint]]:
@@ -110,17 +133,28 @@ def alpha_ratios(fits: Mapping[str, LogDepthFit]) -> dict[str, float]:
             for family, fit in fits.items() if family != NON_LOOPED}
 
 
-def plot_scaling(points: Sequence[DepthPoint], fits: Mapping[str, Mapping[str, LogDepthFit]], path: str | Path,
-                 titles: Mapping[str, str] | None = None) -> Path:
-    """Write a PNG: one panel per group, accuracy (%) vs effective depth on a log axis, points and fits
-    (legend α and β in accuracy points per unit of ln D).
+def plotted_groups(points: Sequence[DepthPoint], groups: Sequence[str]) -> list[str]:
+    """The ``groups`` (in order) that at least one point has a score for: the panels :func:`plot_scaling` draws.
 
-    Example: ``plot_scaling(points, fit_scaling(points, groups), "scaling.png")``
+    Example: ``plotted_groups(points, ["math_word", "closed_book"])`` -> ``['math_word']``
+    """
+    return [group for group in groups if any(p.scores.get(group) is not None for p in points)]
+
+
+def scaling_figure(points: Sequence[DepthPoint], fits: Mapping[str, Mapping[str, LogDepthFit]],
+                   titles: Mapping[str, str] | None = None) -> Figure:
+    """One panel per group that has scores (groups without any are left out, the grid fits the rest):
+    accuracy (%) vs effective depth on a log axis, points and fits (legend α and β in accuracy points per
+    unit of ln D; R², or, dashed, that the fit is exact because it has fewer than three depths).
+
+    Example: ``len(scaling_figure(points, fit_scaling(points, groups)).axes)`` -> panels drawn
     """
     titles = titles or {}
-    groups = list(fits)
-    columns = min(3, len(groups)) or 1
-    rows = math.ceil(len(groups) / columns) or 1
+    groups = plotted_groups(points, list(fits))
+    if not groups:
+        raise ValueError(f"no model has a score in any of the groups {', '.join(fits)}: nothing to plot")
+    columns = min(3, len(groups))
+    rows = math.ceil(len(groups) / columns)
     figure = Figure(figsize=(4.5 * columns, 3.6 * rows), layout="constrained")
     FigureCanvasAgg(figure)  # Agg explicitly: no pyplot, no global backend, works headless
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
@@ -134,8 +168,8 @@ def plot_scaling(points: Sequence[DepthPoint], fits: Mapping[str, Mapping[str, L
             fit = fits[group].get(family)
             if fit is not None:
                 grid = np.geomspace(min(p.depth for p in scored), max(p.depth for p in scored), 50)
-                axis.plot(grid, 100 * fit.predict(grid), color=color,
-                          label=f"{family}: α={100 * fit.alpha:.2f}, β={100 * fit.beta:.1f}, R²={fit.r2:.2f}")
+                axis.plot(grid, 100 * fit.predict(grid), color=color, linestyle="--" if fit.exact else "-",
+                          label=f"{family}: α={100 * fit.alpha:.2f}, β={100 * fit.beta:.1f}, {fit.r2_label}")
         axis.set_xscale("log")
         axis.set_xlim(min(depths) / 1.15, max(depths) * 1.15)
         axis.set_xticks(depths, [str(d) for d in depths])
@@ -145,8 +179,17 @@ def plot_scaling(points: Sequence[DepthPoint], fits: Mapping[str, Mapping[str, L
         axis.set_title(titles.get(group, group))
         if fits[group]:
             axis.legend(fontsize="x-small")
-    for axis in axes[len(groups):]:
-        axis.set_visible(False)
+    for axis in axes[len(groups):]:  # the last row's unused cells
+        figure.delaxes(axis)
+    return figure
+
+
+def plot_scaling(points: Sequence[DepthPoint], fits: Mapping[str, Mapping[str, LogDepthFit]], path: str | Path,
+                 titles: Mapping[str, str] | None = None) -> Path:
+    """Write :func:`scaling_figure` as a PNG.
+
+    Example: ``plot_scaling(points, fit_scaling(points, groups), "scaling.png")``
+    """
     path = Path(path)
-    figure.savefig(path, dpi=120)
+    scaling_figure(points, fits, titles).savefig(path, dpi=120)
     return path

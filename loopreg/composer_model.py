@@ -5,6 +5,10 @@ Batches are dicts with ``input_ids`` (B, T) and ``labels`` (B, T) already aligne
 supervision (synthetic tasks) use the same loss as packed text.
 
     >>> model = ComposerLoopedLM(LoopedLMConfig(spec="2x2", vocab_size=32, d_model=16, n_heads=2))
+
+A pretrained Hugging Face causal LM (a recipe's ``model.pretrained``) is a :class:`PretrainedLM`, Composer's
+``HuggingFaceModel``; its batches follow Hugging Face's convention (``labels`` equal ``input_ids``, the
+model shifts them).
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
-from composer.models import ComposerModel
+from composer.models import ComposerModel, HuggingFaceModel
 from torchmetrics import Metric
 
-from loopreg.model import LoopedLM, LoopedLMConfig
+from loopreg.model import LoopedLM, LoopedLMConfig, batch_option
 
-__all__ = ["ComposerLoopedLM", "IGNORE_INDEX"]
+__all__ = ["ComposerLoopedLM", "PretrainedLM", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -50,7 +54,8 @@ class ComposerLoopedLM(ComposerModel):
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
         """Training FLOPs (forward + backward = 3x forward) of one batch, counting every layer application;
         Composer's SpeedMonitor turns this into MFU."""
-        config, depth = self.model.config, self.model.spec.effective_depth
+        config, spec = self.model.config, self.model.spec
+        depth = (spec.with_loops(batch_option(batch["loops"])) if "loops" in batch else spec).effective_depth
         batch_size, length = batch["input_ids"].shape
         layer_params = sum(p.numel() for p in self.model.layers[0].parameters())
         matmul = 2 * (layer_params * depth + config.d_model * config.vocab_size) * batch_size * length
@@ -58,7 +63,9 @@ class ComposerLoopedLM(ComposerModel):
         return 3.0 * (matmul + attention)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch["input_ids"], **self.forward_options)
+        # Per-batch loop options (RandomLoops) travel in the batch.
+        options = {key: batch_option(batch[key]) for key in ("loops", "grad_loops") if key in batch}
+        return self.model(batch["input_ids"], **options, **self.forward_options)
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         return F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
@@ -74,3 +81,23 @@ class ComposerLoopedLM(ComposerModel):
             metric.update(outputs, batch["labels"])
         else:  # task metrics read the batch themselves (e.g. which positions form the answer)
             metric.update(outputs, batch)
+
+
+class PretrainedLM(HuggingFaceModel):
+    """Composer's ``HuggingFaceModel`` for a pretrained causal LM (plain, or a loop-surgery output) with cross
+    entropy (train and eval) and perplexity (eval); ``self.model`` is the Hugging Face module.
+
+    ``HuggingFaceModel`` passes the batch keys that the model's ``forward`` declares, read once when it is built;
+    loop surgery at ``INIT`` (``LoopSurgery``) comes later and gives the model a forward that also declares
+    ``loops``/``grad_loops``, so the keys are re-read at every forward.
+
+    >>> # PretrainedLM(load_source(smollm2_gguf()), load_source_tokenizer(smollm2_gguf()))
+    """
+
+    def __init__(self, model: Any, tokenizer: Any | None = None) -> None:
+        super().__init__(model, tokenizer, use_logits=True, metrics=[LanguageCrossEntropy()],
+                         eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()], shift_labels=True)
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        self.model_forward_args = self._get_model_forward_args()  # LoopSurgery may have changed the class
+        return super().forward(batch)

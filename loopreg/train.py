@@ -7,6 +7,8 @@ Three equivalent ways to run a recipe, on 1 or N processes:
     loopreg train recipes/reg_loop_12x2.yaml
 
 The first works because every recipe's first line is also a Python statement calling :func:`main`.
+A recipe with ``model.pretrained`` starts from that checkpoint (see :func:`load_pretrained`), e.g.
+``composer recipes/retrofit/smollm2_keepall_heal_cpu.yaml``.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import torch
 from composer.core import Callback
 from torch.utils.data import DataLoader
 
-from loopreg.composer_model import ComposerLoopedLM
+from loopreg.composer_model import ComposerLoopedLM, PretrainedLM
 from loopreg.config import ModelSection, Recipe, RecipeError, check_kwargs, load_recipe, lookup
 from loopreg.model import LoopedLMConfig
 
-__all__ = ["main", "build_trainer", "run", "model_config"]
+__all__ = ["main", "build_trainer", "run", "model_config", "load_pretrained", "Pretrained"]
 
 
 def model_config(section: ModelSection) -> LoopedLMConfig:
@@ -63,8 +65,48 @@ class Data:
     task: Any = None  # loopreg.data.tasks.TaskData for synthetic tasks
 
 
-def build_dataloaders(recipe: Recipe, world_size: int, rank: int) -> Data:
-    """Train and eval data for this rank."""
+@dataclass
+class Pretrained:
+    """A recipe's ``model.pretrained``, loaded: the Composer model and the source's own tokenizer (Hugging
+    Face for HF sources, ``tokenizers.Tokenizer`` for loopreg folders)."""
+
+    model: Any  # PretrainedLM or ComposerLoopedLM
+    tokenizer: Any
+
+    @property
+    def shifts_labels(self) -> bool:
+        """Whether the model shifts ``labels`` itself (Hugging Face), so batches carry unshifted ones."""
+        return isinstance(self.model, PretrainedLM)
+
+
+def load_pretrained(source: str) -> Pretrained:
+    """Load ``source`` (HF folder, ``.gguf`` file, hub id or loopreg folder) with its tokenizer: a loopreg
+    folder stays a :class:`ComposerLoopedLM`, an HF model is wrapped in :class:`PretrainedLM`.
+
+    >>> # load_pretrained(str(smollm2_gguf())).model.model.config.num_hidden_layers  ->  30
+    """
+    from tokenizers import Tokenizer
+
+    from loopreg.model import LoopedLM
+    from loopreg.surgery.sources import load_source, load_source_tokenizer
+
+    try:
+        model = load_source(source)
+        if isinstance(model, LoopedLM):
+            tokenizer_file = Path(source) / "tokenizer.json"
+            if not tokenizer_file.is_file():
+                raise FileNotFoundError(f"{source}: no tokenizer.json next to the loopreg model")
+            return Pretrained(ComposerLoopedLM(model), Tokenizer.from_file(str(tokenizer_file)))
+        tokenizer = load_source_tokenizer(source)
+        if tokenizer is None:
+            raise FileNotFoundError(f"{source}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+        return Pretrained(PretrainedLM(model, tokenizer), tokenizer)
+    except (OSError, ValueError) as err:  # missing files, unreadable weights, a hub id that is not there
+        raise RecipeError(f"model.pretrained: {str(err).strip().splitlines()[0]}") from None
+
+
+def build_dataloaders(recipe: Recipe, world_size: int, rank: int, pretrained: Pretrained | None = None) -> Data:
+    """Train and eval data for this rank (tokenized with ``pretrained``'s tokenizer when given)."""
     from loopreg.data.text import PackedText, load_tokenizer, text_stream
 
     if recipe.global_train_batch_size % world_size:
@@ -79,13 +121,17 @@ def build_dataloaders(recipe: Recipe, world_size: int, rank: int) -> Data:
         from loopreg.data.tasks import synthetic_dataloaders
 
         return synthetic_dataloaders(recipe, per_device, world_size, rank)
-    try:
-        tokenizer = load_tokenizer(recipe.tokenizer.kind, recipe.tokenizer.name)
-    except (ValueError, FileNotFoundError) as err:
-        raise RecipeError(str(err)) from None
-    if tokenizer.get_vocab_size() > recipe.model.vocab_size:
-        raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({tokenizer.get_vocab_size()} tokens)")
+    if pretrained is not None:
+        tokenizer = pretrained.tokenizer
+    else:
+        try:
+            tokenizer = load_tokenizer(recipe.tokenizer.kind, recipe.tokenizer.name)
+        except (ValueError, FileNotFoundError) as err:
+            raise RecipeError(str(err)) from None
+        if tokenizer.get_vocab_size() > recipe.model.vocab_size:
+            raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                              f"({tokenizer.get_vocab_size()} tokens)")
+    shifts_labels = pretrained is not None and pretrained.shifts_labels
 
     def packed(section_name: str, max_sequences: int | None, batch_size: int) -> PackedText:
         data = getattr(recipe, section_name)
@@ -93,8 +139,11 @@ def build_dataloaders(recipe: Recipe, world_size: int, rank: int) -> Data:
             docs = text_stream(data.source, data.split, data.subset, data.text_field, data.streaming)
         except (OSError, ValueError) as err:  # missing files; a hub id that is not there or not reachable
             raise RecipeError(f"{section_name}.source: {str(err).strip().splitlines()[0]}") from None
-        return PackedText(docs, tokenizer, recipe.max_seq_len, rank=rank, world_size=world_size,
-                          max_sequences=max_sequences, batch_size=batch_size)
+        try:
+            return PackedText(docs, tokenizer, recipe.max_seq_len, rank=rank, world_size=world_size,
+                              max_sequences=max_sequences, batch_size=batch_size, model_shifts_labels=shifts_labels)
+        except ValueError as err:  # a source tokenizer without an end-of-text token, or not a fast one
+            raise RecipeError(f"tokenizer: {err}") from None
 
     train = DataLoader(packed("train_data", None, per_device), batch_size=per_device,
                        num_workers=recipe.train_data.num_workers)
@@ -122,9 +171,13 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
     if dist.get_global_rank() == 0:  # before any rank builds a Trainer: Composer then loads what this chose
         _check_checkpoints(recipe)
     reproducibility.seed_all(recipe.seed)
-    data = build_dataloaders(recipe, dist.get_world_size(), dist.get_global_rank())
-    with torch.device(recipe.model.init_device):
-        model = ComposerLoopedLM(model_config(recipe.model), extra_eval_metrics=data.eval_metrics)
+    pretrained = load_pretrained(recipe.model.pretrained) if recipe.model.pretrained else None
+    data = build_dataloaders(recipe, dist.get_world_size(), dist.get_global_rank(), pretrained)
+    if pretrained is not None:
+        model = pretrained.model
+    else:
+        with torch.device(recipe.model.init_device):
+            model = ComposerLoopedLM(model_config(recipe.model), extra_eval_metrics=data.eval_metrics)
 
     optimizer = _build(OPTIMIZERS, recipe.optimizer.name, {"lr": recipe.optimizer.lr, **recipe.optimizer.kwargs},
                        "optimizer", model.parameters())
@@ -132,6 +185,12 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
     scheduler = _build(SCHEDULERS, recipe.scheduler.name,
                        {"t_warmup": recipe.scheduler.t_warmup, **alpha_f, **recipe.scheduler.kwargs}, "scheduler")
     algorithms = [_build(ALGORITHMS, name, kwargs, f"algorithms.{name}") for name, kwargs in recipe.algorithms.items()]
+    for name, algorithm in zip(recipe.algorithms, algorithms):
+        if hasattr(algorithm, "use_source"):  # source distillation: the teacher is the model before surgery
+            try:
+                algorithm.use_source(recipe.model.pretrained, data.tokenizer, model)
+            except (OSError, ValueError) as err:
+                raise RecipeError(f"algorithms.{name}: {str(err).strip().splitlines()[0]}") from None
     if recipe.gradient_clipping:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.gradient_clipping))
     callbacks = [_build(CALLBACKS, name, kwargs, f"callbacks.{name}") for name, kwargs in recipe.callbacks.items()]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from loopreg.evals import (EvalDataError, EvalResults, ModelInfo, aggregate_groups, load_groups, load_results,
-                           report_main, table3, to_json, to_markdown, write_results)
+from loopreg.evals import (EvalDataError, EvalResults, ModelInfo, TaskScore, aggregate_groups, load_groups,
+                           load_results, report_main, table3, to_json, to_markdown, write_results)
+from loopreg.spec import LoopSpec
 
 from .test_eval_aggregate import PAPER_ROWS, paper_scores
 
@@ -113,8 +114,44 @@ def test_report_main_scaling_writes_a_png(results_dir: Path, tmp_path: Path, cap
     families = {(row["values"]["Group"], row["values"]["Family"]) for row in rows}
     assert ("math_word", "looped (4⊗L)") in families and ("math_word", "non-looped (D⊗1)") in families
     looped = next(r["values"] for r in rows if r["values"]["Family"] == "looped (4⊗L)")
-    assert looped["n"] == 2 and looped["R²"] == pytest.approx(1.0)  # two points: an exact line
-    assert "natural log" in capsys.readouterr().out
+    assert looped["n"] == 2 and looped["R²"] is None  # two depths: an exact line, no R²
+    base = next(r["values"] for r in rows if r["values"]["Family"] == "non-looped (D⊗1)")
+    assert base["n"] == 3 and 0 < base["R²"] < 1
+    printed = capsys.readouterr().out
+    assert "natural log" in printed and "n=2 depths: exact fit, R² not meaningful" in printed
+    assert "1.000" not in printed
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from the PNG's IHDR chunk."""
+    header = path.read_bytes()[16:24]
+    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+
+
+def test_scaling_of_a_source_and_its_retrofit_sweep(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``loopreg eval`` on a 30-layer source and ``--loops 1,2`` on its middle-looped retrofit, primitives only:
+    one panel, and the two-depth fit is marked exact instead of printing R² = 1.000."""
+    def primitives(accuracy: float) -> dict[str, TaskScore]:
+        return {task: TaskScore(accuracy, 0.01, 100, "exact_match", "reasoning_primitives")
+                for task in load_groups()["reasoning_primitives"].tasks}
+
+    runs = tmp_path / "eval"
+    write_results(runs / "source.json", EvalResults(ModelInfo.from_spec("source", "30x1"), primitives(0.30)))
+    for loops, accuracy in ((1, 0.28), (2, 0.33)):
+        spec = str(LoopSpec.parse("7x1+5x2+18x1").with_loops(loops))
+        write_results(runs / f"retrofit_loops{loops}.json",
+                      EvalResults(ModelInfo.from_spec(f"retrofit@loops{loops}", spec), primitives(accuracy)))
+    png, markdown = tmp_path / "scaling.png", tmp_path / "scaling.md"
+    assert report_main([str(runs), "--scaling", "--png", str(png), "--markdown", str(markdown)]) == 0
+    assert png_size(png) == (540, 432)  # a single 4.5 x 3.6 inch panel at 120 dpi, not a 2 x 3 grid
+    text = markdown.read_text()
+    alpha = (0.33 - 0.29) / math.log(35 / 30)  # depths 30 (source, loops=1: mean 0.29) and 35 (loops=2)
+    row = f"| Reasoning primitives | looped (30⊗L) | {100 * alpha:.2f} | {100 * (0.29 - alpha * math.log(30)):.1f} |"
+    assert f"{row} — | 3 | — |" in text
+    assert "R² —: n=2 depths: exact fit, R² not meaningful" in text
+    assert "no fit (every family has a single depth)" not in text  # reasoning_primitives has the looped fit
+    assert "only the groups with scores: reasoning_primitives" in text
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -255,7 +255,7 @@ def test_composer_huggingface_model_passes_loops_from_the_batch():
 
 
 def test_eval_generator_sweeps_a_retrofit_and_refuses_plain_models(tmp_path):
-    from evals.models import ModelGenerator, load_generator
+    from loopreg.evals.models import ModelGenerator, load_generator
     from tests.conftest import hf_byte_tokenizer
 
     tokenizer = hf_byte_tokenizer()

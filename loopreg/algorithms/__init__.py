@@ -4,3 +4,5 @@ from loopreg.algorithms.cot_distillation import CoTDistillation, LatentCurriculu
 from loopreg.algorithms.loop_regularizer import (LoopRegularization, LoopRegularizer, block_similarity,
                                                  loop_regularization, loop_similarity, loop_target, snap_to_looped)
 from loopreg.algorithms.loop_surgery import LoopSurgery, apply_loop_surgery
+from loopreg.algorithms.random_loops import RandomLoops, sample_loops
+from loopreg.algorithms.source_distillation import SourceDistillation, distillation_loss, same_vocabulary

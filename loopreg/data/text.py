@@ -16,14 +16,15 @@ from __future__ import annotations
 import json
 from itertools import takewhile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from loopreg.data.resumable import ResumableStream
 
-__all__ = ["byte_level_tokenizer", "load_tokenizer", "text_stream", "PackedText", "DataError", "EOS_TOKEN"]
+__all__ = ["byte_level_tokenizer", "load_tokenizer", "text_tokenizer", "text_stream", "PackedText", "DataError",
+           "EOS_TOKEN"]
 
 EOS_TOKEN = "<|endoftext|>"
 _LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -56,7 +57,24 @@ def load_tokenizer(kind: str, name: str | None = None) -> Tokenizer:
         if not name or not Path(name).is_file():
             raise FileNotFoundError(f"tokenizer.name: tokenizer file '{name}' not found")
         return Tokenizer.from_file(name)
-    raise ValueError(f"tokenizer.kind must be byte_level, hub, file or synthetic, got '{kind}'")
+    if kind == "source":
+        raise ValueError("tokenizer.kind=source is the tokenizer of model.pretrained, which is not set")
+    raise ValueError(f"tokenizer.kind must be byte_level, hub, file, source or synthetic, got '{kind}'")
+
+
+def text_tokenizer(tokenizer: Any) -> Tokenizer:
+    """The ``tokenizers.Tokenizer`` that packs text for ``tokenizer``: itself, or the backend of a Hugging Face
+    fast tokenizer (a pretrained source's own).
+
+    >>> text_tokenizer(byte_level_tokenizer()).get_vocab_size()
+    257
+    """
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer")
+    return backend
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
@@ -136,18 +154,21 @@ class PackedText(ResumableStream):
 
     The stream restarts from the first document when the source is exhausted (an epoch of text);
     ``max_sequences`` makes it finite (the first N sequences of the shared stream, for evaluation).
+    ``model_shifts_labels=True`` gives Hugging Face's convention, ``labels`` equal to ``input_ids`` (a causal
+    LM shifts them inside; each sequence's last input then has no target), for the same sequences.
     Sequences are sharded over ranks and workers by :func:`~loopreg.data.resumable.positions`
     (``batch_size`` is the per-rank DataLoader batch size), and a checkpoint's sample count is the
     resume position: the consumed text is re-read and re-tokenized to find it, but never collated.
     """
 
-    def __init__(self, documents: Callable[[], Iterable[str]], tokenizer: Tokenizer, seq_len: int,
+    def __init__(self, documents: Callable[[], Iterable[str]], tokenizer: Tokenizer | Any, seq_len: int,
                  rank: int = 0, world_size: int = 1, max_sequences: int | None = None, batch_docs: int = 64,
-                 batch_size: int = 1) -> None:
+                 batch_size: int = 1, model_shifts_labels: bool = False) -> None:
         super().__init__(rank, world_size, batch_size)
-        self.documents, self.tokenizer, self.seq_len = documents, tokenizer, seq_len
+        self.documents, self.tokenizer, self.seq_len = documents, text_tokenizer(tokenizer), seq_len
         self.batch_docs, self.max_sequences = batch_docs, max_sequences
-        self.eos = eos_id(tokenizer)
+        self.model_shifts_labels = model_shifts_labels
+        self.eos = eos_id(self.tokenizer)
 
     def __len__(self) -> int:
         """This rank's share of a finite stream (DataLoader needs it to know an eval pass ends)."""
@@ -188,7 +209,9 @@ class PackedText(ResumableStream):
         for index, window in enumerate(self._windows()):
             if index == target:
                 tensor = torch.tensor(window, dtype=torch.long)
-                yield {"input_ids": tensor[:-1], "labels": tensor[1:]}
+                # a copy: HuggingFaceModel shifts an eval batch's labels in place
+                labels = tensor[:-1].clone() if self.model_shifts_labels else tensor[1:]
+                yield {"input_ids": tensor[:-1], "labels": labels}
                 target = next(wanted, None)
                 if target is None:
                     return
