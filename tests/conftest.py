@@ -20,6 +20,18 @@ TINY_OVERRIDES = [
 ]
 
 
+@pytest.fixture
+def single_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription (10x faster).
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of .txt documents (one document per file) made of random words."""

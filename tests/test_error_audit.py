@@ -165,3 +165,10 @@ def test_world_size_not_dividing_the_global_batch(text_corpus, monkeypatch, caps
     monkeypatch.setenv("RANK", "0")
     line = _error_line(_train(text_corpus, "global_train_batch_size=3"), capsys)
     assert line == "error: global_train_batch_size=3 is not divisible by the world size 2; choose a multiple of 2"
+
+
+def test_loops_on_a_model_that_does_not_loop(models, tmp_path, capsys):
+    line = _error_line(["eval", str(models["looped"]), "--tasks", "svamp", "--loops", "1,2",
+                        "--out", str(tmp_path / "e.json")], capsys)
+    assert line == "error: --loops: this LoopedLM does not loop (spec 4x1); loop it first with `loopreg surgery`"
+    assert not (tmp_path / "e.json").exists()

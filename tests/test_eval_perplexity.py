@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from loopreg.data.text import EOS_TOKEN, byte_level_tokenizer
 from loopreg.evals import load_results, perplexity, report_main, text_windows
@@ -21,16 +20,13 @@ from loopreg.surgery import loop_surgery
 from loopreg.surgery.cli import cli_main as surgery_cli
 from loopreg.surgery.sources import load_source
 
+from .conftest import hf_byte_tokenizer
+
 DOCS = ["the looped model applies its block again.", "latent thoughts: a=1, b=2, so b=2!",
         "a third, longer document about reasoning with depth, loops and shared weights."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
@@ -38,15 +34,6 @@ def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "heldout.jsonl"
     path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in DOCS))
     return path
-
-
-def hf_tokenizer() -> PreTrainedTokenizerFast:
-    """A Llama-style HF tokenizer: byte level, ``<s>`` prepended to every encoded input."""
-    raw = byte_level_tokenizer()
-    raw.add_special_tokens(["<s>"])
-    bos = ("<s>", raw.token_to_id("<s>"))
-    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
-    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token=EOS_TOKEN)
 
 
 def tiny_llama(vocab: int) -> LlamaForCausalLM:
@@ -70,7 +57,7 @@ def stream(encode, eos: int) -> list[int]:
 
 
 def test_windows_join_documents_with_eos_and_start_with_bos(text_file: Path) -> None:
-    tokenizer = hf_tokenizer()
+    tokenizer = hf_byte_tokenizer()
     ids = stream(lambda doc: tokenizer(doc, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)
     windows = text_windows(tokenizer, str(text_file), seq_len=16)
     chunks = [ids[i:i + 15] for i in range(0, len(ids) - 14, 15)]  # the last partial window is dropped
@@ -86,7 +73,7 @@ def test_windows_without_bos_are_the_plain_stream(text_file: Path) -> None:
 
 
 def test_hf_perplexity_equals_labels_loss_and_hand_computation(text_file: Path) -> None:
-    tokenizer = hf_tokenizer()
+    tokenizer = hf_byte_tokenizer()
     model = tiny_llama(len(tokenizer)).eval()
     result = perplexity(model, tokenizer, str(text_file), seq_len=16, max_tokens=None, batch_size=3)
     windows = text_windows(tokenizer, str(text_file), seq_len=16)
@@ -100,7 +87,7 @@ def test_hf_perplexity_equals_labels_loss_and_hand_computation(text_file: Path) 
 
 
 def test_max_tokens_takes_whole_windows(text_file: Path) -> None:
-    tokenizer = hf_tokenizer()
+    tokenizer = hf_byte_tokenizer()
     result = perplexity(tiny_llama(len(tokenizer)), tokenizer, str(text_file), seq_len=16, max_tokens=16)
     assert (result.windows, result.tokens) == (2, 30)  # ceil(16 / 15) windows
 
@@ -120,7 +107,7 @@ def test_looped_lm_perplexity_with_loop_override(text_file: Path) -> None:
 
 
 def test_tied_hf_retrofit_perplexity_with_loop_override(text_file: Path) -> None:
-    tokenizer = hf_tokenizer()
+    tokenizer = hf_byte_tokenizer()
     model = loop_surgery(tiny_llama(len(tokenizer)), "1x1+1x2").eval()  # 2 distinct layers, middle looped
     result = perplexity(model, tokenizer, str(text_file), seq_len=16, max_tokens=None, loops=4)
     windows = text_windows(tokenizer, str(text_file), seq_len=16)
@@ -133,7 +120,7 @@ def test_tied_hf_retrofit_perplexity_with_loop_override(text_file: Path) -> None
 def test_short_source_is_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    tokenizer = hf_tokenizer()
+    tokenizer = hf_byte_tokenizer()
     with pytest.raises(ValueError, match=r"short.txt: the text is shorter than one window of 64 tokens") as err:
         perplexity(tiny_llama(len(tokenizer)), tokenizer, str(short))
     assert "\n" not in str(err.value)
@@ -141,7 +128,7 @@ def test_short_source_is_a_one_line_error_naming_the_file(tmp_path: Path) -> Non
 
 @pytest.fixture
 def llama_folder(tmp_path: Path) -> Path:
-    tokenizer = hf_tokenizer()
+    tokenizer = hf_byte_tokenizer()
     folder = tmp_path / "tiny-llama"
     tiny_llama(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -153,7 +140,7 @@ def test_eval_cli_stores_hf_perplexity_and_report_shows_it(llama_folder: Path, t
     out = tmp_path / "eval" / "llama.json"
     assert eval_cli([str(llama_folder), "--ppl-text", str(text_file), "--ppl-seq-len", "16", "--ppl-tokens", "30",
                      "--out", str(out)]) == 0
-    tokenizer = hf_tokenizer()
+    tokenizer = hf_byte_tokenizer()
     expected = perplexity(LlamaForCausalLM.from_pretrained(llama_folder), tokenizer, str(text_file), seq_len=16,
                           max_tokens=30)
     stored = json.loads(out.read_text())["perplexity"]
@@ -172,7 +159,7 @@ def test_eval_cli_loop_sweep_of_a_retrofit_stores_each_perplexity(llama_folder: 
     out = tmp_path / "eval" / "retrofit.json"
     assert eval_cli([str(retrofit), "--ppl-text", str(text_file), "--ppl-seq-len", "16", "--loops", "1,3",
                      "--out", str(out)]) == 0
-    model, tokenizer, stored = load_source(retrofit), hf_tokenizer(), []
+    model, tokenizer, stored = load_source(retrofit), hf_byte_tokenizer(), []
     for loops, depth in ((1, 2), (3, 4)):
         data = json.loads((tmp_path / "eval" / f"retrofit_loops{loops}.json").read_text())
         expected = perplexity(model, tokenizer, str(text_file), seq_len=16, loops=loops).ppl

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from loopreg.cli import main as loopreg_main
 from loopreg.model import LoopedLM, LoopedLMConfig
-from loopreg.surgery import (Split, calibration_tokens, find_adapter, layer_analysis, layer_role_params, loop_surgery,
+from loopreg.surgery import (Split, calibration_tokens, find_adapter, layer_analysis, loop_surgery,
                              plan_surgery, propose_split, token_windows)
 from loopreg.surgery.core import stored_layers
 from loopreg.surgery.sources import load_source
@@ -26,12 +26,7 @@ BATCHES = [torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_s
            torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def build(family: str, identity: tuple[int, ...] = ()) -> torch.nn.Module:
@@ -260,6 +255,7 @@ def test_missing_source(llama_folder, tmp_path, capsys):
     # the two below exercise the update rules of loop_surgery (update=/anchor=, the lead's core change)
     (["--spec", "1x1+4x2+1x1", "--update", "damped", "--anchor", "1.5"], "--anchor must be in [0, 1], got 1.5"),
     (["--spec", "1x1+4x2+1x1", "--anchor", "0.5"], "--anchor 0.5 needs --update damped"),
+    (["--spec", "1x1+4x2+1x1", "--update", "wild"], "--update: unknown update rule 'wild'; valid: plain, damped"),
 ])
 def test_surgery_option_errors(llama_folder, tmp_path, capsys, extra, message):
     line = _error_line(["surgery", str(llama_folder / "llama"), *extra, "--out", str(tmp_path / "o")], capsys)

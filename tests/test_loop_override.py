@@ -31,12 +31,7 @@ KEEP_ALL = "2x1+2x2+2x1"  # every one of the 6 layers once, the middle two loope
 KEEP_ALL_MAP = "0-1,2-3,4-5"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def build(family: str) -> torch.nn.Module:
@@ -256,7 +251,7 @@ def test_composer_huggingface_model_passes_loops_from_the_batch():
 
 def test_eval_generator_sweeps_a_retrofit_and_refuses_plain_models(tmp_path):
     from loopreg.evals.models import ModelGenerator, load_generator
-    from tests.conftest import hf_byte_tokenizer
+    from .conftest import hf_byte_tokenizer
 
     tokenizer = hf_byte_tokenizer()
     tokenizer.padding_side = "left"

@@ -41,13 +41,7 @@ BUILDERS = {
 FAMILIES = list(BUILDERS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription (10x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="session")

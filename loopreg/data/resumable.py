@@ -16,7 +16,6 @@ Composer 0.32.1 saves ``dataset.state_dict(num_samples, from_beginning)`` in the
 
 from __future__ import annotations
 
-from itertools import islice
 from typing import Any, Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info

@@ -70,8 +70,8 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--init", default="copy", choices=INITS, help="how a block is seeded from its layers")
     parser.add_argument("--untied", action="store_true", help="one layer per application, grouped for the "
                                                                 "cosine regularizer (default: tied, truly looped)")
-    parser.add_argument("--update", default="plain", choices=UPDATE_RULES,
-                        help="how a looped block iterates: plain h <- g(h), or damped (training-free)")
+    parser.add_argument("--update", default="plain", help=f"how a looped block iterates ({', '.join(UPDATE_RULES)}): "
+                                                          "plain h <- g(h), or damped (training-free)")
     parser.add_argument("--anchor", type=float, help="--update damped: weight beta in [0, 1] of the source's single "
                                                      "application in the block output (default 0.0)")
     parser.add_argument("--verify", action="store_true", help="compare logits and greedy tokens with the source")
@@ -143,6 +143,8 @@ def _check_options(args: argparse.Namespace) -> None:
             if getattr(args, option) is not None:
                 raise ValueError(f"--{option.replace('_', '-')} is for --spec auto; spec '{args.spec}' already gives its loops "
                                  "and layers")
+    if args.update not in UPDATE_RULES:
+        raise ValueError(f"--update: unknown update rule '{args.update}'; valid: {', '.join(UPDATE_RULES)}")
     if args.anchor is not None:
         if args.update != "damped":
             raise ValueError(f"--anchor {args.anchor:g} needs --update damped (the plain rule has no anchor)")
