@@ -11,7 +11,7 @@ paper's Table 3 (with % Gap) or a depth-scaling fit.
 
 from .aggregate import GroupScore, TaskScore, aggregate_group, aggregate_groups, centered_accuracy, percent_gap
 from .metrics import METRICS, bootstrap_stderr, exact, exact_match, f1, numeric_match, parse_number, score
-from .perplexity import PerplexityResult, perplexity, text_windows
+from .ppl import PerplexityResult, perplexity, text_windows
 from .report import (DEFAULT_COLUMNS, RESULTS_SCHEMA, EvalResults, ModelInfo, ReportRow, ReportTable, load_results,
                      report_main, scaling_report, table3, to_json, to_markdown, to_rich, write_results)
 from .runner import TextGenerator, evaluate, truncate_at_stop

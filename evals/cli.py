@@ -16,7 +16,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .perplexity import DEFAULT_MAX_TOKENS, perplexity
+from .ppl import DEFAULT_MAX_TOKENS, perplexity
 
 __all__ = ["cli_main"]
 
