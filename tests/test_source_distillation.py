@@ -19,7 +19,9 @@ from loopreg.registry import ALGORITHMS
 from loopreg.surgery.sources import load_source, load_source_tokenizer
 
 from .conftest import REPO
-from .test_retrofit_recipes import source, single_thread, tiny, tiny_llama  # noqa: F401  (fixtures)
+from .test_retrofit_recipes import source, tiny, tiny_llama  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def hand_reference(student, teacher, labels, temperature, ce_weight, shift):
