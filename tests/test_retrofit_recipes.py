@@ -78,7 +78,7 @@ def test_every_retrofit_recipe_has_a_gpu_variant_and_the_launcher_line():
     assert (gpu.device, gpu.precision, gpu.fsdp_config["sharding_strategy"]) == ("gpu", "amp_bf16", "FULL_SHARD")
     cpu = load_recipe(REPO / "recipes" / "retrofit" / "smollm2_keepall_heal_cpu.yaml")
     assert cpu.model.pretrained.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and cpu.tokenizer.kind == "source"
-    assert cpu.algorithms["loop_surgery"] == {"spec": "7x1+5x2+18x1", "layers": "0-6,7-11,12-29", "init": "copy",
+    assert cpu.algorithms["loop_surgery"] == {"spec": "12x1+6x2+12x1", "layers": "0-11,12-17,18-29", "init": "copy",
                                               "tied": True}
     assert (cpu.global_train_batch_size, cpu.max_seq_len) == (8, 256)
 
