@@ -85,11 +85,8 @@ class ComposerLoopedLM(ComposerModel):
 
 class PretrainedLM(HuggingFaceModel):
     """Composer's ``HuggingFaceModel`` for a pretrained causal LM (plain, or a loop-surgery output) with cross
-    entropy (train and eval) and perplexity (eval); ``self.model`` is the Hugging Face module.
-
-    ``HuggingFaceModel`` passes the batch keys that the model's ``forward`` declares, read once when it is built;
-    loop surgery at ``INIT`` (``LoopSurgery``) comes later and gives the model a forward that also declares
-    ``loops``/``grad_loops``, so the keys are re-read at every forward.
+    entropy (train and eval) and perplexity (eval); ``self.model`` is the Hugging Face module. (Loop surgery
+    at ``INIT`` refreshes the batch keys the wrapper passes: see ``apply_loop_surgery``.)
 
     >>> # PretrainedLM(load_source(smollm2_gguf()), load_source_tokenizer(smollm2_gguf()))
     """
@@ -97,7 +94,3 @@ class PretrainedLM(HuggingFaceModel):
     def __init__(self, model: Any, tokenizer: Any | None = None) -> None:
         super().__init__(model, tokenizer, use_logits=True, metrics=[LanguageCrossEntropy()],
                          eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()], shift_labels=True)
-
-    def forward(self, batch: dict[str, Any]) -> Any:
-        self.model_forward_args = self._get_model_forward_args()  # LoopSurgery may have changed the class
-        return super().forward(batch)

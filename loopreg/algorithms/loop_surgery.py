@@ -42,8 +42,14 @@ def apply_loop_surgery(model: nn.Module, spec: LoopSpec | str, layers: str | Non
 
     >>> # apply_loop_surgery(hf_model, "4x(1,4,1)", optimizers=optimizer)
     """
+    from composer.models import HuggingFaceModel
+
     before = list(unwrap(model).parameters())
     loop_surgery(model, spec, layers=layers, init=init, tied=tied)
+    if isinstance(model, HuggingFaceModel):
+        # It passes only the batch keys its model's forward declares, read when it was built; the looped
+        # forward also declares loops/grad_loops (Composer 0.32.1: a private helper reads them).
+        model.model_forward_args = model._get_model_forward_args()
     _update_optimizers(ensure_tuple(optimizers) if optimizers is not None else (), before, unwrap(model),
                        LoopSpec.parse(spec), tied)
     return model

@@ -26,11 +26,11 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from torch import nn
 
+from loopreg.composer_model import IGNORE_INDEX
 from loopreg.surgery.adapters import unwrap
 
 __all__ = ["SourceDistillation", "distillation_loss", "same_vocabulary"]
 
-IGNORE_INDEX = -100
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
