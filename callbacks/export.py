@@ -3,7 +3,7 @@
 A :class:`~loopreg.model.LoopedLM` becomes a loopreg folder (``config.json`` with the loop spec,
 ``model.safetensors``, ``tokenizer.json``); a Hugging Face model (a retrofit: a tied or untied loop-surgery
 output) becomes a surgery-style Hugging Face folder with its tokenizer
-(:func:`~loopreg.surgery.export.write_model_folder`). ``loopreg eval``, ``loopreg export``,
+(:func:`~loopreg.folders.write_model_folder`). ``loopreg eval``, ``loopreg export``,
 ``loopreg similarity`` and :func:`~loopreg.surgery.load_source` read both back (looped).
 
     >>> ExportModel("runs/loop_12x2/model", tokenizer)  # doctest: +SKIP
@@ -26,7 +26,7 @@ __all__ = ["ExportModel"]
 
 
 class ExportModel(Callback):
-    """At ``fit_end`` rank 0 writes ``folder`` atomically (:func:`~loopreg.surgery.export.write_folder`); under
+    """At ``fit_end`` rank 0 writes ``folder`` atomically (:func:`~loopreg.folders.write_folder`); under
     FSDP the full weights are gathered first. ``tokenizer`` is the recipe's: a ``tokenizers.Tokenizer`` for a
     LoopedLM, the source's Hugging Face tokenizer for a Hugging Face model."""
 
@@ -46,7 +46,7 @@ class ExportModel(Callback):
 
     def _write(self, model: nn.Module) -> None:
         from loopreg.model import LoopedLM
-        from loopreg.surgery.export import write_folder, write_model_folder
+        from loopreg.folders import write_folder, write_model_folder
 
         if not isinstance(model, LoopedLM):
             write_model_folder(model, self.folder, self.tokenizer)

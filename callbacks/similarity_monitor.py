@@ -18,7 +18,8 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import create_interval_scheduler, dist
 
-from loopreg.algorithms.loop_regularizer import block_similarity, run_folder
+from loopreg.algorithms.loop_regularizer import block_similarity
+from loopreg.checkpoints import run_folder
 
 __all__ = ["LoopSimilarityMonitor", "plot_block_similarity"]
 

@@ -21,10 +21,11 @@ import re
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 from loopreg.config import RecipeError
 
-__all__ = ["CheckpointError", "check_checkpoint", "prepare_autoresume", "LATEST"]
+__all__ = ["CheckpointError", "check_checkpoint", "prepare_autoresume", "run_folder", "LATEST"]
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +101,13 @@ def _point_latest(symlink: Path, target: Path) -> None:
     staging.symlink_to(target.name)
     os.replace(staging, symlink)  # atomic: the link is never missing
     log.warning("autoresume: %s now points to %s", symlink.name, target.name)
+
+
+def run_folder(state: Any) -> Path:
+    """Where this run's artifacts go: the checkpoint folder (``save_folder``) or, without one, the run name."""
+    from composer.callbacks import CheckpointSaver
+    from composer.utils import format_name_with_dist
+
+    savers = [callback for callback in state.callbacks if isinstance(callback, CheckpointSaver)]
+    folder = savers[0].folder if savers else "{run_name}"
+    return Path(format_name_with_dist(folder, state.run_name))

@@ -21,11 +21,10 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, Maske
 from composer.models import ComposerModel, HuggingFaceModel
 from torchmetrics import Metric
 
+from loopreg.data import IGNORE_INDEX
 from loopreg.model import LoopedLM, LoopedLMConfig, batch_option
 
-__all__ = ["ComposerLoopedLM", "PretrainedLM", "IGNORE_INDEX"]
-
-IGNORE_INDEX = -100
+__all__ = ["ComposerLoopedLM", "PretrainedLM"]
 
 
 class ComposerLoopedLM(ComposerModel):

@@ -27,7 +27,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from loopreg.model import LoopedLMConfig
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "check_kwargs"]
+__all__ = ["Recipe", "RecipeError", "load_recipe", "check_kwargs", "model_config"]
 
 
 class RecipeError(ValueError):
@@ -119,6 +119,11 @@ class Recipe:
     autoresume: bool = False
     # where the final model is saved as a loopreg folder (config + weights + tokenizer.json); null: not saved
     export_folder: Optional[str] = None
+
+
+def model_config(section: ModelSection) -> LoopedLMConfig:
+    """The :class:`LoopedLMConfig` a recipe's ``model`` section describes (``init_device`` dropped)."""
+    return LoopedLMConfig(**{f.name: getattr(section, f.name) for f in fields(LoopedLMConfig)})
 
 
 def _smollm2_gguf() -> str:

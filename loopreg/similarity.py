@@ -46,9 +46,8 @@ def _load_composer_checkpoint(path: Path, recipe: str | Path | None) -> nn.Modul
     import torch
 
     from loopreg.checkpoints import check_checkpoint
-    from loopreg.config import load_recipe
+    from loopreg.config import load_recipe, model_config
     from loopreg.model import LoopedLM
-    from loopreg.train import model_config
 
     if recipe is None:
         raise ValueError(f"{path}: a Composer checkpoint does not record the model's shape; pass --recipe RECIPE.yaml")

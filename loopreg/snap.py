@@ -62,7 +62,7 @@ def cli_main(argv: list[str]) -> int:
     from loopreg.algorithms import loop_similarity
     from loopreg.similarity import add_model_arguments, load_model
     from loopreg.surgery.core import looped_spec, stored_layers
-    from loopreg.surgery.export import write_model_folder
+    from loopreg.folders import write_model_folder
     from loopreg.surgery.sources import load_source_tokenizer
 
     parser = argparse.ArgumentParser(prog="loopreg snap", description=__doc__.splitlines()[0])

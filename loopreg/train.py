@@ -14,7 +14,7 @@ A recipe with ``model.pretrained`` starts from that checkpoint (see :func:`load_
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,17 +23,10 @@ from composer.core import Callback
 from torch.utils.data import DataLoader
 
 from loopreg.composer_model import ComposerLoopedLM, PretrainedLM
-from loopreg.config import ModelSection, Recipe, RecipeError, check_kwargs, load_recipe, lookup
-from loopreg.model import LoopedLMConfig
+from loopreg.config import Recipe, RecipeError, check_kwargs, load_recipe, lookup, model_config
+from loopreg.data import Data
 
-__all__ = ["main", "build_trainer", "run", "model_config", "load_pretrained", "Pretrained"]
-
-
-def model_config(section: ModelSection) -> LoopedLMConfig:
-    """The :class:`LoopedLMConfig` a recipe's ``model`` section describes (``init_device`` dropped)."""
-    from dataclasses import fields
-
-    return LoopedLMConfig(**{f.name: getattr(section, f.name) for f in fields(LoopedLMConfig)})
+__all__ = ["main", "build_trainer", "run", "load_pretrained", "Pretrained"]
 
 
 def _build(registry: dict[str, Any], name: str, kwargs: dict[str, Any] | None, path: str, *args: Any) -> Any:
@@ -52,17 +45,6 @@ def _device(recipe: Recipe) -> str:
     if recipe.device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     return recipe.device
-
-
-@dataclass
-class Data:
-    """What a recipe's data sections build for one rank."""
-
-    train: DataLoader
-    evaluation: Any  # a DataLoader, a list of Composer Evaluators, or None
-    tokenizer: Any
-    eval_metrics: dict[str, Any] = field(default_factory=dict)  # task metrics beside the LM metrics
-    task: Any = None  # loopreg.data.tasks.TaskData for synthetic tasks
 
 
 @dataclass

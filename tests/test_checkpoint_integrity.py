@@ -18,7 +18,7 @@ from loopreg.cli import main as loopreg_main
 from loopreg.config import load_recipe
 from loopreg.model import LoopedLM, LoopedLMConfig
 from loopreg.spec import LoopSpec
-from loopreg.surgery.export import write_folder
+from loopreg.folders import write_folder
 from loopreg.train import build_trainer
 
 from .conftest import REPO, tiny_overrides

@@ -13,7 +13,7 @@ import torch
 
 from loopreg.algorithms.cot_distillation import (CoTDistillation, LatentCurriculum, WeightSchedule,
                                                  cot_distillation_loss, hidden_layer_map)
-from loopreg.composer_model import IGNORE_INDEX
+from loopreg.data import IGNORE_INDEX
 from loopreg.data.paired import PairedData, ProblemStream, read_jsonl_problems
 from loopreg.data.tasks import pad_collate
 from loopreg.data.synthetic import build_task

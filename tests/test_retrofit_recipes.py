@@ -151,7 +151,7 @@ def test_snapping_an_identical_untied_retrofit_gives_the_tied_logits_exactly(sou
     """``loopreg snap`` on an untied HF surgery output whose copies are still identical (a 3-loop block, where
     a plain mean of 3 equal floats is not always exact) writes a tied folder with the tied model's logits."""
     from loopreg.snap import application_ranges, cli_main
-    from loopreg.surgery.export import write_model_folder
+    from loopreg.folders import write_model_folder
     from loopreg.surgery.sources import load_source_tokenizer
 
     spec, layers = "1x1+2x3+3x1", "0,1-2,3-5"

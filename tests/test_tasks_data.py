@@ -3,7 +3,7 @@
 import torch
 from composer.loggers import InMemoryLogger
 
-from loopreg.composer_model import IGNORE_INDEX
+from loopreg.data import IGNORE_INDEX
 from loopreg.config import load_recipe
 from loopreg.data.synthetic import NaryAddition, PHop
 from loopreg.data.tasks import AnswerExactMatch, FixedSet, TaskData, TrainStream, pad_collate

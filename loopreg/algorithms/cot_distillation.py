@@ -44,8 +44,9 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from torch import nn
 
-from loopreg.composer_model import IGNORE_INDEX, ComposerLoopedLM
+from loopreg.composer_model import ComposerLoopedLM
 from loopreg.config import RecipeError
+from loopreg.data import IGNORE_INDEX
 from loopreg.model import LoopedLM
 
 __all__ = ["TERMS", "CoTDistillation", "LatentCurriculum", "WeightSchedule", "cot_distillation_loss",

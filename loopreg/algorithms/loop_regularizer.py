@@ -36,12 +36,13 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from torch import nn
 
+from loopreg.checkpoints import run_folder
 from loopreg.model import LoopedLM
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import find_adapter, get_layers, layer_role_params, unwrap
 
 __all__ = ["LoopRegularization", "LoopRegularizer", "block_similarity", "loop_regularization", "loop_similarity",
-           "loop_target", "run_folder", "snap_to_looped"]
+           "loop_target", "snap_to_looped"]
 
 log = logging.getLogger(__name__)
 
@@ -322,16 +323,6 @@ def snap_to_looped(model: nn.Module, block_size: int | None = None,
 
 
 # --------------------------------------------------------------------------------------------- algorithm
-def run_folder(state: State) -> Path:
-    """Where this run's artifacts go: the checkpoint folder (``save_folder``) or, without one, the run name."""
-    from composer.callbacks import CheckpointSaver
-    from composer.utils import format_name_with_dist
-
-    savers = [callback for callback in state.callbacks if isinstance(callback, CheckpointSaver)]
-    folder = savers[0].folder if savers else "{run_name}"
-    return Path(format_name_with_dist(folder, state.run_name))
-
-
 def _lambda_scheduler(schedule: str, t_warmup: str, alpha_f: float):
     """A Composer scheduler giving λ's multiplier at the current time."""
     from composer.optim import ConstantScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler

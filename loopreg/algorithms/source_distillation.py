@@ -26,7 +26,7 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from torch import nn
 
-from loopreg.composer_model import IGNORE_INDEX
+from loopreg.data import IGNORE_INDEX
 from loopreg.surgery.adapters import unwrap
 
 __all__ = ["SourceDistillation", "distillation_loss", "same_vocabulary"]

@@ -36,7 +36,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from loopreg.composer_model import IGNORE_INDEX
+from loopreg.data import IGNORE_INDEX
 from loopreg.data.synthetic import SyntheticTask, build_task, char_tokenizer
 from loopreg.data.synthetic.base import ANSWER_MARK, COT_OPEN
 from loopreg.data.resumable import ResumableStream
@@ -254,7 +254,7 @@ def paired_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int)
 
     from loopreg.config import RecipeError
     from loopreg.data.tasks import AnswerExactMatch
-    from loopreg.train import Data
+    from loopreg.data import Data
 
     section = recipe.train_data
     try:

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
-from loopreg.composer_model import IGNORE_INDEX
+from loopreg.data import IGNORE_INDEX
 from loopreg.data.resumable import ResumableStream
 from loopreg.data.synthetic import Example, SyntheticTask, build_task, char_tokenizer
 from loopreg.data.synthetic.tokenizer import BOS, EOS, PAD
@@ -204,6 +204,6 @@ def synthetic_dataloaders(recipe: Any, per_device: int, world_size: int, rank: i
                             sampler=dist.get_sampler(dataset, shuffle=False))
         evaluators.append(Evaluator(label=label, dataloader=loader,
                                     metric_names=["LanguageCrossEntropy", "AnswerExactMatch"]))
-    from loopreg.train import Data
+    from loopreg.data import Data
 
     return Data(train, evaluators, data.tokenizer, {"AnswerExactMatch": AnswerExactMatch()}, data)

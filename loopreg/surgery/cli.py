@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -27,9 +27,10 @@ from loopreg.surgery.adapters import find_adapter, unwrap
 from loopreg.surgery.analysis import DEFAULT_TOKENS, calibration_tokens, layer_analysis, token_windows
 from loopreg.surgery.core import SurgeryPlan, distinct_param_count, loop_surgery, plan_surgery, stored_layers
 from loopreg.surgery.layer_map import INITS, format_layer_map
+from loopreg.tables import print_table
 from loopreg.update_rules import UPDATE_RULES
 
-__all__ = ["cli_main", "run_user_command", "print_table"]
+__all__ = ["cli_main", "run_user_command"]
 
 
 def run_user_command(command: Callable[[], None]) -> int:
@@ -42,16 +43,6 @@ def run_user_command(command: Callable[[], None]) -> int:
         print(f"error: {lines[0] if lines else type(err).__name__}", file=sys.stderr)
         return 2
     return 0
-
-
-def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
-    """A two-column rich table of ``(name, value)`` rows."""
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")  # long paths wrap instead of being cut
-    for name, value in rows:
-        table.add_row(name, value)
-    Console().print(table)
 
 
 def cli_main(argv: list[str]) -> int:
@@ -81,7 +72,7 @@ def cli_main(argv: list[str]) -> int:
 
 
 def _surgery(args: argparse.Namespace) -> None:
-    from loopreg.surgery.export import write_model_folder
+    from loopreg.folders import write_model_folder
     from loopreg.surgery.sources import load_source, load_source_tokenizer
     from loopreg.surgery.verify import compare, probe, verification_prompts
 

@@ -13,72 +13,27 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from loopreg.folders import write_model_folder
 from loopreg.model import LoopedLM
 from loopreg.surgery.adapters import ADAPTERS, find_adapter, get_layers, unwrap
 from loopreg.surgery.core import SPEC_KEY, TIED_KEY
 
-__all__ = ["export_unrolled", "unrolled_model", "write_model_folder", "write_folder", "cli_main"]
+__all__ = ["export_unrolled", "unrolled_model", "cli_main"]
 
 
 def export_unrolled(model: nn.Module, out_dir: str | Path, tokenizer: Any | None = None) -> Path:
     """Write ``model`` unrolled to ``out_dir`` (with ``tokenizer`` when given) as a standard Hugging Face
-    checkpoint; the folder appears whole or not at all (see :func:`write_model_folder`).
+    checkpoint; the folder appears whole or not at all (see :func:`~loopreg.folders.write_model_folder`).
 
     >>> # export_unrolled(load_source("runs/smollm2_middle"), "runs/smollm2_middle_unrolled")
     """
     return write_model_folder(unrolled_model(model), out_dir, tokenizer)
-
-
-def write_model_folder(model: nn.Module, out_dir: str | Path, tokenizer: Any | None = None) -> Path:
-    """``model.save_pretrained`` (and the tokenizer's) into ``out_dir`` through :func:`write_folder`, so an
-    interrupted or failed write never leaves a half-written ``out_dir`` and never loses an existing one.
-
-    >>> # write_model_folder(looped_model, "runs/smollm2_middle", tokenizer)
-    """
-    def save(staging: Path) -> None:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-
-    return write_folder(out_dir, save)
-
-
-def write_folder(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(staging)`` on a fresh folder next to ``out_dir``, then swap it in with renames: the
-    old ``out_dir`` is moved aside, the new one renamed into place, and only then is the old one deleted.
-    If ``write`` fails or the process dies, ``out_dir`` is untouched (at worst a hidden ``.<name>.*``
-    staging folder is left next to it).
-
-    >>> write_folder("runs/x", lambda folder: (folder / "config.json").write_text("{}"))  # doctest: +SKIP
-    PosixPath('runs/x')
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    old = staging.with_name(staging.name + ".old")
-    try:
-        write(staging)
-        if out_dir.exists():
-            out_dir.rename(old)
-        try:
-            os.replace(staging, out_dir)
-        except BaseException:
-            if old.exists() and not out_dir.exists():
-                old.rename(out_dir)  # put the previous folder back
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
 
 def unrolled_model(model: nn.Module) -> nn.Module:
@@ -152,7 +107,8 @@ def _llama_config_and_state(model: LoopedLM) -> tuple[Any, dict[str, torch.Tenso
 
 def cli_main(argv: list[str]) -> int:
     """``loopreg export CKPT --unroll --out DIR``: write a looped checkpoint as a standard unrolled one."""
-    from loopreg.surgery.cli import print_table, run_user_command
+    from loopreg.surgery.cli import run_user_command
+    from loopreg.tables import print_table
     from loopreg.surgery.sources import load_source, load_source_tokenizer
 
     parser = argparse.ArgumentParser(prog="loopreg export", description=__doc__.split("\n\n")[0])

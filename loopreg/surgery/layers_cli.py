@@ -23,7 +23,8 @@ from rich.table import Table
 
 from loopreg.surgery.analysis import (DEFAULT_TOKENS, LayerAnalysis, Split, calibration_tokens, layer_analysis,
                                       token_windows)
-from loopreg.surgery.cli import print_table, run_user_command
+from loopreg.surgery.cli import run_user_command
+from loopreg.tables import print_table
 
 __all__ = ["cli_main", "print_analysis", "write_json", "write_png"]
 
