@@ -3,13 +3,16 @@
     loopreg train recipes/loop_12x2.yaml max_duration=10ba
     loopreg demo --out runs/demo
 
-A user error prints one line to stderr and exits 2 (no traceback).
+A user error (:class:`~loopreg.errors.UserError`, raised by any command) is caught here, in one place: it prints
+one line to stderr and exits 2 (no traceback).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from loopreg.errors import UserError
 
 # subcommand -> (module, one-line help); each module exposes `cli_main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -43,7 +46,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command '{name}'\n{usage()}", file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(COMMANDS[name][0])
-    sys.exit(module.cli_main(rest))
+    try:
+        status = module.cli_main(rest)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        status = 2
+    sys.exit(status)
 
 
 if __name__ == "__main__":

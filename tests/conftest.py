@@ -65,3 +65,13 @@ def hf_byte_tokenizer():
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
     eos = raw.id_to_token(256)
     return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token=eos, pad_token=eos)
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """``loopreg ARGV...`` in this process through the console script's entry: (exit status, stdout, stderr)."""
+    from loopreg.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    out, err = capsys.readouterr()
+    return int(exited.value.code or 0), out, err
