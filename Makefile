@@ -1,4 +1,4 @@
-# `make demo` and `make test` each create or update the virtualenv at .venv first.
+# `make demo` and `make test` each create or update the virtualenv at .venv first; `make test` lints, then tests.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/loopreg demo --out runs/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
 .PHONY: venv demo test

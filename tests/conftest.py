@@ -75,3 +75,13 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, s
         main(argv)
     out, err = capsys.readouterr()
     return int(exited.value.code or 0), out, err
+
+
+def free_port() -> int:
+    """A TCP port no one is listening on now, for a launcher's ``--master_port`` (fixed ports collide when
+    test runs share a machine)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

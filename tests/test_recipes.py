@@ -11,7 +11,7 @@ from loopreg import LoopedLM
 from loopreg.config import RecipeError, load_recipe
 from loopreg.train import run
 
-from .conftest import REPO, tiny_overrides
+from .conftest import REPO, free_port, tiny_overrides
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 VENV_BIN = Path(sys.executable).parent
@@ -97,7 +97,7 @@ def test_world_size_must_divide_global_batch(text_corpus):
 
 def test_composer_launcher_two_cpu_ranks(text_corpus, tmp_path):
     """The user's literal usage: `composer -n 2 recipes/X.yaml` (gloo on CPU) trains and exits 0."""
-    result = _cli([str(VENV_BIN / "composer"), "-n", "2", "--master_port", "29611",
+    result = _cli([str(VENV_BIN / "composer"), "-n", "2", "--master_port", str(free_port()),
                    "--stdout", str(tmp_path / "rank{rank}.out"), "--stderr", str(tmp_path / "rank{rank}.err"),
                    "recipes/cpu_tiny_text.yaml", *local_text(text_corpus), "max_duration=3ba"], threads=1)
     # Local rank 0 writes to the launcher's console, the other ranks to the --stdout/--stderr files.

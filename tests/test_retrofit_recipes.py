@@ -17,7 +17,7 @@ from loopreg.surgery.core import TIED_KEY, loop_surgery, looped_spec, stored_lay
 from loopreg.surgery.sources import load_source
 from loopreg.train import run
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 
 RETROFIT = sorted((REPO / "recipes" / "retrofit").glob("*.yaml"))
 TEXT = REPO.parent / "shared" / "textdata"
@@ -103,7 +103,7 @@ def test_retrofit_recipe_trains_two_steps_and_exports_a_looped_folder(path, sour
 def test_composer_launcher_runs_a_retrofit_recipe_on_two_ranks(source, tmp_path):
     path = REPO / "recipes" / "retrofit" / "smollm2_keepall_heal_cpu.yaml"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(VENV_BIN / "composer"), "-n", "2", "--master_port", "29623",
+    result = subprocess.run([str(VENV_BIN / "composer"), "-n", "2", "--master_port", str(free_port()),
                              "--stdout", str(tmp_path / "rank{rank}.out"), "--stderr", str(tmp_path / "rank{rank}.err"),
                              str(path), *tiny(source, path, tmp_path / "model"), "log_to_console=true",
                              "console_log_interval=1ba"],
