@@ -1,11 +1,16 @@
 """Recipe schema and loading: YAML + OmegaConf dotlist overrides, validated before anything heavy runs.
 
 A recipe is plain YAML (see ``recipes/``). Keys starting with ``_`` are dropped: the first line of
-every recipe is ``_run: int = ... or r'''``, which makes the file valid Python for Composer's launcher.
+every runnable recipe is ``_run: int = ... or r'''``, which makes the file valid Python for Composer's launcher.
 
     >>> cfg = load_recipe("recipes/loop_12x2.yaml", ["max_duration=10ba"])  # doctest: +SKIP
     >>> cfg.model.spec  # doctest: +SKIP
     '12x2'
+
+A recipe may extend a base: ``base: base/pile.yaml`` (relative to its file; chains allowed) is merged first,
+then the recipe, then the overrides, and interpolations resolve after, so ``synthetic/base/igsm.yaml`` names its
+rows ``run_name: igsm_${model.spec}``. A child cannot delete a base's key, only set it (``export_folder: null``).
+Bases live in ``base/`` folders. ``model.max_seq_len`` is ``${max_seq_len}`` there; shorter is an error.
 
 Every error is a :class:`RecipeError` whose message is one line naming the file and the key path.
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -166,14 +172,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' not found")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as err:  # YAML syntax errors come in several exception types
-        raise RecipeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, DictConfig):
-        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
-    for key in [k for k in raw if str(k).startswith("_")]:
-        del raw[key]
+    layers = _read_chain(path)
     for item in overrides or []:
         if "=" not in item:
             raise RecipeError(f"override '{item}' is not of the form key=value (e.g. model.d_model=64)")
@@ -181,15 +180,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         dotlist = OmegaConf.from_dotlist(list(overrides or []))
     except OmegaConfBaseException as err:
         raise RecipeError(f"overrides {overrides}: {str(err).splitlines()[0]}") from None
-    schema = OmegaConf.structured(Recipe)
-    try:
-        merged = OmegaConf.merge(schema, raw)
-    except OmegaConfBaseException as err:
-        raise _explain(err, str(path)) from None
+    merged = OmegaConf.structured(Recipe)
+    for where, layer in layers:  # base first: an unknown key or a wrong type names the file it is in
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(where)) from None
     try:
         merged = OmegaConf.merge(merged, dotlist)
     except OmegaConfBaseException as err:
         raise _explain(err, f"override of {path}") from None
+    raw = OmegaConf.merge(*(layer for _, layer in layers))  # what the files set, without the schema's defaults
     model_keys = _given_keys(raw, dotlist, "model")
     if not merged.model._get_node("pretrained")._is_none():  # before LoopedLM's checks judge unused keys
         _check_architecture_unset(model_keys, str(path))
@@ -201,8 +202,53 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except ValueError as err:  # LoopedLMConfig's own checks (spec grammar, head counts)
         raise RecipeError(f"{path}: model: {err}") from None
     _check_pretrained(recipe, _given_keys(raw, dotlist, "tokenizer"), str(path))
+    _check_max_seq_len(recipe, str(path))
     _check_values(recipe, str(path))
     return recipe
+
+
+def _read_file(path: Path) -> DictConfig:
+    """One recipe or base file as written, its ``_`` keys dropped."""
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come in several exception types
+        raise RecipeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    for key in [k for k in raw if str(k).startswith("_")]:
+        del raw[key]
+    return raw
+
+
+def _read_chain(path: Path) -> list[tuple[Path, DictConfig]]:
+    """``path`` and the bases it extends (``base:``, relative to the file naming it), base first, each with
+    its file; ``base`` itself is dropped. A missing base or a cycle is a one-line :class:`RecipeError`."""
+    chain: list[tuple[Path, DictConfig]] = []
+    while True:
+        raw = _read_file(path)
+        chain.append((path, raw))
+        if "base" not in raw:
+            return chain[::-1]
+        base = raw._get_node("base")._value()
+        del raw["base"]
+        if not isinstance(base, str) or not base:
+            raise RecipeError(f"{path}: base must be the path of a recipe file relative to this one "
+                              f"(e.g. base: base/pile.yaml), got {base!r}")
+        following = Path(os.path.normpath(path.parent / base))
+        if not following.is_file():
+            raise RecipeError(f"{path}: base '{base}' not found (no file {following})")
+        if any(following.resolve() == seen.resolve() for seen, _ in chain):
+            loop = " -> ".join(str(seen) for seen, _ in chain)
+            raise RecipeError(f"{path}: base '{base}' makes a cycle: {loop} -> {following}")
+        path = following
+
+
+def _check_max_seq_len(recipe: Recipe, where: str) -> None:
+    """A fresh model must hold the data's sequences (``max_seq_len``); a pretrained one has its source's length."""
+    model_len = recipe.model.max_seq_len
+    if recipe.model.pretrained is None and model_len < recipe.max_seq_len:
+        raise RecipeError(f"{where}: model.max_seq_len={model_len} is less than max_seq_len={recipe.max_seq_len}: "
+                          "the model cannot hold the data's sequences (leave model.max_seq_len at ${max_seq_len})")
 
 
 def _given_keys(raw: DictConfig, dotlist: DictConfig, section: str) -> set[str]:
