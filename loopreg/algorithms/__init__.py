@@ -6,3 +6,7 @@ from loopreg.algorithms.loop_regularizer import (LoopRegularization, LoopRegular
 from loopreg.algorithms.loop_surgery import LoopSurgery, apply_loop_surgery
 from loopreg.algorithms.random_loops import RandomLoops, sample_loops
 from loopreg.algorithms.source_distillation import SourceDistillation, distillation_loss, same_vocabulary
+
+__all__ = ["CoTDistillation", "LatentCurriculum", "LoopRegularization", "LoopRegularizer", "LoopSurgery", "RandomLoops",
+           "SourceDistillation", "apply_loop_surgery", "block_similarity", "cot_distillation_loss", "distillation_loss",
+           "loop_regularization", "loop_similarity", "loop_target", "same_vocabulary", "sample_loops", "snap_to_looped"]

@@ -17,7 +17,6 @@ cosine regularizer (its terms are kept and added).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,17 +98,6 @@ def _output_rows(model: nn.Module) -> int:
     return model.config.vocab_size if isinstance(model, LoopedLM) else model.get_output_embeddings().weight.shape[0]
 
 
-def _teacher_tokenizer(source: str) -> Any | None:
-    from tokenizers import Tokenizer
-
-    from loopreg.surgery.sources import is_loopreg_folder, load_source_tokenizer
-
-    path = Path(source)
-    if path.is_dir() and is_loopreg_folder(path):
-        return Tokenizer.from_file(str(path / "tokenizer.json")) if (path / "tokenizer.json").is_file() else None
-    return load_source_tokenizer(source)
-
-
 def _logits(output: Any) -> torch.Tensor:
     """Logits from a ``LoopedLM`` (a tensor) or a Hugging Face model (an output with ``logits``)."""
     return output if torch.is_tensor(output) else output["logits"]
@@ -155,14 +143,14 @@ class SourceDistillation(Algorithm):
         self._load_teacher(model)
 
     def _load_teacher(self, student: nn.Module) -> None:
-        from loopreg.surgery.sources import load_source
+        from loopreg.surgery.sources import load_source, load_source_tokenizer
 
         if self.teacher_source == "source":
             raise ValueError("SourceDistillation(teacher='source') outside loopreg train: pass the teacher's path")
         if self.teacher is None:
             self.teacher = load_source(self.teacher_source)
             if self._student_tokenizer is not None:
-                teacher_tokenizer = _teacher_tokenizer(self.teacher_source)
+                teacher_tokenizer = load_source_tokenizer(self.teacher_source)
                 if teacher_tokenizer is None:
                     raise ValueError(f"teacher '{self.teacher_source}' has no tokenizer to compare with the student's")
                 if not same_vocabulary(teacher_tokenizer, self._student_tokenizer):
