@@ -133,6 +133,8 @@ def load_generator(source: str | Path, loops: int | None = None, gguf_file: str 
                    context: int | None = None) -> tuple[ModelGenerator, ModelInfo]:
     """A generator and its :class:`ModelInfo` for a loopreg folder, a surgery output, an HF folder or a
     GGUF file (``folder/x.gguf`` or ``folder`` + ``gguf_file``)."""
+    from tokenizers import Tokenizer
+
     from loopreg.surgery.sources import is_loopreg_folder, load_source, load_source_tokenizer
 
     path = Path(source) / gguf_file if gguf_file else Path(source)
@@ -143,7 +145,7 @@ def load_generator(source: str | Path, loops: int | None = None, gguf_file: str 
                                 "(training with export_folder set writes it)")
     if tokenizer is None:
         raise FileNotFoundError(f"{path}: no tokenizer files next to the model")
-    if hasattr(tokenizer, "padding_side"):  # a Hugging Face tokenizer
+    if not isinstance(tokenizer, Tokenizer):  # a Hugging Face tokenizer (a loopreg folder's is a Tokenizer)
         tokenizer.padding_side = "left"
     name = path.stem if path.suffix == ".gguf" else path.name
     name = f"{name}@loops{loops}" if loops is not None else name  # a loop sweep gives one report row per count

@@ -241,7 +241,9 @@ def _source_encoder(source: str | Path) -> tuple[Callable[[str], list[int]], int
                                 "tokenizer")
     if tokenizer is None:
         raise FileNotFoundError(f"{source}: no tokenizer files; layer analysis tokenizes with the source's own tokenizer")
-    if not hasattr(tokenizer, "backend_tokenizer"):  # a loopreg folder's tokenizers.Tokenizer
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):  # a loopreg folder's
         from loopreg.data.text import eos_id
 
         return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids), eos_id(tokenizer)

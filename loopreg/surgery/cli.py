@@ -67,6 +67,8 @@ def cli_main(argv: list[str]) -> int:
 
 
 def _surgery(args: argparse.Namespace) -> None:
+    from tokenizers import Tokenizer
+
     from loopreg.folders import write_model_folder
     from loopreg.surgery.sources import load_source, load_source_tokenizer
     from loopreg.surgery.verify import compare, probe, verification_prompts
@@ -80,7 +82,7 @@ def _surgery(args: argparse.Namespace) -> None:
     model = load_source(args.source)
     tokenizer = load_source_tokenizer(args.source)
     # A loopreg folder's own tokenizer is not carried over; verification then uses random ids.
-    tokenizer = tokenizer if hasattr(tokenizer, "save_pretrained") else None
+    tokenizer = None if isinstance(tokenizer, Tokenizer) else tokenizer
     load_seconds = time.perf_counter() - started
     adapter = find_adapter(model)
     layers = args.layers

@@ -125,6 +125,8 @@ def cli_main(argv: list[str]) -> int:
 
 
 def _export(checkpoint: str, out_dir: str) -> None:
+    from tokenizers import Tokenizer
+
     from loopreg.surgery.sources import load_source, load_source_tokenizer
     from loopreg.tables import print_table
 
@@ -132,7 +134,7 @@ def _export(checkpoint: str, out_dir: str) -> None:
     unrolled = unrolled_model(looped)
     tokenizer = load_source_tokenizer(checkpoint)
     # Only a Hugging Face tokenizer is written next to the Hugging Face checkpoint (a loopreg folder's is not).
-    tokenizer = tokenizer if hasattr(tokenizer, "save_pretrained") else None
+    tokenizer = None if isinstance(tokenizer, Tokenizer) else tokenizer
     out = write_model_folder(unrolled, out_dir, tokenizer=tokenizer)
     print_table("export", [("checkpoint", checkpoint), ("spec", _spec_of(looped)),
                            ("written", f"{type(unrolled).__name__}, {unrolled.config.num_hidden_layers} layers"),
