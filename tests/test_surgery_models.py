@@ -206,3 +206,26 @@ def test_cli_surgery_verify_then_export(sources, tmp_path, capsys):
         "error: layer ranges '2-5' and '4-5' in layer map '0-1,2-5,4-5' overlap; each source layer may seed one block"]
     assert export_cli([str(tmp_path / "looped"), "--unroll", "--out", str(tmp_path / "unrolled")]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "unrolled").config.num_hidden_layers == 6
+
+
+def test_load_source_tokenizer_for_each_kind_of_source(sources, tmp_path):
+    """The one tokenizer loader: a loopreg folder's tokenizer.json, a Hugging Face folder's tokenizer, or None."""
+    from tokenizers import Tokenizer
+
+    from loopreg.data.text import byte_level_tokenizer
+    from loopreg.surgery.sources import load_source_tokenizer
+
+    from .conftest import hf_byte_tokenizer
+
+    looped = tmp_path / "looped"
+    LoopedLM(LoopedLMConfig(spec="2x1", vocab_size=257, d_model=16, n_heads=2)).save_pretrained(looped)
+    assert load_source_tokenizer(looped) is None  # no tokenizer.json next to the model
+    byte_level_tokenizer().save(str(looped / "tokenizer.json"))
+    loaded = load_source_tokenizer(looped)
+    assert isinstance(loaded, Tokenizer) and loaded.get_vocab() == byte_level_tokenizer().get_vocab()
+
+    assert load_source_tokenizer(sources["llama"]) is None  # bare Hugging Face weights
+    hf_folder = tmp_path / "hf"
+    hf_byte_tokenizer().save_pretrained(hf_folder)
+    hf = load_source_tokenizer(hf_folder)
+    assert not isinstance(hf, Tokenizer) and hf("ab")["input_ids"] == hf_byte_tokenizer()("ab")["input_ids"]
