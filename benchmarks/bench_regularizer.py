@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from loopreg.algorithms import loop_regularization
+from loopreg.algorithms.loop_regularizer import regularizer_layout
 from loopreg.model import LoopedLM, LoopedLMConfig
 
 VOCAB = 1024
@@ -43,13 +43,14 @@ def make_step(args: argparse.Namespace):
                                     vocab_size=VOCAB, d_model=args.d_model, n_heads=8, max_seq_len=args.seq))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, VOCAB, (args.batch, args.seq))
+    layout = regularizer_layout(model)  # resolved once, as LoopRegularizer does
 
     def step(variant: str) -> None:
-        penalty = loop_regularization(model).penalty if variant == "reg" else 0.0
+        penalty = layout.regularization().penalty if variant == "reg" else 0.0
         logits = model(tokens)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
         if variant == "reg_after_loss":
-            penalty = loop_regularization(model).penalty
+            penalty = layout.regularization().penalty
         (loss + 10.0 * penalty).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

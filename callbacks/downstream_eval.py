@@ -15,6 +15,8 @@ from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
+from loopreg.errors import RecipeError
+
 __all__ = ["DownstreamEval"]
 
 
@@ -33,7 +35,8 @@ class DownstreamEval(Callback):
         self.specs = load_task_specs(self.groups)  # validates the names now, not hours into training
         self.interval = Time.from_timestring(interval)
         if self.interval.unit != TimeUnit.BATCH:
-            raise ValueError(f"callbacks.downstream_eval.interval must be in batches (e.g. '10000ba'), got '{interval}'")
+            raise RecipeError(f"must be in batches (e.g. '10000ba'), got '{interval}'",
+                              key="callbacks.downstream_eval.interval")
         self.tokenizer: Any = None
         self.history: list[dict[str, float]] = []
 

@@ -27,6 +27,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
+from loopreg.errors import RecipeError
+
 __all__ = ["NonFiniteGuard", "NonFiniteLossError"]
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,10 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, action: str = "stop", max_consecutive_skips: int = 100) -> None:
         if action not in ACTIONS:
-            raise ValueError(f"NonFiniteGuard action '{action}' must be one of {', '.join(ACTIONS)}")
+            raise RecipeError(f"'{action}' must be one of {', '.join(ACTIONS)}", key="callbacks.nonfinite_guard.action")
         if max_consecutive_skips < 1:
-            raise ValueError(f"NonFiniteGuard max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
+            raise RecipeError(f"must be >= 1, got {max_consecutive_skips}",
+                              key="callbacks.nonfinite_guard.max_consecutive_skips")
         self.action, self.max_consecutive_skips = action, max_consecutive_skips
         self.skipped = 0  # batches skipped so far in this run
         self._consecutive = 0

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
+
+from loopreg.errors import UserError
 
 from .ppl import DEFAULT_MAX_TOKENS, perplexity
 
@@ -27,15 +28,17 @@ def _loop_list(text: str | None) -> list[int | None]:
     try:
         loops = [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"--loops: '{text}' is not a comma-separated list of integers (e.g. 1,2,4,8)") from None
+        raise UserError(f"'{text}' is not a comma-separated list of integers (e.g. 1,2,4,8)", key="--loops") from None
     if any(count < 1 for count in loops):
-        raise ValueError(f"--loops: every loop count must be >= 1, got '{text}'")
+        raise UserError(f"every loop count must be >= 1, got '{text}'", key="--loops")
     return loops
 
 
 def cli_main(argv: list[str]) -> int:
+    """Entry for ``loopreg eval`` (see the module docstring); a user error raises a one-line
+    :class:`~loopreg.errors.UserError`."""
     from .runner import evaluate
-    from .tasks import EvalConfigError, EvalDataError, load_task_specs
+    from .tasks import load_task_specs
 
     parser = argparse.ArgumentParser(prog="loopreg eval", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="loopreg model folder, surgery output, HF folder or .gguf file")
@@ -55,8 +58,7 @@ def cli_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     names = [n.strip() for n in f"{args.groups},{args.tasks}".split(",") if n.strip()]
     if not names and not args.ppl_text:
-        print("error: name at least one --groups or --tasks, or give --ppl-text", file=sys.stderr)
-        return 2
+        raise UserError("name at least one --groups or --tasks, or give --ppl-text")
     try:
         from .models import load_generator
 
@@ -75,7 +77,8 @@ def cli_main(argv: list[str]) -> int:
                      sidecar_path=out.with_suffix(".predictions.jsonl"), results_path=out, model=info,
                      allow_hub=args.allow_hub)
             print(f"wrote {out}")
-    except (EvalConfigError, EvalDataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except UserError:  # the evals' own one-line errors (task YAML, eval data), --loops
+        raise
+    except (OSError, ValueError) as err:  # a missing model or text file; a model that cannot loop or encode
+        raise UserError(str(err) or type(err).__name__) from None
     return 0

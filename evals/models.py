@@ -139,16 +139,13 @@ def load_generator(source: str | Path, loops: int | None = None, gguf_file: str 
 
     path = Path(source) / gguf_file if gguf_file else Path(source)
     model = load_source(path)
-    if path.is_dir() and is_loopreg_folder(path):
-        tokenizer_file = path / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"{tokenizer_file}: not found; a loopreg model folder needs its tokenizer.json "
-                                    "(training with export_folder set writes it)")
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    else:
-        tokenizer = load_source_tokenizer(path)
-        if tokenizer is None:
-            raise FileNotFoundError(f"{path}: no tokenizer files next to the model")
+    tokenizer = load_source_tokenizer(path)
+    if tokenizer is None and is_loopreg_folder(path):
+        raise FileNotFoundError(f"{path / 'tokenizer.json'}: not found; a loopreg model folder needs its tokenizer.json "
+                                "(training with export_folder set writes it)")
+    if tokenizer is None:
+        raise FileNotFoundError(f"{path}: no tokenizer files next to the model")
+    if not isinstance(tokenizer, Tokenizer):  # a Hugging Face tokenizer (a loopreg folder's is a Tokenizer)
         tokenizer.padding_side = "left"
     name = path.stem if path.suffix == ".gguf" else path.name
     name = f"{name}@loops{loops}" if loops is not None else name  # a loop sweep gives one report row per count

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from loopreg.errors import UserError
 from loopreg.spec import LoopSpec
 
 from .aggregate import GroupScore, TaskScore, aggregate_groups, percent_gap
@@ -347,19 +347,15 @@ def to_json(table: ReportTable) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- command line
-class _UsageError(Exception):
-    pass
-
-
 class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]  # one line, our exit code
-        raise _UsageError(message)
+    def error(self, message: str) -> None:  # type: ignore[override]  # one line (no usage), exit 2 in loopreg.cli
+        raise UserError(message)
 
 
 def _parse_pair(text: str) -> tuple[str, str]:
     iso, sep, looped = text.partition(":")
     if not sep or not iso or not looped:
-        raise _UsageError(f"--pair {text!r}: expected ISO_PARAM:LOOPED model names")
+        raise UserError(f"--pair {text!r}: expected ISO_PARAM:LOOPED model names")
     return iso, looped
 
 
@@ -380,7 +376,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def report_main(argv: list[str]) -> int:
-    """``loopreg report``: print a table and optionally export it; 0 on success, 2 on a user error.
+    """``loopreg report``: print a table and optionally export it; 0 on success (a user error raises a
+    one-line :class:`~loopreg.errors.UserError`).
 
     Example: ``report_main(["runs/", "--pair", "base-12x1:loop-12x2", "--baseline", "base-24x1"])``
     """
@@ -388,9 +385,9 @@ def report_main(argv: list[str]) -> int:
         args = _build_parser().parse_args(argv)
         pairs = [_parse_pair(text) for text in args.pair]
         if args.png and not args.scaling:
-            raise _UsageError("--png needs --scaling")
+            raise UserError("--png needs --scaling")
         if args.scaling and (pairs or args.baseline):
-            raise _UsageError("--pair/--baseline belong to the Table 3 report, not --scaling")
+            raise UserError("--pair/--baseline belong to the Table 3 report, not --scaling")
         columns = [name.strip() for name in args.groups.split(",") if name.strip()]
         results, groups = load_results(args.results), load_groups()
         if args.scaling:
@@ -403,9 +400,10 @@ def report_main(argv: list[str]) -> int:
             args.json.write_text(json.dumps(to_json(table), indent=2) + "\n", encoding="utf-8")
     except SystemExit as done:  # --help
         return int(done.code or 0)
-    except (_UsageError, ValueError, OSError) as err:  # EvalDataError/EvalConfigError are ValueErrors
-        print(f"loopreg report: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    except UserError:  # bad arguments; EvalDataError/EvalConfigError (a missing or malformed results file)
+        raise
+    except (ValueError, OSError) as err:  # e.g. an unknown group, a --pair model without results, an unwritable --json
+        raise UserError(" ".join(str(err).split()) or type(err).__name__) from None
     console = Console()
     # a pipe or file has no width; rich would assume 80 columns and squeeze the table
     (console if console.is_terminal else Console(width=200)).print(to_rich(table))

@@ -29,6 +29,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from loopreg.errors import UserError
+
 from .metrics import METRICS, parse_number
 
 __all__ = [
@@ -62,25 +64,33 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-class EvalConfigError(ValueError):
-    """A task or group YAML is invalid; ``str()`` is one line naming the file and the key."""
+class _EvalError(UserError):
+    """An eval error: one line in the evals' own format, which already names its file (and task or key)."""
+
+    def at(self, key: str) -> UserError:
+        # The subclasses' constructors take the parts of their format, not (message, key).
+        return UserError(self.message, key)
+
+
+class EvalConfigError(_EvalError):
+    """A task or group YAML is invalid; ``str()`` is one line naming the file and the key (``field``)."""
 
     def __init__(self, origin: str | Path, key: str, problem: str):
-        self.origin, self.key = str(origin), key
         super().__init__(f"{origin}: key '{key}': {_one_line(problem)}")
+        self.origin, self.field = str(origin), key
 
 
-class EvalDataError(ValueError):
+class EvalDataError(_EvalError):
     """Eval data is unusable; ``str()`` is one line naming the task (when known), the file and the line.
 
     Example: ``task svamp: /data/math_word/svamp.jsonl:3: malformed JSON: Expecting value (column 1)``
     """
 
     def __init__(self, task: str | None, source: str | Path, problem: str, line: int | None = None):
-        self.task, self.source, self.line = task, str(source), line
         where = f"{source}:{line}" if line is not None else str(source)
         prefix = f"task {task}: " if task else ""
         super().__init__(f"{prefix}{where}: {_one_line(problem)}")
+        self.task, self.source, self.line = task, str(source), line
 
 
 class TaskDataMissing(EvalDataError):

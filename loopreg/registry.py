@@ -22,6 +22,7 @@ from loopreg.algorithms.loop_surgery import LoopSurgery
 from loopreg.algorithms.random_loops import RandomLoops
 from loopreg.algorithms.source_distillation import SourceDistillation
 from loopreg.callbacks.downstream_eval import DownstreamEval
+from loopreg.callbacks.loop_snap import LoopSnap
 from loopreg.callbacks.nonfinite_guard import NonFiniteGuard
 from loopreg.callbacks.similarity_monitor import LoopSimilarityMonitor
 
@@ -49,6 +50,7 @@ CALLBACKS: dict[str, Callable[..., Any]] = {
     "loop_similarity_monitor": LoopSimilarityMonitor,
     "downstream_eval": DownstreamEval,
     "nonfinite_guard": NonFiniteGuard,
+    "loop_snap": LoopSnap,
 }
 
 LOGGERS: dict[str, Callable[..., Any]] = {

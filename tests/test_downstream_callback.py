@@ -27,3 +27,11 @@ def test_downstream_eval_rejects_unknown_group():
     recipe = load_recipe(REPO / "recipes" / "cpu_phop.yaml", ["callbacks.downstream_eval.groups=[nope]"])
     with pytest.raises((RecipeError, ValueError), match="nope"):
         build_trainer(recipe)
+
+
+def test_downstream_eval_interval_must_be_in_batches():
+    from loopreg.callbacks.downstream_eval import DownstreamEval
+
+    with pytest.raises(ValueError) as raised:
+        DownstreamEval(["synthetic"], interval="0.5dur")
+    assert str(raised.value) == "callbacks.downstream_eval.interval: must be in batches (e.g. '10000ba'), got '0.5dur'"

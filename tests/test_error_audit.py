@@ -81,7 +81,7 @@ def test_wrong_recipe_type(text_corpus, capsys):
 
 def test_bad_component_value(text_corpus, capsys):
     line = _error_line(_train(text_corpus, "algorithms.loop_regularizer.lambda_reg=-1"), capsys)
-    assert line == "error: algorithms.loop_regularizer: LoopRegularizer lambda_reg must be >= 0, got -1"
+    assert line == "error: algorithms.loop_regularizer.lambda_reg: must be >= 0, got -1"  # the key path once
 
 
 def test_missing_data_file(text_corpus, capsys):

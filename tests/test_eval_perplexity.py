@@ -20,7 +20,7 @@ from loopreg.surgery import loop_surgery
 from loopreg.surgery.cli import cli_main as surgery_cli
 from loopreg.surgery.sources import load_source
 
-from .conftest import hf_byte_tokenizer
+from .conftest import hf_byte_tokenizer, run_cli
 
 DOCS = ["the looped model applies its block again.", "latent thoughts: a=1, b=2, so b=2!",
         "a third, longer document about reasoning with depth, loops and shared weights."]
@@ -174,6 +174,6 @@ def test_eval_cli_short_ppl_text_exits_2_with_one_line(llama_folder: Path, tmp_p
                                                        capsys: pytest.CaptureFixture) -> None:
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    assert eval_cli([str(llama_folder), "--ppl-text", str(short), "--out", str(tmp_path / "x.json")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and "short.txt" in err
+    status, _, err = run_cli(["eval", str(llama_folder), "--ppl-text", str(short), "--out", str(tmp_path / "x.json")],
+                             capsys)
+    assert status == 2 and err.count("\n") == 1 and err.startswith("error: ") and "short.txt" in err

@@ -12,6 +12,7 @@ from loopreg.evals import (EvalDataError, EvalResults, ModelInfo, TaskScore, agg
                            load_results, report_main, table3, to_json, to_markdown, write_results)
 from loopreg.spec import LoopSpec
 
+from .conftest import run_cli
 from .test_eval_aggregate import PAPER_ROWS, paper_scores
 
 OFFLINE_ABSENT = ("drop", "coqa", "mawps_singleop")
@@ -166,10 +167,9 @@ def test_scaling_of_a_source_and_its_retrofit_sweep(tmp_path: Path, capsys: pyte
 ])
 def test_report_main_user_errors_are_one_line_and_exit_2(results_dir: Path, capsys: pytest.CaptureFixture,
                                                          argv: list[str], message: str) -> None:
-    assert report_main([arg.format(dir=results_dir) for arg in argv]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.count("\n") == 1
-    assert captured.err.startswith("loopreg report: error: ") and message in captured.err
+    status, out, err = run_cli(["report", *(arg.format(dir=results_dir) for arg in argv)], capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: ") and message in err
 
 
 def test_percent_gap_of_equal_baselines_prints_a_dash() -> None:

@@ -220,3 +220,16 @@ def test_offline_pack_loads_and_absent_tasks_are_missing() -> None:
         else:
             pairs = task_prompts(spec, data_dir, limit=2)
             assert len(pairs) == 2 and all(prompt.endswith("A:") or prompt.endswith("Answer:") for _, prompt in pairs)
+
+
+def test_eval_errors_are_user_errors_that_keep_their_one_line_format() -> None:
+    from loopreg.errors import UserError
+
+    config = EvalConfigError("tasks/svamp.yaml", "metric", "unknown metric 'exactish'")
+    data = TaskDataMissing("svamp", "/data/svamp.jsonl", "local file not found", line=None)
+    assert isinstance(config, UserError) and isinstance(data, UserError)
+    assert str(config) == "tasks/svamp.yaml: key 'metric': unknown metric 'exactish'" and config.field == "metric"
+    assert str(data) == "task svamp: /data/svamp.jsonl: local file not found"
+    under = config.at("callbacks.downstream_eval")  # a recipe entry puts its key path in front, once
+    assert str(under) == "callbacks.downstream_eval: tasks/svamp.yaml: key 'metric': unknown metric 'exactish'"
+    assert under.at("callbacks") is under

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from loopreg.algorithms import loop_regularization
+from loopreg.algorithms import loop_regularization, regularizer_layout
 from loopreg.model import Layer, LoopedLM, LoopedLMConfig
 
 WORLD = 2
@@ -60,6 +60,19 @@ def _worker(rank: int, store: str, out: str) -> None:
         with FSDP.summon_full_params(fsdp, with_grads=True):
             grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in fsdp.named_parameters()}
         results[f"fsdp/{name}"] = (value, grads)
+    # LoopRegularizer resolves the layout once: it must stay exact through FSDP's forward, backward and steps.
+    fsdp = FSDP(_model(), auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+    layout = regularizer_layout(fsdp)
+    initial = float(layout.regularization().penalty)
+    optimizer = torch.optim.SGD(fsdp.parameters(), lr=0.5)
+    for _ in range(2):
+        logits = fsdp(tokens)
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        (ce + LAMBDA * layout.regularization().penalty).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    results["fsdp/cached_layout"] = (initial, float(layout.regularization().penalty),
+                                     float(loop_regularization(fsdp).penalty))
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, local_numel)
     results["fsdp/local_numel"] = {name: [sizes[name] for sizes in gathered] for name in local_numel}
@@ -94,3 +107,8 @@ def test_fsdp_split_weights_across_ranks(two_process_results: dict):
     local = two_process_results["fsdp/local_numel"]
     assert all(sum(sizes) == full[name] for name, sizes in local.items())
     assert any(all(0 < size < full[name] for size in sizes) for name, sizes in local.items())
+
+
+def test_a_layout_resolved_once_stays_exact_through_fsdp_steps(two_process_results: dict):
+    initial, cached, fresh = two_process_results["fsdp/cached_layout"]
+    assert cached == fresh and cached < initial - 1e-3  # the steps moved the weights; the cached layout saw it

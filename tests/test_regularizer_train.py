@@ -1,4 +1,4 @@
-"""LoopRegularizer and LoopSimilarityMonitor in a Composer Trainer on CPU, and the recipes that use them."""
+"""LoopRegularizer, LoopSnap and LoopSimilarityMonitor in a Composer Trainer on CPU, and the recipes that use them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from composer.loggers import InMemoryLogger
 from torch.utils.data import DataLoader
 
 from loopreg.algorithms import LoopRegularizer, loop_similarity
+from loopreg.callbacks.loop_snap import LoopSnap
 from loopreg.callbacks.similarity_monitor import LoopSimilarityMonitor
 from loopreg.composer_model import ComposerLoopedLM
 from loopreg.config import load_recipe
@@ -31,9 +32,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, InMemory
     trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=8),
                       eval_dataloader=DataLoader(data[:16], batch_size=8), max_duration=f"{STEPS}ba",
                       optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                      algorithms=[LoopRegularizer(lambda_reg=LAMBDA, schedule="linear_warmup", t_warmup=f"{WARMUP}ba",
-                                                  snap_at="fit_end", snap_eval_batches=2)],
-                      callbacks=[LoopSimilarityMonitor(interval="10ba")], loggers=[logger], device="cpu",
+                      algorithms=[LoopRegularizer(lambda_reg=LAMBDA, schedule="linear_warmup", t_warmup=f"{WARMUP}ba")],
+                      callbacks=[LoopSimilarityMonitor(interval="10ba"), LoopSnap(at="fit_end", eval_batches=2)],
+                      loggers=[logger], device="cpu",
                       progress_bar=False, save_folder=str(folder / "checkpoints"), save_interval=f"{STEPS}ba",
                       run_name="reg")
     trainer.fit()
@@ -112,17 +113,18 @@ def test_dict_loss_with_total_gets_the_term_and_resume_does_not_snap_twice(tmp_p
     torch.manual_seed(0)
     data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 32, (16, 8))]
     model = TotalLossLM(LoopedLMConfig(spec="1x2", tied=False, vocab_size=32, d_model=16, n_heads=2, d_ff=32))
-    logger, regularizer = InMemoryLogger(), LoopRegularizer(lambda_reg=2.0, snap_at="2ba")
+    logger, snap = InMemoryLogger(), LoopSnap(at="2ba")
     trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=8), max_duration="2ba",
-                      optimizers=torch.optim.SGD(model.parameters(), lr=0.0), algorithms=[regularizer],
-                      loggers=[logger], device="cpu", progress_bar=False, save_folder=str(tmp_path))
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.0), algorithms=[LoopRegularizer(lambda_reg=2.0)],
+                      callbacks=[snap], loggers=[logger], device="cpu", progress_bar=False, save_folder=str(tmp_path))
     trainer.fit()
     reg, total, ce = (series(logger, f"loss/train/{key}") for key in ("loop_reg", "total", "ce"))
     assert total[0] == pytest.approx(ce[0] + reg[0], rel=1e-6) and reg[0] > 0
-    assert regularizer.snapped and (tmp_path / "snapped_1x2").is_dir()
-    resumed = LoopRegularizer(snap_at="2ba")
-    resumed.load_state_dict(regularizer.state_dict())
+    assert snap.snapped and (tmp_path / "snapped_1x2").is_dir()
+    resumed = LoopSnap(at="2ba")
+    resumed.load_state_dict(snap.state_dict())
     assert resumed.snapped
+    assert trainer.state.state_dict()["callbacks"]["LoopSnap"] == {"snapped": True}  # what a checkpoint stores
 
 
 def test_lambda_schedules_at_the_end_of_training_and_bad_names(trained):
@@ -131,5 +133,46 @@ def test_lambda_schedules_at_the_end_of_training_and_bad_names(trained):
     assert LoopRegularizer(schedule="linear_warmup", t_warmup="5ba").scheduler(trainer.state) == 1.0
     assert LoopRegularizer(schedule="cosine", t_warmup="5ba", alpha_f=0.1).scheduler(trainer.state) == \
         pytest.approx(0.1)
-    with pytest.raises(ValueError, match="schedule 'step' is not one of constant, linear_warmup, cosine"):
+    with pytest.raises(ValueError) as raised:
         LoopRegularizer(schedule="step")
+    assert str(raised.value) == "algorithms.loop_regularizer.schedule: 'step' is not one of constant, linear_warmup, cosine"
+
+
+def test_a_new_lambda_schedule_is_a_registry_entry(trained):
+    from loopreg.algorithms.loop_regularizer import LAMBDA_SCHEDULES
+
+    LAMBDA_SCHEDULES.register("half")(lambda t_warmup, alpha_f: lambda state, ssr=1.0: 0.5)
+    try:
+        assert LoopRegularizer(schedule="half").scheduler(trained[0].state) == 0.5
+    finally:
+        del LAMBDA_SCHEDULES["half"]
+
+
+def test_the_layout_is_resolved_once_per_fit(monkeypatch):
+    from loopreg.algorithms import loop_regularizer as module
+
+    calls = []
+    resolve = module.regularizer_layout
+    monkeypatch.setattr(module, "regularizer_layout", lambda model, **kw: calls.append(model) or resolve(model, **kw))
+    torch.manual_seed(0)
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 32, (16, 8))]
+    model = ComposerLoopedLM(LoopedLMConfig(spec="1x2", tied=False, vocab_size=32, d_model=16, n_heads=2, d_ff=32))
+    trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=4), max_duration="4ba",
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.1), algorithms=[LoopRegularizer()],
+                      device="cpu", progress_bar=False)
+    trainer.fit()
+    assert len(calls) == 2  # the check at INIT, then once for the 4 steps of the fit
+    trainer.fit(duration="2ba")
+    assert len(calls) == 3  # a new fit resolves afresh
+
+
+def test_loop_snap_rejects_a_tied_model_and_a_bad_time():
+    model = ComposerLoopedLM(LoopedLMConfig(spec="1x2", vocab_size=32, d_model=16, n_heads=2, d_ff=32))
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 32, (4, 8))]
+    with pytest.raises(ValueError, match=r"^LoopSnap needs an untied LoopedLM; got LoopedLM \(tied: already looped\)$"):
+        Trainer(model=model, train_dataloader=DataLoader(data, batch_size=4), max_duration="1ba",
+                callbacks=[LoopSnap()], device="cpu", progress_bar=False)
+    with pytest.raises(ValueError) as raised:
+        LoopSnap(at="soon")
+    assert str(raised.value) == ("callbacks.loop_snap.at: 'soon' is neither 'fit_end' nor a time such as '800ba' "
+                                 "or '0.5dur'")

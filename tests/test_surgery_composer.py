@@ -42,8 +42,11 @@ def optimizer_params(optimizer) -> set[int]:
 def test_registered_and_validates_event():
     assert ALGORITHMS["loop_surgery"] is LoopSurgery
     assert LoopSurgery("2x(1,2,1)", event="after_load").event == Event.AFTER_LOAD
-    with pytest.raises(ValueError, match="event 'fit_start' must be one of"):
+    with pytest.raises(ValueError) as raised:
         LoopSurgery("2x(1,2,1)", event="fit_start")
+    assert str(raised.value) == "algorithms.loop_surgery.event: LoopSurgery event 'fit_start' must be one of ['init', 'after_load']"
+    with pytest.raises(ValueError, match=r"^algorithms\.loop_surgery\.spec: loop count 0 in stage '2x0'"):
+        LoopSurgery("2x0")
 
 
 def test_surgery_at_init_trains_the_looped_model():

@@ -21,6 +21,8 @@ from loopreg.surgery.export import export_unrolled
 from loopreg.surgery.sources import load_source
 from loopreg.surgery.verify import compare, probe, verification_prompts
 
+from .conftest import run_cli
+
 VOCAB, LAYERS = 96, 6
 TOKENS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 LLAMA_LIKE = dict(num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -198,9 +200,32 @@ def test_cli_surgery_verify_then_export(sources, tmp_path, capsys):
     assert surgery_cli([str(sources["mistral"]), "--spec", "6x1", "--verify", "--out", str(tmp_path / "looped")]) == 0
     printed = capsys.readouterr().out
     assert "max |Δlogit| = 0" in printed and "(100%)" in printed and "effective depth 6" in printed
-    assert surgery_cli([str(sources["mistral"]), "--spec", "2x(1,2,1)", "--init", "average", "--layers",
-                        "0-1,2-5,4-5", "--out", str(tmp_path / "bad")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
+    status, _, err = run_cli(["surgery", str(sources["mistral"]), "--spec", "2x(1,2,1)", "--init", "average",
+                              "--layers", "0-1,2-5,4-5", "--out", str(tmp_path / "bad")], capsys)
+    assert status == 2 and err.strip().splitlines() == [
         "error: layer ranges '2-5' and '4-5' in layer map '0-1,2-5,4-5' overlap; each source layer may seed one block"]
     assert export_cli([str(tmp_path / "looped"), "--unroll", "--out", str(tmp_path / "unrolled")]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "unrolled").config.num_hidden_layers == 6
+
+
+def test_load_source_tokenizer_for_each_kind_of_source(sources, tmp_path):
+    """The one tokenizer loader: a loopreg folder's tokenizer.json, a Hugging Face folder's tokenizer, or None."""
+    from tokenizers import Tokenizer
+
+    from loopreg.data.text import byte_level_tokenizer
+    from loopreg.surgery.sources import load_source_tokenizer
+
+    from .conftest import hf_byte_tokenizer
+
+    looped = tmp_path / "looped"
+    LoopedLM(LoopedLMConfig(spec="2x1", vocab_size=257, d_model=16, n_heads=2)).save_pretrained(looped)
+    assert load_source_tokenizer(looped) is None  # no tokenizer.json next to the model
+    byte_level_tokenizer().save(str(looped / "tokenizer.json"))
+    loaded = load_source_tokenizer(looped)
+    assert isinstance(loaded, Tokenizer) and loaded.get_vocab() == byte_level_tokenizer().get_vocab()
+
+    assert load_source_tokenizer(sources["llama"]) is None  # bare Hugging Face weights
+    hf_folder = tmp_path / "hf"
+    hf_byte_tokenizer().save_pretrained(hf_folder)
+    hf = load_source_tokenizer(hf_folder)
+    assert not isinstance(hf, Tokenizer) and hf("ab")["input_ids"] == hf_byte_tokenizer()("ab")["input_ids"]

@@ -1,4 +1,5 @@
-"""The looping-inspired cosine regularizer (paper §4), its Composer algorithm, and snap-to-looped.
+"""The looping-inspired cosine regularizer (paper §4), its Composer algorithm, and snap-to-looped (the
+:class:`~loopreg.callbacks.loop_snap.LoopSnap` callback snaps during training).
 
 An untied model whose L layers are grouped into blocks of k is pulled toward the looped ``(k⊗L/k)``
 model: for every parameter group G (a weight-matrix role such as attention Q or the MLP down
@@ -23,30 +24,30 @@ the shard group give the exact cosines without gathering any weight.
 
 from __future__ import annotations
 
-import logging
-import math
-from dataclasses import replace
-from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.distributed as torch_dist
 import torch.distributed.nn.functional as dist_nn
-from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
+from composer.optim import (ComposerScheduler, ConstantScheduler, ConstantWithWarmupScheduler,
+                            CosineAnnealingWithWarmupScheduler)
 from torch import nn
 
-from loopreg.checkpoints import run_folder
+from loopreg.errors import RecipeError
 from loopreg.model import LoopedLM
+from loopreg.registry_base import Registry
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import find_adapter, get_layers, layer_role_params, unwrap
 
-__all__ = ["LoopRegularization", "LoopRegularizer", "block_similarity", "loop_regularization", "loop_similarity",
-           "loop_target", "snap_to_looped"]
+__all__ = ["LAMBDA_SCHEDULES", "LoopRegularization", "LoopRegularizer", "RegularizerLayout", "add_loss_term",
+           "block_similarity", "loop_regularization", "loop_similarity", "loop_target", "regularizer_layout",
+           "snap_to_looped"]
 
-log = logging.getLogger(__name__)
-
-LAMBDA_SCHEDULES = ("constant", "linear_warmup", "cosine")
+# λ schedule name -> builder(t_warmup, alpha_f) of a Composer scheduler giving λ's multiplier at the current time.
+LAMBDA_SCHEDULES: Registry = Registry("λ schedule")
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -202,29 +203,46 @@ class _GroupStats(torch.autograd.Function):
                         for g, w, needed in zip(grads, weights, ctx.needs_input_grad[1:])))
 
 
-def _pair_cosines(model: nn.Module, pairs: Sequence[tuple[int, int]], include_norms: bool,
-                  eps: float) -> dict[str, torch.Tensor]:
-    """Role → fp32 cosine of each layer pair, from (shard-local) dot products and squared norms."""
+@dataclass(frozen=True)
+class _PairStats:
+    """What the cosines of some layer pairs need from a model, resolved once: each role's parameter in the
+    compared layers (in ``layers`` order), the pairs as positions in that order (and as index tensors on the
+    weights' device), and the shard group."""
+
+    layers: list[int]
+    params: dict[str, list[nn.Parameter]]
+    local_pairs: list[tuple[int, int]]
+    first: torch.Tensor
+    second: torch.Tensor
+    shard_group: torch_dist.ProcessGroup | None
+
+    def cosines(self, eps: float) -> dict[str, torch.Tensor]:
+        """Role → fp32 cosine of each layer pair, from (shard-local) dot products and squared norms."""
+        stats = [_GroupStats.apply(self.local_pairs, *per_layer) for per_layer in self.params.values()]
+        totals = _sum_over_shards(torch.cat(stats), self.shard_group).view(len(self.params), -1)
+        cosines = {}
+        for role, row in zip(self.params, totals):
+            squares, dots = row[:len(self.layers)].clamp_min(eps * eps), row[len(self.layers):]
+            cosines[role] = dots * torch.rsqrt(squares[self.first]) * torch.rsqrt(squares[self.second])
+        return cosines
+
+
+def _pair_stats(model: nn.Module, pairs: Sequence[tuple[int, int]], include_norms: bool) -> _PairStats:
     params = _role_params(model, include_norms)
     name = type(unwrap(model)).__name__
     layers = sorted({index for pair in pairs for index in pair})
     position = {index: i for i, index in enumerate(layers)}
     local_pairs = [(position[a], position[b]) for a, b in pairs]
-    stats = []
     for role, per_layer in params.items():
         for a, b in pairs:
             if per_layer[a].shape != per_layer[b].shape:
                 raise ValueError(f"{name}: {role} weights of layers {a} and {b} have shapes "
                                  f"{tuple(per_layer[a].shape)} and {tuple(per_layer[b].shape)}; tied blocks need "
                                  "equal shapes")
-        stats.append(_GroupStats.apply(local_pairs, *(per_layer[index] for index in layers)))
-    totals = _sum_over_shards(torch.cat(stats), _shard_group(model)).view(len(params), -1)
-    first, second = (torch.tensor(column, device=totals.device) for column in zip(*local_pairs))
-    cosines = {}
-    for role, row in zip(params, totals):
-        squares, dots = row[:len(layers)].clamp_min(eps * eps), row[len(layers):]
-        cosines[role] = dots * torch.rsqrt(squares[first]) * torch.rsqrt(squares[second])
-    return cosines
+    device = next(iter(params.values()))[0].device
+    first, second = (torch.tensor(column, device=device) for column in zip(*local_pairs))
+    return _PairStats(layers, {role: [per_layer[i] for i in layers] for role, per_layer in params.items()},
+                      local_pairs, first, second, _shard_group(model))
 
 
 class LoopRegularization(NamedTuple):
@@ -232,6 +250,47 @@ class LoopRegularization(NamedTuple):
 
     penalty: torch.Tensor
     similarity: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RegularizerLayout:
+    """The part of :func:`loop_regularization` that depends only on the model's structure (the loop target,
+    the parameter groups and their weights, the layer pairs, the shard group), resolved once by
+    :func:`regularizer_layout`; :meth:`regularization` is then the per-step math alone.
+
+    >>> # layout = regularizer_layout(model, block_size=4); penalty = layout.regularization().penalty
+    """
+
+    target: LoopSpec
+    weights: dict[str, float]
+    stats: _PairStats
+
+    def regularization(self, eps: float = 1e-8) -> LoopRegularization:
+        """``R_G`` of every group and the weighted penalty for the model's current weights."""
+        similarity = {role: cos.mean() for role, cos in self.stats.cosines(eps).items()}
+        penalty = sum(self.weights[role] * (1 - r) for role, r in similarity.items()) / sum(self.weights.values())
+        return LoopRegularization(penalty, similarity)
+
+
+def regularizer_layout(model: nn.Module, block_size: int | None = None, blocks: Sequence[Sequence[int]] | None = None,
+                       include_norms: bool = False,
+                       group_weights: Mapping[str, float] | None = None) -> RegularizerLayout:
+    """Resolve (and check) what :func:`loop_regularization` needs from ``model``'s structure; valid while
+    the model keeps its parameters (the same tensors, their values may change).
+
+    >>> # regularizer_layout(model, block_size=4).target  ->  LoopSpec '4x6' for 24 layers
+    """
+    target = loop_target(model, block_size, blocks)
+    stats = _pair_stats(model, _tied_pairs(target), include_norms)
+    weights = {role: 1.0 for role in stats.params}
+    for role, weight in (group_weights or {}).items():
+        if role not in weights:
+            raise ValueError(f"group_weights key '{role}' is not a parameter group of {type(unwrap(model)).__name__}; "
+                             f"groups: {', '.join(weights)}")
+        weights[role] = float(weight)
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"group_weights {dict(group_weights or {})} must have a positive sum")
+    return RegularizerLayout(target, weights, stats)
 
 
 def loop_regularization(model: nn.Module, block_size: int | None = None, blocks: Sequence[Sequence[int]] | None = None,
@@ -243,22 +302,11 @@ def loop_regularization(model: nn.Module, block_size: int | None = None, blocks:
     ``R_G = 1/(L−k) Σ_i Σ_j cos(θ_G^(ik+j), θ_G^((i+1)k+j))`` over the pairs of :func:`loop_target`'s
     layout; norms below ``eps`` are clamped (no NaN for zero weights) and bf16 weights are summed in fp32.
     Call it before the forward pass: its backward then runs after the model's, when activations are freed.
+    In a loop, resolve the layout once with :func:`regularizer_layout` and call its ``regularization``.
 
     >>> # penalty = loop_regularization(model, block_size=4).penalty; (ce(model(x)) + 10 * penalty).backward()
     """
-    target = loop_target(model, block_size, blocks)
-    cosines = _pair_cosines(model, _tied_pairs(target), include_norms, eps)
-    similarity = {role: cos.mean() for role, cos in cosines.items()}
-    weights = {role: 1.0 for role in similarity}
-    for role, weight in (group_weights or {}).items():
-        if role not in weights:
-            raise ValueError(f"group_weights key '{role}' is not a parameter group of {type(unwrap(model)).__name__}; "
-                             f"groups: {', '.join(weights)}")
-        weights[role] = float(weight)
-    if sum(weights.values()) <= 0:
-        raise ValueError(f"group_weights {dict(group_weights or {})} must have a positive sum")
-    penalty = sum(weights[role] * (1 - r) for role, r in similarity.items()) / sum(weights.values())
-    return LoopRegularization(penalty, similarity)
+    return regularizer_layout(model, block_size, blocks, include_norms, group_weights).regularization(eps)
 
 
 @torch.no_grad()
@@ -285,7 +333,7 @@ def block_similarity(model: nn.Module, block_size: int | None = None, blocks: Se
     block_pairs = [(a, b) for a in range(len(chunks)) for b in range(a + 1, len(chunks))]
     pairs = [pair for a, b in block_pairs for pair in zip(chunks[a], chunks[b])]
     matrices = {}
-    for role, cos in _pair_cosines(model, pairs, include_norms, eps=1e-8).items():
+    for role, cos in _pair_stats(model, pairs, include_norms).cosines(eps=1e-8).items():
         matrix = torch.eye(len(chunks))
         for (a, b), value in zip(block_pairs, cos.view(len(block_pairs), -1).mean(1).cpu()):
             matrix[a, b] = matrix[b, a] = value
@@ -323,89 +371,95 @@ def snap_to_looped(model: nn.Module, block_size: int | None = None,
 
 
 # --------------------------------------------------------------------------------------------- algorithm
-def _lambda_scheduler(schedule: str, t_warmup: str, alpha_f: float):
-    """A Composer scheduler giving λ's multiplier at the current time."""
-    from composer.optim import ConstantScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler
-
-    if schedule == "constant":
-        return ConstantScheduler()
-    if schedule == "linear_warmup":
-        return ConstantWithWarmupScheduler(t_warmup=t_warmup)
-    if schedule == "cosine":
-        return CosineAnnealingWithWarmupScheduler(t_warmup=t_warmup, alpha_f=alpha_f)
-    raise ValueError(f"LoopRegularizer schedule '{schedule}' is not one of {', '.join(LAMBDA_SCHEDULES)}")
+@LAMBDA_SCHEDULES.register("constant")
+def constant_lambda(t_warmup: str, alpha_f: float) -> ComposerScheduler:
+    """λ throughout."""
+    return ConstantScheduler()
 
 
-def _reached(state: State, time: Time) -> bool:
-    if time.unit == TimeUnit.DURATION:
-        return state.get_elapsed_duration() >= time
-    return state.timestamp.get(time.unit) >= time
+@LAMBDA_SCHEDULES.register("linear_warmup")
+def linear_warmup_lambda(t_warmup: str, alpha_f: float) -> ComposerScheduler:
+    """0 → λ over ``t_warmup``, then λ."""
+    return ConstantWithWarmupScheduler(t_warmup=t_warmup)
+
+
+@LAMBDA_SCHEDULES.register("cosine")
+def cosine_lambda(t_warmup: str, alpha_f: float) -> ComposerScheduler:
+    """Warm-up over ``t_warmup``, then cosine decay to ``alpha_f · λ``."""
+    return CosineAnnealingWithWarmupScheduler(t_warmup=t_warmup, alpha_f=alpha_f)
+
+
+def add_loss_term(loss: torch.Tensor | dict[str, torch.Tensor], name: str,
+                  term: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``loss`` (a tensor or Composer's dict of terms) with ``term`` added as its own key ``name``.
+
+    Composer sums a loss dict's values for backward (or takes its ``total``) and logs each key as
+    ``loss/train/<key>``, so a ``total`` gets the term too.
+
+    >>> add_loss_term(torch.tensor(2.0), "loop_reg", torch.tensor(0.5))
+    {'ce': tensor(2.), 'loop_reg': tensor(0.5000)}
+    """
+    terms = dict(loss) if isinstance(loss, dict) else {"ce": loss}
+    if "total" in terms:
+        terms["total"] = terms["total"] + term
+    return {**terms, name: term}
 
 
 class LoopRegularizer(Algorithm):
     """Adds ``λ(t) · loop_regularization(model).penalty`` (built at ``BEFORE_FORWARD``) to the loss at
-    ``AFTER_LOSS``, logged as ``loss/train/loop_reg``, each ``R_G`` as ``loop_reg/similarity/<group>``;
-    optionally snaps the model to a looped checkpoint at ``snap_at`` (``"800ba"``, ``"0.5dur"``, ``"fit_end"``).
+    ``AFTER_LOSS``, logged as ``loss/train/loop_reg``, each ``R_G`` as ``loop_reg/similarity/<group>``.
+    The layout is resolved at the first step of each fit (the model is final then) and reused while
+    ``state.model`` stays the same object.
+    Snapping to the looped model is the :class:`~loopreg.callbacks.loop_snap.LoopSnap` callback.
 
     Args:
         lambda_reg: λ, the paper's λ_reg (10 in its best setting).
         block_size, blocks, include_norms, group_weights, eps: see :func:`loop_regularization`.
-        schedule: λ over training: ``constant``, ``linear_warmup`` (0 → λ over ``t_warmup``, then λ) or
-            ``cosine`` (warm-up, then cosine decay to ``alpha_f · λ``).
-        snap_at: when to write the snapped looped ``LoopedLM`` (``save_pretrained`` folder) and log the
-            eval-loss change it causes (``loop_reg/snap/eval_loss_{untied,looped,change}``).
-        snap_folder: where; default ``<save_folder>/snapped_<target>``.
-        snap_eval_batches: eval batches (first evaluator) for the eval-loss change.
+        schedule: λ over training, a :data:`LAMBDA_SCHEDULES` entry: ``constant``, ``linear_warmup`` (0 → λ
+            over ``t_warmup``, then λ) or ``cosine`` (warm-up, then cosine decay to ``alpha_f · λ``).
 
-    >>> # Trainer(..., algorithms=[LoopRegularizer(lambda_reg=10, block_size=4, snap_at="fit_end")])
+    >>> # Trainer(..., algorithms=[LoopRegularizer(lambda_reg=10, block_size=4)], callbacks=[LoopSnap()])
     """
 
     def __init__(self, lambda_reg: float = 10.0, block_size: int | None = None,
                  blocks: Sequence[Sequence[int]] | None = None, include_norms: bool = False,
                  group_weights: Mapping[str, float] | None = None, schedule: str = "constant",
-                 t_warmup: str = "0ba", alpha_f: float = 0.0, eps: float = 1e-8, snap_at: str | None = None,
-                 snap_folder: str | None = None, snap_eval_batches: int = 8) -> None:
+                 t_warmup: str = "0ba", alpha_f: float = 0.0, eps: float = 1e-8) -> None:
         if lambda_reg < 0:
-            raise ValueError(f"LoopRegularizer lambda_reg must be >= 0, got {lambda_reg}")
-        self.lambda_reg = lambda_reg
-        self.layout = dict(block_size=block_size, blocks=blocks)
-        self.include_norms, self.group_weights, self.eps = include_norms, group_weights, eps
-        self.scheduler = _lambda_scheduler(schedule, t_warmup, alpha_f)
-        self.snap_at = None if snap_at in (None, "fit_end") else Time.from_timestring(snap_at)
-        self.snap_at_fit_end = snap_at == "fit_end"
-        self.snap_folder, self.snap_eval_batches = snap_folder, snap_eval_batches
-        self.snapped = False
+            raise RecipeError(f"must be >= 0, got {lambda_reg}", key="algorithms.loop_regularizer.lambda_reg")
+        if schedule not in LAMBDA_SCHEDULES:
+            raise RecipeError(f"'{schedule}' is not one of {', '.join(LAMBDA_SCHEDULES)}",
+                              key="algorithms.loop_regularizer.schedule")
+        self.lambda_reg, self.eps = lambda_reg, eps
+        self.settings = dict(block_size=block_size, blocks=blocks, include_norms=include_norms,
+                             group_weights=group_weights)
+        self.scheduler: Callable[[State], float] = LAMBDA_SCHEDULES[schedule](t_warmup, alpha_f)
+        self._layout: RegularizerLayout | None = None  # resolved at the first step of a fit, for _layout_model
+        self._layout_model: nn.Module | None = None
         self._lambda_now = 0.0
         self._pending: LoopRegularization | None = None  # built at BEFORE_FORWARD, added at AFTER_LOSS
         self._similarity: dict[str, torch.Tensor] = {}  # R_G of the last microbatch, logged once per batch
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "snapped": self.snapped}  # a resumed run does not snap twice
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.snapped = state.get("snapped", False)
-
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.BATCH_END, Event.FIT_END)
+        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:  # fail before training on a bad layout, group weight or model
-            with torch.no_grad():
-                loop_regularization(state.model, **self.layout, include_norms=self.include_norms,
-                                    group_weights=self.group_weights)
-            if (self.snap_at is not None or self.snap_at_fit_end) and not isinstance(unwrap(state.model), LoopedLM):
-                raise ValueError(f"LoopRegularizer snap_at needs an untied LoopedLM; got "
-                                 f"{type(unwrap(state.model)).__name__}")
+            regularizer_layout(state.model, **self.settings)
+        elif event == Event.FIT_START:  # wrapping, surgery or a checkpoint load came before: resolve afresh
+            self._layout = None
         elif event == Event.BEFORE_FORWARD:
             self._build_penalty(state)
         elif event == Event.AFTER_LOSS:
             self._add_penalty(state)
         elif event == Event.BATCH_END:
             self._log_similarity(logger)
-            if self.snap_at is not None and not self.snapped and _reached(state, self.snap_at):
-                self.snap(state, logger)
-        elif event == Event.FIT_END and self.snap_at_fit_end and not self.snapped:
-            self.snap(state, logger)
+
+    def layout(self, model: nn.Module) -> RegularizerLayout:
+        """The layout of ``model``, resolved on first use and kept while the model is the same object."""
+        if self._layout is None or self._layout_model is not model:
+            self._layout, self._layout_model = regularizer_layout(model, **self.settings), model
+        return self._layout
 
     def _build_penalty(self, state: State) -> None:
         # Built before the forward pass so autograd runs its backward last, once the activations are freed;
@@ -413,17 +467,11 @@ class LoopRegularizer(Algorithm):
         # whole backward (+1 copy of the layer weights at peak). Under DDP this defers the gradient
         # all-reduce to the end of backward. Under FSDP the weights are sharded here in every strategy.
         self._lambda_now = self.lambda_reg * self.scheduler(state)
-        self._pending = loop_regularization(state.model, **self.layout, include_norms=self.include_norms,
-                                            group_weights=self.group_weights, eps=self.eps)
+        self._pending = self.layout(state.model).regularization(self.eps)
 
     def _add_penalty(self, state: State) -> None:
         result, self._pending = self._pending, None
-        term = self._lambda_now * result.penalty
-        # Composer sums the dict's values for backward (or uses 'total') and logs each key as loss/train/<key>.
-        loss = state.loss if isinstance(state.loss, dict) else {"ce": state.loss}
-        if "total" in loss:
-            loss["total"] = loss["total"] + term
-        state.loss = {**loss, "loop_reg": term}
+        state.loss = add_loss_term(state.loss, "loop_reg", self._lambda_now * result.penalty)
         self._similarity = {role: r.detach() for role, r in result.similarity.items()}
 
     def _log_similarity(self, logger: Logger) -> None:
@@ -433,43 +481,3 @@ class LoopRegularizer(Algorithm):
         metrics = {f"loop_reg/similarity/{role}": r for role, r in values.items()}
         metrics["loop_reg/similarity/mean"] = sum(values.values()) / len(values)
         logger.log_metrics({"loop_reg/lambda": self._lambda_now, **metrics})
-
-    def snap(self, state: State, logger: Logger) -> Path | None:
-        """Write the snapped looped model and log the eval-loss change; returns the folder (rank 0)."""
-        from composer.utils import dist
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from loopreg.composer_model import ComposerLoopedLM
-
-        self.snapped = True
-        # Full weights on rank 0 only (a collective under FSDP): once per run, so gathering is fine here.
-        weights = get_model_state_dict(state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if dist.get_global_rank() != 0:
-            return None
-        untied = LoopedLM(unwrap(state.model).config)
-        untied.load_state_dict({name.removeprefix("model."): tensor for name, tensor in weights.items()})
-        looped = snap_to_looped(untied, **self.layout)
-        before, after = (self._eval_loss(ComposerLoopedLM(m), state) for m in (untied, looped))
-        folder = Path(self.snap_folder) if self.snap_folder else run_folder(state) / f"snapped_{looped.spec}"
-        looped.save_pretrained(folder)
-        if before is not None:
-            logger.log_metrics({"loop_reg/snap/eval_loss_untied": before, "loop_reg/snap/eval_loss_looped": after,
-                                "loop_reg/snap/eval_loss_change": after - before})
-        log.info("snapped to looped %s at %s: eval loss %s -> %s; saved %s", looped.spec,
-                 state.timestamp.batch, before, after, folder)
-        return folder
-
-    def _eval_loss(self, model: nn.Module, state: State) -> float | None:
-        """Mean loss of ``model`` over the first ``snap_eval_batches`` batches of the first evaluator (None
-        without an evaluator)."""
-        if not state.evaluators or self.snap_eval_batches < 1:
-            return None
-        model = state.device.module_to_device(model).eval()
-        losses = []
-        with torch.no_grad():
-            for index, batch in enumerate(state.evaluators[0].dataloader.dataloader):
-                if index == self.snap_eval_batches:
-                    break
-                batch = state.device.batch_to_device(batch)
-                losses.append(float(model.loss(model(batch), batch)))
-        return sum(losses) / len(losses) if losses else math.nan

@@ -13,7 +13,7 @@ algorithm at ``INIT``.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from composer.core import Algorithm, Event, State
@@ -21,6 +21,7 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple, is_model_fsdp
 from torch import nn
 
+from loopreg.errors import RecipeError
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import unwrap
 from loopreg.surgery.core import loop_surgery, stored_layers
@@ -88,6 +89,24 @@ def _copy_twins(model: nn.Module, spec: LoopSpec) -> dict[int, tuple[nn.Paramete
     return twins
 
 
+def _checked(key: str, check: Callable[[Any], Any], value: Any) -> Any:
+    """``check(value)``, its one-line ``ValueError`` raised under the recipe key ``algorithms.loop_surgery.<key>``."""
+    try:
+        return check(value)
+    except ValueError as err:
+        raise RecipeError(str(err), key=f"algorithms.loop_surgery.{key}") from None
+
+
+def _event(event: str | Event) -> Event:
+    try:
+        value = Event(event)
+    except ValueError:
+        value = None
+    if value not in _EVENTS:
+        raise ValueError(f"LoopSurgery event {event!r} must be one of {[e.value for e in _EVENTS]}")
+    return value
+
+
 class LoopSurgery(Algorithm):
     """Loop surgery at ``INIT`` or ``AFTER_LOAD`` (see the module docstring and
     :func:`~loopreg.surgery.loop_surgery` for ``spec``, ``layers``, ``init`` and ``tied``).
@@ -102,15 +121,10 @@ class LoopSurgery(Algorithm):
 
     def __init__(self, spec: str, layers: str | None = None, init: str = "copy", tied: bool = True,
                  event: str | Event = Event.INIT) -> None:
-        self.spec = LoopSpec.parse(spec)
+        self.spec = _checked("spec", LoopSpec.parse, spec)
+        _checked("init", check_init, init)
+        self.event = _checked("event", _event, event)
         self.layers, self.init, self.tied = layers, init, tied
-        check_init(init)
-        try:
-            self.event = Event(event)
-        except ValueError:
-            raise ValueError(f"LoopSurgery event {event!r} must be one of {[e.value for e in _EVENTS]}") from None
-        if self.event not in _EVENTS:
-            raise ValueError(f"LoopSurgery event {event!r} must be one of {[e.value for e in _EVENTS]}")
 
     def __repr__(self) -> str:
         return (f"LoopSurgery(spec='{self.spec}', layers={self.layers!r}, init={self.init!r}, tied={self.tied}, "

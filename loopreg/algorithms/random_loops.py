@@ -28,6 +28,8 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
+from loopreg.errors import RecipeError
+
 __all__ = ["RandomLoops", "sample_loops", "check_distribution"]
 
 _KEYS = {"choice": {"values"}, "uniform": {"low", "high"}, "poisson_lognormal": {"mean", "sigma", "max"}}
@@ -94,9 +96,12 @@ class RandomLoops(Algorithm):
 
     def __init__(self, distribution: Mapping[str, Any], grad_loops: int | None = None, seed: int = 0) -> None:
         self.distribution = dict(distribution)
-        check_distribution(self.distribution)
+        try:
+            check_distribution(self.distribution)
+        except ValueError as err:
+            raise RecipeError(str(err), key="algorithms.random_loops.distribution") from None
         if grad_loops is not None and (not isinstance(grad_loops, int) or grad_loops < 1):
-            raise ValueError(f"grad_loops must be an integer >= 1, got {grad_loops!r}")
+            raise RecipeError(f"must be an integer >= 1, got {grad_loops!r}", key="algorithms.random_loops.grad_loops")
         self.grad_loops, self.seed = grad_loops, seed
 
     def __repr__(self) -> str:

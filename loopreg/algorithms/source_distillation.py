@@ -17,7 +17,6 @@ cosine regularizer (its terms are kept and added).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from composer.loggers import Logger
 from torch import nn
 
 from loopreg.data import IGNORE_INDEX
+from loopreg.errors import RecipeError
 from loopreg.surgery.adapters import unwrap
 
 __all__ = ["SourceDistillation", "distillation_loss", "same_vocabulary"]
@@ -67,11 +67,21 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return {"kd": kd, "ce": ce, "total": (1.0 - ce_weight) * kd + ce_weight * ce}
 
 
-def _check_knobs(temperature: float, ce_weight: float) -> None:
+def _knob_problems(temperature: float, ce_weight: float) -> dict[str, str]:
+    """Knob name → what is wrong with its value (empty when both are fine)."""
+    problems = {}
     if temperature <= 0:
-        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+        problems["temperature"] = f"must be > 0, got {temperature}"
     if not 0.0 <= ce_weight <= 1.0:
-        raise ValueError(f"distillation ce_weight must be in [0, 1], got {ce_weight}")
+        problems["ce_weight"] = f"must be in [0, 1], got {ce_weight}"
+    return problems
+
+
+def _check_knobs(temperature: float, ce_weight: float) -> None:
+    problems = _knob_problems(temperature, ce_weight)
+    if problems:
+        knob, problem = next(iter(problems.items()))
+        raise ValueError(f"distillation {knob} {problem}")
 
 
 def _vocabulary(tokenizer: Any) -> dict[str, int]:
@@ -99,17 +109,6 @@ def _output_rows(model: nn.Module) -> int:
     return model.config.vocab_size if isinstance(model, LoopedLM) else model.get_output_embeddings().weight.shape[0]
 
 
-def _teacher_tokenizer(source: str) -> Any | None:
-    from tokenizers import Tokenizer
-
-    from loopreg.surgery.sources import is_loopreg_folder, load_source_tokenizer
-
-    path = Path(source)
-    if path.is_dir() and is_loopreg_folder(path):
-        return Tokenizer.from_file(str(path / "tokenizer.json")) if (path / "tokenizer.json").is_file() else None
-    return load_source_tokenizer(source)
-
-
 def _logits(output: Any) -> torch.Tensor:
     """Logits from a ``LoopedLM`` (a tensor) or a Hugging Face model (an output with ``logits``)."""
     return output if torch.is_tensor(output) else output["logits"]
@@ -133,7 +132,10 @@ class SourceDistillation(Algorithm):
     """
 
     def __init__(self, teacher: str = "source", temperature: float = 1.0, ce_weight: float = 0.0) -> None:
-        _check_knobs(temperature, ce_weight)
+        problems = _knob_problems(temperature, ce_weight)
+        if problems:
+            knob, problem = next(iter(problems.items()))
+            raise RecipeError(problem, key=f"algorithms.source_distillation.{knob}")
         self.teacher_source, self.temperature, self.ce_weight = str(teacher), float(temperature), float(ce_weight)
         self.teacher: nn.Module | None = None
         self._student_tokenizer: Any = None
@@ -155,14 +157,14 @@ class SourceDistillation(Algorithm):
         self._load_teacher(model)
 
     def _load_teacher(self, student: nn.Module) -> None:
-        from loopreg.surgery.sources import load_source
+        from loopreg.surgery.sources import load_source, load_source_tokenizer
 
         if self.teacher_source == "source":
             raise ValueError("SourceDistillation(teacher='source') outside loopreg train: pass the teacher's path")
         if self.teacher is None:
             self.teacher = load_source(self.teacher_source)
             if self._student_tokenizer is not None:
-                teacher_tokenizer = _teacher_tokenizer(self.teacher_source)
+                teacher_tokenizer = load_source_tokenizer(self.teacher_source)
                 if teacher_tokenizer is None:
                     raise ValueError(f"teacher '{self.teacher_source}' has no tokenizer to compare with the student's")
                 if not same_vocabulary(teacher_tokenizer, self._student_tokenizer):
@@ -180,12 +182,15 @@ class SourceDistillation(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            if self.teacher is None:
-                self._load_teacher(state.model)
-            dtype = torch.bfloat16 if state.device.name == "gpu" else None  # a frozen teacher needs no fp32
-            self.teacher = state.device.module_to_device(self.teacher).to(dtype=dtype)
-            return
-        self._replace_loss(state)
+            self._place_teacher(state)
+        else:
+            self._replace_loss(state)
+
+    def _place_teacher(self, state: State) -> None:
+        if self.teacher is None:
+            self._load_teacher(state.model)
+        dtype = torch.bfloat16 if state.device.name == "gpu" else None  # a frozen teacher needs no fp32
+        self.teacher = state.device.module_to_device(self.teacher).to(dtype=dtype)
 
     def _replace_loss(self, state: State) -> None:
         from loopreg.model import LoopedLM

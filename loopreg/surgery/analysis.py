@@ -235,20 +235,19 @@ def _source_encoder(source: str | Path) -> tuple[Callable[[str], list[int]], int
     if not path.exists() and (path.suffix == ".gguf" or str(source).startswith((".", "/", "~"))):
         # the tokenizer is read before the model, so this one-line error comes first, not the hub's
         raise FileNotFoundError(f"{source}: not found; expected a model folder, a .gguf file or a hub id")
-    if path.is_dir() and is_loopreg_folder(path):
-        from tokenizers import Tokenizer
+    tokenizer = load_source_tokenizer(source)
+    if tokenizer is None and is_loopreg_folder(path):
+        raise FileNotFoundError(f"{path / 'tokenizer.json'}: missing; layer analysis tokenizes with the source's own "
+                                "tokenizer")
+    if tokenizer is None:
+        raise FileNotFoundError(f"{source}: no tokenizer files; layer analysis tokenizes with the source's own tokenizer")
+    from tokenizers import Tokenizer
 
+    if isinstance(tokenizer, Tokenizer):  # a loopreg folder's
         from loopreg.data.text import eos_id
 
-        file = path / "tokenizer.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: missing; layer analysis tokenizes with the source's own tokenizer")
-        tokenizer = Tokenizer.from_file(str(file))
         return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids), eos_id(tokenizer)
-    hf_tokenizer = load_source_tokenizer(source)
-    if hf_tokenizer is None:
-        raise FileNotFoundError(f"{source}: no tokenizer files; layer analysis tokenizes with the source's own tokenizer")
-    return (lambda text: hf_tokenizer(text, add_special_tokens=False)["input_ids"]), hf_tokenizer.eos_token_id
+    return (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]), tokenizer.eos_token_id
 
 
 def token_windows(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:

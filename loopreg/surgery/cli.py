@@ -9,19 +9,19 @@ thinking block L times, keeping every layer (e.g. ``7x1+5x2+18x1`` from ``0-6,7-
 
 SRC is a Hugging Face folder, a ``.gguf`` file, a loopreg model folder or a hub id. The output is a
 Hugging Face folder (loopreg folder for loopreg sources) that ``loopreg`` loads back looped; ``loopreg
-export DIR --unroll`` turns it into a standard checkpoint. A user error prints one line and exits 2.
+export DIR --unroll`` turns it into a standard checkpoint. A user error raises a one-line
+:class:`~loopreg.errors.UserError` (``loopreg`` prints it and exits 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
 
+from loopreg.errors import UserError
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import find_adapter, unwrap
 from loopreg.surgery.analysis import DEFAULT_TOKENS, calibration_tokens, layer_analysis, token_windows
@@ -30,19 +30,7 @@ from loopreg.surgery.layer_map import INITS, format_layer_map
 from loopreg.tables import print_table
 from loopreg.update_rules import UPDATE_RULES
 
-__all__ = ["cli_main", "run_user_command"]
-
-
-def run_user_command(command: Callable[[], None]) -> int:
-    """Run ``command``; a ``ValueError``/``OSError`` (bad spec, missing file, ...) becomes one line on stderr
-    and exit status 2 instead of a traceback."""
-    try:
-        command()
-    except (ValueError, OSError) as err:
-        lines = str(err).strip().splitlines()
-        print(f"error: {lines[0] if lines else type(err).__name__}", file=sys.stderr)
-        return 2
-    return 0
+__all__ = ["cli_main"]
 
 
 def cli_main(argv: list[str]) -> int:
@@ -68,22 +56,33 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--verify", action="store_true", help="compare logits and greedy tokens with the source")
     parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     args = parser.parse_args(argv)
-    return run_user_command(lambda: _surgery(args))
+    _check_options(args)  # a bad option fails before the (slow) load
+    try:
+        _surgery(args)
+    except UserError:
+        raise
+    except (ValueError, OSError) as err:  # a bad spec or layer map, an unsupported model, a missing source
+        raise UserError(str(err) or type(err).__name__) from None
+    return 0
 
 
 def _surgery(args: argparse.Namespace) -> None:
+    from tokenizers import Tokenizer
+
     from loopreg.folders import write_model_folder
     from loopreg.surgery.sources import load_source, load_source_tokenizer
     from loopreg.surgery.verify import compare, probe, verification_prompts
 
-    _check_options(args)  # a bad option or a short calibration text fails before the (slow) load
     auto = args.spec == "auto"
     spec = None if auto else LoopSpec.parse(args.spec)
     anchor = 0.0 if args.anchor is None else args.anchor
+    # a short calibration text fails before the (slow) load
     ids = calibration_tokens(args.source, args.text, args.tokens or DEFAULT_TOKENS) if auto else None
     started = time.perf_counter()
     model = load_source(args.source)
     tokenizer = load_source_tokenizer(args.source)
+    # A loopreg folder's own tokenizer is not carried over; verification then uses random ids.
+    tokenizer = None if isinstance(tokenizer, Tokenizer) else tokenizer
     load_seconds = time.perf_counter() - started
     adapter = find_adapter(model)
     layers = args.layers
@@ -121,26 +120,26 @@ def _surgery(args: argparse.Namespace) -> None:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    """The option combinations that need no model: ``--spec auto``'s companions, ``--anchor``."""
+    """The option combinations that need no model: ``--spec auto``'s companions, ``--update``, ``--anchor``."""
     if args.spec == "auto":
         if args.text is None:
-            raise ValueError("--spec auto needs --text FILE: the calibration text of the layer analysis")
+            raise UserError("--spec auto needs --text FILE: the calibration text of the layer analysis")
         if args.layers is not None:
-            raise ValueError(f"--layers {args.layers} with --spec auto: the layer analysis chooses the layer map")
+            raise UserError(f"--layers {args.layers} with --spec auto: the layer analysis chooses the layer map")
         if args.loops is not None and args.loops < 1:
-            raise ValueError(f"--loops must be an integer >= 1, got {args.loops}")
+            raise UserError(f"--loops must be an integer >= 1, got {args.loops}")
     else:
         for option in ("loops", "text", "tokens", "think_layers"):
             if getattr(args, option) is not None:
-                raise ValueError(f"--{option.replace('_', '-')} is for --spec auto; spec '{args.spec}' already gives its loops "
-                                 "and layers")
+                raise UserError(f"--{option.replace('_', '-')} is for --spec auto; spec '{args.spec}' already gives its "
+                                "loops and layers")
     if args.update not in UPDATE_RULES:
-        raise ValueError(f"--update: unknown update rule '{args.update}'; valid: {', '.join(UPDATE_RULES)}")
+        raise UserError(f"--update: unknown update rule '{args.update}'; valid: {', '.join(UPDATE_RULES)}")
     if args.anchor is not None:
         if args.update != "damped":
-            raise ValueError(f"--anchor {args.anchor:g} needs --update damped (the plain rule has no anchor)")
+            raise UserError(f"--anchor {args.anchor:g} needs --update damped (the plain rule has no anchor)")
         if not 0.0 <= args.anchor <= 1.0:
-            raise ValueError(f"--anchor must be in [0, 1], got {args.anchor:g}")
+            raise UserError(f"--anchor must be in [0, 1], got {args.anchor:g}")
 
 
 def _print_layer_map(plan: SurgeryPlan) -> None:

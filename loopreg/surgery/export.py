@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loopreg.errors import UserError
 from loopreg.folders import write_model_folder
 from loopreg.model import LoopedLM
 from loopreg.surgery.adapters import ADAPTERS, find_adapter, get_layers, unwrap
@@ -106,27 +107,38 @@ def _llama_config_and_state(model: LoopedLM) -> tuple[Any, dict[str, torch.Tenso
 
 
 def cli_main(argv: list[str]) -> int:
-    """``loopreg export CKPT --unroll --out DIR``: write a looped checkpoint as a standard unrolled one."""
-    from loopreg.surgery.cli import run_user_command
-    from loopreg.tables import print_table
-    from loopreg.surgery.sources import load_source, load_source_tokenizer
-
+    """``loopreg export CKPT --unroll --out DIR``: write a looped checkpoint as a standard unrolled one (a user
+    error raises a one-line :class:`~loopreg.errors.UserError`)."""
     parser = argparse.ArgumentParser(prog="loopreg export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="looped model: Hugging Face folder written by surgery, or loopreg folder")
     parser.add_argument("--unroll", action="store_true", required=True,
                         help="duplicate looped layers into a standard checkpoint (the only export kind)")
     parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     args = parser.parse_args(argv)
+    try:
+        _export(args.checkpoint, args.out)
+    except UserError:
+        raise
+    except (ValueError, OSError) as err:  # a missing checkpoint, a model with no standard equivalent
+        raise UserError(str(err) or type(err).__name__) from None
+    return 0
 
-    def export() -> None:
-        looped = load_source(args.checkpoint)
-        unrolled = unrolled_model(looped)
-        out = write_model_folder(unrolled, args.out, tokenizer=load_source_tokenizer(args.checkpoint))
-        print_table("export", [("checkpoint", args.checkpoint), ("spec", _spec_of(looped)),
-                               ("written", f"{type(unrolled).__name__}, {unrolled.config.num_hidden_layers} layers"),
-                               ("out", str(out))])
 
-    return run_user_command(export)
+def _export(checkpoint: str, out_dir: str) -> None:
+    from tokenizers import Tokenizer
+
+    from loopreg.surgery.sources import load_source, load_source_tokenizer
+    from loopreg.tables import print_table
+
+    looped = load_source(checkpoint)
+    unrolled = unrolled_model(looped)
+    tokenizer = load_source_tokenizer(checkpoint)
+    # Only a Hugging Face tokenizer is written next to the Hugging Face checkpoint (a loopreg folder's is not).
+    tokenizer = None if isinstance(tokenizer, Tokenizer) else tokenizer
+    out = write_model_folder(unrolled, out_dir, tokenizer=tokenizer)
+    print_table("export", [("checkpoint", checkpoint), ("spec", _spec_of(looped)),
+                           ("written", f"{type(unrolled).__name__}, {unrolled.config.num_hidden_layers} layers"),
+                           ("out", str(out))])
 
 
 def _spec_of(model: nn.Module) -> str:

@@ -4,8 +4,8 @@ text, the encoder / thinking / decoder split, and the keep-all loop spec it prop
     loopreg layers SRC --text FILE [--tokens N] [--loops L] [--json OUT] [--png OUT]
 
 SRC is anything ``loopreg surgery`` accepts (Hugging Face folder, ``.gguf`` file, loopreg model folder, hub
-id); ``loopreg surgery SRC --spec auto --loops L --text FILE`` applies the proposal. A user error prints
-one line and exits 2, before any output file is written.
+id); ``loopreg surgery SRC --spec auto --loops L --text FILE`` applies the proposal. A user error raises a
+one-line :class:`~loopreg.errors.UserError` (``loopreg`` prints it and exits 2) before any output file is written.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
+from loopreg.errors import UserError
 from loopreg.surgery.analysis import (DEFAULT_TOKENS, LayerAnalysis, Split, calibration_tokens, layer_analysis,
                                       token_windows)
-from loopreg.surgery.cli import run_user_command
 from loopreg.tables import print_table
 
 __all__ = ["cli_main", "print_analysis", "write_json", "write_png"]
@@ -41,14 +41,20 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--json", help="write the curves, split, spec and layer map here")
     parser.add_argument("--png", help="plot both curves with the split marked here")
     args = parser.parse_args(argv)
-    return run_user_command(lambda: _layers(args))
+    if args.loops < 1:
+        raise UserError(f"--loops must be an integer >= 1, got {args.loops}")
+    try:
+        _layers(args)
+    except UserError:
+        raise
+    except (ValueError, OSError) as err:  # a short calibration text, a missing source, an unsupported model
+        raise UserError(str(err) or type(err).__name__) from None
+    return 0
 
 
 def _layers(args: argparse.Namespace) -> None:
     from loopreg.surgery.sources import load_source
 
-    if args.loops < 1:
-        raise ValueError(f"--loops must be an integer >= 1, got {args.loops}")
     ids = calibration_tokens(args.source, args.text, args.tokens)  # a short text fails before the slow load
     model = load_source(args.source)
     started = time.perf_counter()
