@@ -25,7 +25,7 @@ from loopreg.model import LoopedLM
 from loopreg.train import build_dataloaders, build_trainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-REG = ["algorithms.loop_regularizer.snap_at=null"]  # snapping is done below, for every target
+REG = ["callbacks.loop_snap=null"]  # snapping is done below, for every target
 # (row, run folder, recipe, overrides, block sizes the row is measured toward)
 RUNS = [
     ("Base (4⊗1)", "base_4x1", "cpu_phop_reg", [*REG, "algorithms.loop_regularizer.lambda_reg=0"], (1, 2)),
