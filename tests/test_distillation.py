@@ -212,8 +212,7 @@ def test_step_ce_reads_the_diagonal():
     model = student_for(data)
     batch = pad_collate([data.render_pair(p, 4) for p in data.test_set(3, seed=0)])
     step = cot_distillation_loss(model, batch, weights={"step": 1.0})["step"]
-    states: list[torch.Tensor] = []
-    model(batch["input_ids"], layer_states=states)
+    states = model(batch["input_ids"], output_hidden=True).hidden_states
     steps = model.placeholder_steps(batch["input_ids"])
     losses = []
     for b, t in zip(*torch.nonzero((steps >= 0) & (batch["step_labels"] != IGNORE_INDEX), as_tuple=True)):
