@@ -285,12 +285,10 @@ class Extras:
         self.run: list[Callable[..., torch.Tensor]] = [_run_layer] * applications
         self.after: list[list[Callable[[torch.Tensor], torch.Tensor]]] = [[] for _ in range(applications)]
         self.hidden: dict[int, torch.Tensor] = {}
-        self._keeps_hidden = False
 
     @property
     def active(self) -> bool:
-        return (self._keeps_hidden or any(self.before) or any(self.after)
-                or any(run is not _run_layer for run in self.run))
+        return any(self.before) or any(self.after) or any(run is not _run_layer for run in self.run)
 
     def apply(self, slot: int, layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
               mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
@@ -341,7 +339,6 @@ class Extras:
 
     def keep_hidden(self, slots: Iterable[int]) -> None:
         """Record the residual stream after each of ``slots`` in :attr:`hidden`."""
-        self._keeps_hidden = True
         for slot in slots:
             if not 0 <= slot < len(self.run):
                 raise ValueError(f"output_hidden: layer application {slot} is out of range; this forward runs "
