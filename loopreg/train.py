@@ -286,7 +286,7 @@ def cli_main(argv: list[str]) -> int:
 
     try:
         run(argv[0], argv[1:])
-    except (RecipeError, DataError) as err:
+    except (RecipeError, DataError, UserError) as err:
         # A DataError raised in a DataLoader worker comes back with the worker's traceback in its message,
         # ending in "loopreg.data.text.DataError: <the one line>".
         line = str(err).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.{DataError.__name__}: ")
