@@ -31,8 +31,8 @@ class ComposerLoopedLM(ComposerModel):
     """A :class:`LoopedLM` as a Composer model; ``self.model`` is the plain ``nn.Module``.
 
     ``extra_eval_metrics`` adds task metrics (e.g. answer exact match) next to cross entropy,
-    perplexity and token accuracy. ``forward_options`` are extra :meth:`LoopedLM.forward` keywords an
-    algorithm sets for the next training forward (CoTDistillation: loop count, per-layer states).
+    perplexity and token accuracy. Per-batch loop options (``loops``, ``grad_loops``; see
+    :func:`~loopreg.model.batch_option`) travel in the batch.
     """
 
     def __init__(self, config: LoopedLMConfig | LoopedLM, extra_eval_metrics: dict[str, Metric] | None = None) -> None:
@@ -40,7 +40,6 @@ class ComposerLoopedLM(ComposerModel):
         self.model = config if isinstance(config, LoopedLM) else LoopedLM(config)
         self.train_metrics = self._lm_metrics()
         self.eval_metrics = {**self._lm_metrics(), **(extra_eval_metrics or {})}
-        self.forward_options: dict[str, Any] = {}
 
     @staticmethod
     def _lm_metrics() -> dict[str, Metric]:
@@ -62,9 +61,16 @@ class ComposerLoopedLM(ComposerModel):
         return 3.0 * (matmul + attention)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Per-batch loop options (RandomLoops) travel in the batch.
-        options = {key: batch_option(batch[key]) for key in ("loops", "grad_loops") if key in batch}
-        return self.model(batch["input_ids"], **options, **self.forward_options)
+        return self.model(batch["input_ids"], **self.loop_options(batch))
+
+    @staticmethod
+    def loop_options(batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """The per-batch loop options in ``batch`` (RandomLoops, CoTDistillation) as forward keywords.
+
+        >>> ComposerLoopedLM.loop_options({"input_ids": torch.zeros(2, 3), "loops": torch.full((2,), 4)})
+        {'loops': 4}
+        """
+        return {key: batch_option(batch[key]) for key in ("loops", "grad_loops") if key in batch}
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         return F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)

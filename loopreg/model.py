@@ -20,17 +20,19 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from loopreg.spec import LoopSpec
 from loopreg.update_rules import check_update_rule, iteration_hooks
 
-__all__ = ["LoopedLMConfig", "LoopedLM", "KVCache", "batch_option"]
+__all__ = ["LoopedLMConfig", "LoopedLM", "LoopedLMOutput", "KVCache", "batch_option"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -235,6 +237,119 @@ class Layer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+@dataclass
+class LoopedLMOutput:
+    """:meth:`LoopedLM.forward` with ``output_hidden``: the logits and the residual stream (before the final
+    norm) after the requested layer applications, keyed by application index in schedule order.
+
+    >>> model = LoopedLM(LoopedLMConfig(spec="1x3", vocab_size=16, d_model=8, n_heads=2))
+    >>> out = model(torch.zeros(1, 4, dtype=torch.long), output_hidden=[2])
+    >>> list(out.hidden_states), out.logits.shape
+    ([2], torch.Size([1, 4, 16]))
+    """
+
+    logits: torch.Tensor
+    hidden_states: dict[int, torch.Tensor]
+
+
+def _run_layer(layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+               cache: KVCache | None, slot: int) -> torch.Tensor:
+    return layer(x, rope, mask, cache, slot)
+
+
+def _run_checkpointed(layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                      mask: torch.Tensor | None, cache: KVCache | None, slot: int) -> torch.Tensor:
+    return torch.utils.checkpoint.checkpoint(layer, x, rope, mask, None, slot, use_reentrant=False)
+
+
+def _run_without_graph(layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       mask: torch.Tensor | None, cache: KVCache | None, slot: int) -> torch.Tensor:
+    with torch.no_grad():
+        return layer(x, rope, mask, cache, slot)
+
+
+class Extras:
+    """What one forward does around its layer applications besides running them, resolved once per forward:
+    the seam between :meth:`LoopedLM.forward`'s plain loop and the latent-thought and training machinery.
+
+    For layer application ``slot``: ``before[slot]`` see its input, ``run[slot]`` runs the layer (plainly,
+    checkpointed, or without an autograd graph) and ``after[slot]`` map its output, in order.
+
+    >>> extras = Extras(applications=3)
+    >>> extras.keep_hidden([1]); extras.active, sorted(extras.hidden)
+    (True, [])
+    """
+
+    def __init__(self, applications: int) -> None:
+        self.before: list[list[Callable[[torch.Tensor], None]]] = [[] for _ in range(applications)]
+        self.run: list[Callable[..., torch.Tensor]] = [_run_layer] * applications
+        self.after: list[list[Callable[[torch.Tensor], torch.Tensor]]] = [[] for _ in range(applications)]
+        self.hidden: dict[int, torch.Tensor] = {}
+
+    @property
+    def active(self) -> bool:
+        return any(self.before) or any(self.after) or any(run is not _run_layer for run in self.run)
+
+    def apply(self, slot: int, layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+              mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        for see in self.before[slot]:
+            see(x)
+        x = self.run[slot](layer, x, rope, mask, cache, slot)
+        for step in self.after[slot]:
+            x = step(x)
+        return x
+
+    def checkpoint(self) -> None:
+        """Activation checkpointing: every layer is recomputed in backward."""
+        self.run = [_run_checkpointed] * len(self.run)
+
+    def truncate(self, skipped: range) -> None:
+        """Truncated backprop: the ``skipped`` applications run without a graph, and in backward they
+        count as the identity from their first input to their last output."""
+        if not skipped:
+            return
+        first_input: dict[str, torch.Tensor] = {}
+        self.before[skipped.start].append(partial(first_input.__setitem__, "x"))
+        for slot in skipped:
+            self.run[slot] = _run_without_graph
+        self.after[skipped.stop - 1].append(lambda x: x.detach() + (first_input["x"] - first_input["x"].detach()))
+
+    def update_rule(self, enter: dict[int, Callable[[torch.Tensor], None]],
+                    leave: dict[int, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        """A looped block's update rule (:func:`loopreg.update_rules.iteration_hooks`)."""
+        for slot, hook in enter.items():
+            self.before[slot].append(hook)
+        for slot, hook in leave.items():
+            self.after[slot].append(hook)
+
+    def latent_mask(self, spec: LoopSpec, frozen_after: torch.Tensor) -> None:
+        """Thm 5.4's masked block (Def. B.3): after thinking iteration t, positions frozen before t take back
+        their state from the iteration's input."""
+        size = spec.blocks[spec.thinking_block].size
+        for loop, end in enumerate(spec.loop_ends):
+            loop_input: dict[str, torch.Tensor] = {}
+            self.before[end - size + 1].append(partial(loop_input.__setitem__, "x"))
+            frozen = (frozen_after < loop)[..., None]
+            self.after[end].append(lambda x, frozen=frozen, start=loop_input: torch.where(frozen, start["x"], x))
+
+    def after_each_loop(self, spec: LoopSpec, step: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        """Map the output of thinking iteration t with ``step(x, t)`` (soft-token feedback)."""
+        for loop, end in enumerate(spec.loop_ends):
+            self.after[end].append(partial(step, loop=loop))
+
+    def keep_hidden(self, slots: Iterable[int]) -> None:
+        """Record the residual stream after each of ``slots`` in :attr:`hidden`."""
+        for slot in slots:
+            if not 0 <= slot < len(self.run):
+                raise ValueError(f"output_hidden: layer application {slot} is out of range; this forward runs "
+                                 f"{len(self.run)} (0..{len(self.run) - 1})")
+            self.after[slot].append(partial(self._keep, slot))
+
+    def _keep(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        self.hidden[slot] = x
+        return x
+
+
 class LoopedLM(nn.Module):
     """Decoder-only causal LM laid out by a :class:`~loopreg.spec.LoopSpec` (see the module docstring).
 
@@ -295,16 +410,44 @@ class LoopedLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, loops: int | Sequence[int] | None = None,
-                return_hidden: bool = False, layer_states: list[torch.Tensor] | None = None,
-                grad_loops: int | None = None, checkpoint: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for ``input_ids`` (B, T).
+                grad_loops: int | None = None, checkpoint: bool = False,
+                output_hidden: bool | Sequence[int] = False) -> torch.Tensor | LoopedLMOutput:
+        """Logits (B, T, vocab) for ``input_ids`` (B, T); a :class:`LoopedLMOutput` when ``output_hidden`` asks
+        for the residual stream after every layer application (``True``) or after the listed ones.
 
         ``attention_mask`` (B, T_total, 1 = real token, 0 = left padding) covers the cached positions
         too when a ``cache`` is given; ``loops`` overrides the loop counts of a tied model.
-        Training knobs: ``layer_states`` (a list) receives the residual stream after every layer
-        application; ``grad_loops=k`` builds the autograd graph only for the last k iterations of the
+        Training knobs: ``grad_loops=k`` builds the autograd graph only for the last k iterations of the
         thinking block (earlier ones count as the identity in backward, Jacobian-free style, so the
         embedding and earlier layers still learn); ``checkpoint`` recomputes each layer in backward.
+        These, the config's latent thoughts and update rule, and ``output_hidden`` are :class:`Extras`
+        around the layer applications (see :meth:`_extras`); without any, the loop below is all there is.
+        """
+        batch, length = input_ids.shape
+        past = cache.length if cache is not None else 0
+        x = self.embed(input_ids)
+        positions, mask = self._positions_and_mask(batch, length, past, attention_mask, x.device)
+        if self.config.learned_positions:
+            x = x + self.position_embed(positions)
+        rope = rotary(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        schedule = self.schedule(loops)
+        extras = self._extras(input_ids, positions, loops, grad_loops, checkpoint, cache, output_hidden)
+        for slot, index in enumerate(schedule):
+            layer = self.layers[index]
+            if extras is None:
+                x = layer(x, rope, mask, cache, slot)
+            else:
+                x = extras.apply(slot, layer, x, rope, mask, cache)
+        if cache is not None:
+            cache.length += length
+        logits = self.lm_head(self.norm(x))
+        return logits if output_hidden is False else LoopedLMOutput(logits, extras.hidden if extras else {})
+
+    def _extras(self, input_ids: torch.Tensor, positions: torch.Tensor, loops: int | Sequence[int] | None,
+                grad_loops: int | None, checkpoint: bool, cache: KVCache | None,
+                output_hidden: bool | Sequence[int]) -> Extras | None:
+        """This forward's machinery around its layer applications, resolved once; ``None`` when it has none
+        (the plain path). Hooks after a layer run in the order they are registered here.
 
         With ``latent_feedback='soft_token'``, after thinking-block iteration t the placeholders of CoT
         step t are decoded through the LM head and the expected embedding (a soft token) replaces the
@@ -313,53 +456,25 @@ class LoopedLM(nn.Module):
         With ``latent_mask`` thinking iteration t only updates the placeholders of steps >= t and what
         follows them; the question and finished steps keep their state (Thm 5.4's masked block, Def. B.3).
         """
-        past = cache.length if cache is not None else 0
-        batch, length = input_ids.shape
-        x = self.embed(input_ids)
-        positions, mask = self._positions_and_mask(batch, length, past, attention_mask, x.device)
-        if self.config.learned_positions:
-            x = x + self.position_embed(positions)
-        rope = rotary(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        if mask is not None:
-            mask = mask[:, None]  # broadcast over heads
-        spec = self.spec if loops is None else self.spec.with_loops(loops)
-        loop_ends = spec.loop_ends
-        latent = self.config.latent_feedback == "soft_token" or self.config.latent_mask
-        steps = self.placeholder_steps(input_ids) if latent else None
-        frozen_after = self._frozen_after(steps) if self.config.latent_mask else None
-        loop_starts = {end - spec.blocks[spec.thinking_block].size + 1: end for end in loop_ends}
-        skipped = spec.truncated_applications(grad_loops) if torch.is_grad_enabled() else range(0)
-        enter, leave = iteration_hooks(spec, self.config.update, self.config.anchor)
         if checkpoint and cache is not None:
             raise ValueError("checkpoint=True is for training; it cannot be combined with a KV cache")
-        for slot, layer_index in enumerate(self.schedule(loops)):
-            layer = self.layers[layer_index]
-            if slot in loop_starts:
-                loop_input = x
-            if slot in enter:
-                enter[slot](x)
-            if slot in skipped:
-                x_in = x if slot == skipped.start else x_in
-                with torch.no_grad():
-                    x = layer(x, rope, mask, cache, slot)
-                if slot == skipped.stop - 1:  # identity Jacobian through the skipped iterations
-                    x = x.detach() + (x_in - x_in.detach())
-            elif checkpoint and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, None, slot, use_reentrant=False)
-            else:
-                x = layer(x, rope, mask, cache, slot)
-            if slot in leave:
-                x = leave[slot](x)
-            if frozen_after is not None and slot in loop_ends:  # Thm 5.4's masked block (Def. B.3)
-                x = torch.where((frozen_after < loop_ends.index(slot))[..., None], loop_input, x)
-            if layer_states is not None:
-                layer_states.append(x)
-            if self.config.latent_feedback == "soft_token" and slot in loop_ends:
-                x = self._feed_soft_tokens(x, steps, loop_ends.index(slot), positions)
-        if cache is not None:
-            cache.length += length
-        x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        config = self.config
+        spec = self.spec if loops is None else self.spec.with_loops(loops)
+        extras = Extras(spec.effective_depth)
+        if torch.is_grad_enabled():
+            if checkpoint:
+                extras.checkpoint()
+            extras.truncate(spec.truncated_applications(grad_loops))
+        extras.update_rule(*iteration_hooks(spec, config.update, config.anchor))
+        if config.latent_mask or config.latent_feedback == "soft_token":
+            steps = self.placeholder_steps(input_ids)
+            if config.latent_mask:
+                extras.latent_mask(spec, self._frozen_after(steps))
+        if output_hidden is not False:
+            extras.keep_hidden(range(spec.effective_depth) if output_hidden is True else output_hidden)
+        if config.latent_feedback == "soft_token":
+            extras.after_each_loop(spec, partial(self._feed_soft_tokens, steps=steps, positions=positions))
+        return extras if extras.active else None
 
     def placeholder_steps(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T): the CoT step each placeholder token stands for (its rank // placeholders_per_step), -1
@@ -386,7 +501,10 @@ class LoopedLM(nn.Module):
         before = ~seen & has_latent.any(-1, keepdim=True)
         return torch.where(has_latent, steps, torch.where(before, -1, never))
 
-    def _feed_soft_tokens(self, x: torch.Tensor, steps: torch.Tensor, loop: int, positions: torch.Tensor) -> torch.Tensor:
+    def _feed_soft_tokens(self, x: torch.Tensor, loop: int, steps: torch.Tensor,
+                          positions: torch.Tensor) -> torch.Tensor:
+        """Thinking iteration ``loop`` done: its placeholders' decoded distributions, as soft tokens, become
+        the next step's aligned placeholders (see :meth:`forward`)."""
         rows, cols = (steps == loop).nonzero(as_tuple=True)
         targets = cols + self.config.placeholders_per_step  # the aligned placeholder of the next step
         inside = targets < steps.shape[1]
@@ -403,7 +521,7 @@ class LoopedLM(nn.Module):
     @staticmethod
     def _positions_and_mask(batch: int, length: int, past: int, attention_mask: torch.Tensor | None,
                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rotary positions and the attention mask; ``None`` mask means plain causal (fast path)."""
+        """Rotary positions and the (B, 1, T, T_total) attention mask; ``None`` means plain causal (fast path)."""
         total = past + length
         if attention_mask is None:
             positions = torch.arange(past, total, device=device).expand(batch, length)
@@ -411,7 +529,7 @@ class LoopedLM(nn.Module):
                 return positions, None
             keys = torch.arange(total, device=device)
             queries = torch.arange(past, total, device=device)
-            return positions, (keys[None, :] <= queries[:, None]).expand(batch, length, total)
+            return positions, (keys[None, :] <= queries[:, None]).expand(batch, length, total)[:, None]
         if attention_mask.shape != (batch, total):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(batch, total)} "
                              "(it must cover cached and new positions)")
@@ -425,7 +543,7 @@ class LoopedLM(nn.Module):
         mask = causal[None] & real[:, None, :]
         # A padding query would see no key at all (NaN softmax); let it see itself. Its output is unused.
         mask |= (keys[None, :] == queries[:, None])[None]
-        return positions, mask
+        return positions, mask[:, None]  # broadcast over heads
 
     # --------------------------------------------------------------- generation
     def new_cache(self, batch: int, max_len: int, loops: int | Sequence[int] | None = None) -> KVCache:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from loopreg.composer_model import ComposerLoopedLM, PretrainedLM
 from loopreg.config import Recipe, RecipeError, check_kwargs, load_recipe, lookup, model_config
 from loopreg.data import Data
+from loopreg.errors import UserError
 
 __all__ = ["main", "build_trainer", "run", "load_pretrained", "Pretrained"]
 
@@ -35,6 +36,8 @@ def _build(registry: dict[str, Any], name: str, kwargs: dict[str, Any] | None, p
     check_kwargs(factory, kwargs, path)
     try:
         return factory(*args, **kwargs)
+    except UserError as err:  # it names its own key path (under ``path``)
+        raise err.at(path) from None
     except (ValueError, TypeError) as err:  # the component's own checks, e.g. a bad spec or a negative λ
         raise RecipeError(f"{path}: {str(err).strip().splitlines()[0]}") from None
 
@@ -155,18 +158,21 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
     reproducibility.seed_all(recipe.seed)
     pretrained = load_pretrained(recipe.model.pretrained) if recipe.model.pretrained else None
     data = build_dataloaders(recipe, dist.get_world_size(), dist.get_global_rank(), pretrained)
+    algorithms = [_build(ALGORITHMS, name, kwargs, f"algorithms.{name}") for name, kwargs in recipe.algorithms.items()]
+    # An algorithm that trains its own kind of student (CoTDistillation) builds it, before the optimizer: its
+    # extra modules are then trained and checkpointed from the first step.
+    build_model = next((a.student_model for a in algorithms if hasattr(a, "student_model")), ComposerLoopedLM)
     if pretrained is not None:
         model = pretrained.model
     else:
         with torch.device(recipe.model.init_device):
-            model = ComposerLoopedLM(model_config(recipe.model), extra_eval_metrics=data.eval_metrics)
+            model = build_model(model_config(recipe.model), extra_eval_metrics=data.eval_metrics)
 
     optimizer = _build(OPTIMIZERS, recipe.optimizer.name, {"lr": recipe.optimizer.lr, **recipe.optimizer.kwargs},
                        "optimizer", model.parameters())
     alpha_f = {} if recipe.scheduler.alpha_f is None else {"alpha_f": recipe.scheduler.alpha_f}
     scheduler = _build(SCHEDULERS, recipe.scheduler.name,
                        {"t_warmup": recipe.scheduler.t_warmup, **alpha_f, **recipe.scheduler.kwargs}, "scheduler")
-    algorithms = [_build(ALGORITHMS, name, kwargs, f"algorithms.{name}") for name, kwargs in recipe.algorithms.items()]
     for name, algorithm in zip(recipe.algorithms, algorithms):
         if hasattr(algorithm, "use_source"):  # source distillation: the teacher is the model before surgery
             try:
@@ -280,7 +286,7 @@ def cli_main(argv: list[str]) -> int:
 
     try:
         run(argv[0], argv[1:])
-    except (RecipeError, DataError) as err:
+    except (RecipeError, DataError, UserError) as err:
         # A DataError raised in a DataLoader worker comes back with the worker's traceback in its message,
         # ending in "loopreg.data.text.DataError: <the one line>".
         line = str(err).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.{DataError.__name__}: ")

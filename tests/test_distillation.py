@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from composer.core import Callback
 
-from loopreg.algorithms.cot_distillation import (CoTDistillation, LatentCurriculum, WeightSchedule,
-                                                 cot_distillation_loss, hidden_layer_map)
+from loopreg.algorithms.cot_distillation import (CoTDistillation, DistillationStudent, LatentCurriculum,
+                                                 WeightSchedule, cot_distillation_loss, hidden_layer_map)
 from loopreg.data import IGNORE_INDEX
 from loopreg.data.paired import PairedData, ProblemStream, read_jsonl_problems
 from loopreg.data.tasks import pad_collate
 from loopreg.data.synthetic import build_task
-from loopreg.model import LoopedLM, LoopedLMConfig, rotary
+from loopreg.errors import UserError
+from loopreg.model import LoopedLM, LoopedLMConfig, LoopedLMOutput, batch_option, rotary
 from loopreg.spec import LoopSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +193,7 @@ def test_loop_ends_follow_the_thinking_block():
     assert LoopSpec.parse("2x(1,3,1)").loop_ends == (3, 5, 7)
     assert LoopSpec.parse("2x1+4x3+2x1").with_loops([1, 2, 1]).loop_ends == (5, 9)
     assert hidden_layer_map(3, 6) == [(0, 1), (1, 3), (2, 5)]
+    assert hidden_layer_map(4, 2) == [(0, 0), (1, 0), (2, 1), (3, 1)]  # a shallower student: never application -1
 
 
 # ----------------------------------------------------------------------------------- loss terms
@@ -212,8 +215,7 @@ def test_step_ce_reads_the_diagonal():
     model = student_for(data)
     batch = pad_collate([data.render_pair(p, 4) for p in data.test_set(3, seed=0)])
     step = cot_distillation_loss(model, batch, weights={"step": 1.0})["step"]
-    states: list[torch.Tensor] = []
-    model(batch["input_ids"], layer_states=states)
+    states = model(batch["input_ids"], output_hidden=True).hidden_states
     steps = model.placeholder_steps(batch["input_ids"])
     losses = []
     for b, t in zip(*torch.nonzero((steps >= 0) & (batch["step_labels"] != IGNORE_INDEX), as_tuple=True)):
@@ -367,6 +369,16 @@ def test_gpu_distill_recipes_run_tiny_on_cpu(tmp_path):
     assert student.num_distinct_layers == 6 and student.spec.effective_depth == 14
 
 
+class RecordBatches(Callback):
+    """The training batches as the model gets them (callbacks run after the algorithms)."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, torch.Tensor]] = []
+
+    def after_dataloader(self, state, logger) -> None:
+        self.batches.append({key: value.clone() for key, value in state.batch.items()})
+
+
 def test_random_loop_counts_cover_the_latent_steps(tmp_path):
     from composer.loggers import InMemoryLogger
 
@@ -377,9 +389,126 @@ def test_random_loop_counts_cover_the_latent_steps(tmp_path):
         tmp_path, "max_duration=6ba", "model.spec=1x4", "algorithms.cot_distillation.loops=[2,7]",
         "algorithms.cot_distillation.curriculum.start=3", "algorithms.cot_distillation.weights.step=1.0",
         "loggers.in_memory={}"))
-    trainer = build_trainer(recipe)
+    batches = RecordBatches()
+    trainer = build_trainer(recipe, extra_callbacks=[batches])
     logger = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
     trainer.fit()
     trainer.close()
     loops = [v for _, v in logger.data["distill/loops"]]
     assert len(loops) == 6 and all(2 <= n <= 7 for n in loops) and len(set(loops)) > 1
+    # the batch carries the count the student runs: per row (Composer splits it), at least the 3 latent steps
+    assert all(batch["loops"].shape == (8,) for batch in batches.batches)
+    assert [batch_option(batch["loops"]) for batch in batches.batches] == [max(n, 3) for n in loops]
+
+
+def test_student_forward_reads_what_the_loss_needs_and_eval_runs_plain():
+    data = PairedData.from_task("addition", **SUM_TASK)
+    student = DistillationStudent(student_for(data, spec="1x5"), teacher_depth=2).train()
+    batch = pad_collate([data.render_pair(p, 4) for p in data.test_set(3, seed=0)])
+    batch["loops"] = torch.full((3,), 6)
+    layout = student.layout(6)
+    assert layout.loop_ends == tuple(range(6)) and layout.hidden_pairs == ((0, 2), (1, 5))
+    assert student.layout(6) is layout  # resolved once per loop count
+    out = student(batch)
+    assert isinstance(out, LoopedLMOutput) and sorted(out.hidden_states) == list(layout.student_reads)
+    torch.testing.assert_close(out.logits, student.model(batch["input_ids"], loops=6), rtol=0, atol=0)
+    assert torch.equal(student.eval_forward(batch, out), out.logits)
+    assert torch.equal(student.eval_forward(batch), out.logits)  # the metrics get plain logits
+
+
+def test_projection_is_trained_and_checkpointed_from_the_first_step(tmp_path):
+    from loopreg.config import load_recipe
+    from loopreg.train import build_trainer
+
+    LoopedLM(LoopedLMConfig(spec="2x1", vocab_size=24, d_model=32, n_heads=2, placeholder_id=3)).save_pretrained(
+        tmp_path / "teacher")
+    common = distill_overrides(tmp_path, "model.d_model=48", f"algorithms.cot_distillation.teacher={tmp_path}/teacher",
+                               f"save_folder={tmp_path}/ckpt", "save_interval=2ba", "scheduler.t_warmup=0ba")
+    recipe_path = REPO / "recipes" / "distill" / "cpu_sum_student.yaml"
+    trainer = build_trainer(load_recipe(recipe_path, [*common, "max_duration=2ba"]))
+    projection = trainer.state.model.distill_projection.weight
+    assert projection.shape == (32, 48)
+    assert [len(group["params"]) for group in trainer.state.optimizers[0].param_groups] == \
+        [len(list(trainer.state.model.parameters()))]  # one group: the projection is an ordinary parameter
+    initial = projection.detach().clone()
+    trainer.fit()
+    trained, moments = projection.detach().clone(), trainer.state.optimizers[0].state[projection]["exp_avg"].clone()
+    assert not torch.equal(trained, initial)
+    trainer.close()
+    resumed = build_trainer(load_recipe(recipe_path, [*common, "max_duration=3ba",
+                                                      f"load_path={tmp_path}/ckpt/ep0-ba2-rank0.pt"]))
+    restored = resumed.state.model.distill_projection.weight
+    assert torch.equal(restored, trained)
+    assert torch.equal(resumed.state.optimizers[0].state[restored]["exp_avg"], moments)
+    resumed.fit()
+    assert not torch.equal(restored, trained)
+    resumed.close()
+
+
+@pytest.mark.parametrize("override, line", [
+    ("algorithms.cot_distillation.weights.stpe=1.0",
+     "algorithms.cot_distillation.weights: unknown term(s) ['stpe']; valid: ['answer', 'cot', 'step', 'hidden', 'kl']"),
+    ("algorithms.cot_distillation.weights.kl={0ba: 1.0, 0.5dur: 0.0}",
+     "algorithms.cot_distillation.weights.kl: all times must share one unit, got ['ba', 'dur']"),
+    ("algorithms.cot_distillation.curriculum.every=0ba",
+     "algorithms.cot_distillation.curriculum: every must be a positive time, got '0ba'"),
+    ("algorithms.cot_distillation.curriculum.evry=2ba",
+     "algorithms.cot_distillation.curriculum: unknown key(s) ['evry']; valid: ['every', 'start', 'max_stage', "
+     "'smoothing', 'mix_prob', 'reset_optimizer']"),
+    ("algorithms.cot_distillation.step_read=diag",
+     "algorithms.cot_distillation.step_read: must be 'diagonal' or 'final', got 'diag'"),
+    ("algorithms.cot_distillation.teacher=null",
+     "algorithms.cot_distillation.teacher: weights for 'hidden'/'kl' need a teacher (a model folder or 'self')"),
+])
+def test_algorithm_errors_name_their_key_once(tmp_path, override, line):
+    from loopreg.config import load_recipe
+    from loopreg.train import build_trainer
+
+    recipe = load_recipe(REPO / "recipes" / "distill" / "cpu_sum_student.yaml",
+                         distill_overrides(tmp_path, "max_duration=1ba", override))
+    with pytest.raises(UserError) as err:
+        build_trainer(recipe)
+    assert str(err.value) == line
+
+
+def test_paired_data_without_the_algorithm_is_a_one_line_error(tmp_path, capsys):
+    from loopreg.cli import main as loopreg_main
+
+    text = (REPO / "recipes" / "distill" / "cpu_sum_teacher.yaml").read_text()
+    algorithms = "algorithms:\n  cot_distillation:\n    curriculum: {start: 0}\n    weights: {answer: 1.0, cot: 1.0, step: 0.0}\n"
+    assert algorithms in text
+    recipe = tmp_path / "no_algorithm.yaml"
+    recipe.write_text(text.replace(algorithms, ""))
+    with pytest.raises(SystemExit) as exit_info:
+        loopreg_main(["train", str(recipe), *distill_overrides(tmp_path, "max_duration=1ba")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: train_data.kind: paired data is raw CoT problems that only the "
+                                       "cot_distillation algorithm renders; add algorithms.cot_distillation "
+                                       "(see recipes/distill/)\n")
+
+
+def test_batches_are_rendered_in_the_main_process_whatever_the_workers(tmp_path):
+    """The stage lives in the main process, and so does the rendering: DataLoader workers only load raw problems."""
+    from composer.loggers import InMemoryLogger
+
+    from loopreg.config import load_recipe
+    from loopreg.train import build_trainer
+
+    runs = []
+    for workers in (0, 2):
+        recipe = load_recipe(REPO / "recipes" / "distill" / "cpu_sum_teacher.yaml", distill_overrides(
+            tmp_path / str(workers), "max_duration=3ba", "algorithms.cot_distillation.curriculum.every=1ba",
+            "algorithms.cot_distillation.weights.step=1.0", "model.spec=1x8", f"train_data.num_workers={workers}",
+            "loggers.in_memory={}"))
+        batches = RecordBatches()
+        trainer = build_trainer(recipe, extra_callbacks=[batches])
+        logger = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+        trainer.fit()
+        runs.append(({key: [float(v) for _, v in logger.data[key]] for key in ("distill/stage", "loss/train/step")},
+                     batches.batches))
+        trainer.close()
+    (logs, batches), (worker_logs, worker_batches) = runs
+    assert logs == worker_logs and logs["distill/stage"] == [0.0, 1.0, 2.0]
+    placeholders = [int((batch["input_ids"] == 3).sum()) for batch in batches]
+    assert placeholders[0] == 0 < placeholders[1] < placeholders[2]  # rendered at each batch's own stage
+    assert all(torch.equal(a[key], b[key]) for a, b in zip(batches, worker_batches, strict=True) for key in a)

@@ -48,13 +48,11 @@ def build(family: str, identity: tuple[int, ...] = ()) -> torch.nn.Module:
 
 
 def reference_states(model: torch.nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(h_in, h_out) of every layer, independently of the hooks: LoopedLM's ``layer_states`` after its
-    embedding; for HF models ``output_hidden_states`` (whose last entry is after the final norm, so the
-    last layer is left out)."""
+    """(h_in, h_out) of every layer, independently of the hooks: LoopedLM's hidden states (``output_hidden``)
+    after its embedding; for HF models ``output_hidden_states`` (whose last entry is after the final norm, so
+    the last layer is left out)."""
     if isinstance(model, LoopedLM):
-        states: list[torch.Tensor] = []
-        model(ids, layer_states=states)
-        states = [model.embed(ids), *states]
+        states = [model.embed(ids), *model(ids, output_hidden=True).hidden_states.values()]
         return list(zip(states[:-1], states[1:]))
     hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     return list(zip(hidden[:-2], hidden[1:-1]))

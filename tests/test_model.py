@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from loopreg import LoopedLM, LoopedLMConfig, LoopSpec
-from loopreg.model import Layer, rotary
+from loopreg.model import Layer, LoopedLMOutput, rotary
 
 
 def tiny(spec: str, **kw) -> LoopedLM:
@@ -142,3 +142,85 @@ def test_bad_configs():
         LoopedLMConfig(spec="2x0")
     with pytest.raises(ValueError, match="mlp"):
         LoopedLMConfig(mlp="relu")
+
+
+# ------------------------------------------------ forward vs the plain loop written out independently
+def plain_loop(model: LoopedLM, ids: torch.Tensor, loops=None, grad_loops=None):
+    """nanoGPT's forward over ``model.layers[i] for i in schedule``: logits and the residual stream after each
+    application; with ``grad_loops`` the early thinking iterations run without a graph and count as the
+    identity in backward."""
+    x = model.embed(ids)
+    rope = rotary(torch.arange(ids.shape[1]).expand_as(ids), model.config.head_dim, model.config.rope_theta, x.dtype)
+    spec = model.spec if loops is None else model.spec.with_loops(loops)
+    skipped = spec.truncated_applications(grad_loops)
+    states = []
+    for slot, index in enumerate(model.schedule(loops)):
+        if slot == skipped.start:
+            start = x
+        if slot in skipped:
+            with torch.no_grad():
+                x = model.layers[index](x, rope)
+            if slot == skipped.stop - 1:
+                x = x.detach() + (start - start.detach())
+        else:
+            x = model.layers[index](x, rope)
+        states.append(x)
+    return model.lm_head(model.norm(x)), states
+
+
+def grads_of(model: LoopedLM, run) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    logits = run()
+    logits.square().mean().backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("spec, tied, loops", [("2x3", True, None), ("1x1+2x4+1x1", True, 3), ("2x3", False, None)])
+def test_forward_equals_the_plain_loop_for_every_training_option(spec, tied, loops):
+    model = tiny(spec, tied=tied).train()
+    ids = torch.randint(0, 61, (2, 9))
+    for options in ({}, {"grad_loops": 1}, {"checkpoint": True}, {"grad_loops": 1, "checkpoint": True}):
+        expected, expected_grads = grads_of(model, lambda: plain_loop(model, ids, loops, options.get("grad_loops"))[0])
+        logits, grads = grads_of(model, lambda: model(ids, loops=loops, **options))
+        assert torch.equal(logits, expected), options
+        assert grads.keys() == expected_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-6, atol=1e-7)
+    truncated = grads_of(model, lambda: model(ids, loops=loops, grad_loops=1))[1]
+    full = grads_of(model, lambda: model(ids, loops=loops))[1]
+    name = "layers.0.mlp.up_proj.weight"  # truncation changes its gradient (untied: it runs without a graph)
+    assert (name not in truncated) if not tied else not torch.equal(truncated[name], full[name])
+
+
+@pytest.mark.parametrize("spec, loops", [("2x3", None), ("1x(1,3,1)", 5)])
+def test_output_hidden_returns_the_residual_stream_of_the_chosen_applications(spec, loops):
+    model = tiny(spec)
+    ids = torch.randint(0, 61, (2, 7))
+    expected, states = plain_loop(model, ids, loops)
+    plain = model(ids, loops=loops)
+    assert isinstance(plain, torch.Tensor) and torch.equal(plain, expected)  # the default: plain logits
+    everything = model(ids, loops=loops, output_hidden=True)
+    assert isinstance(everything, LoopedLMOutput) and torch.equal(everything.logits, expected)
+    assert list(everything.hidden_states) == list(range(len(states)))
+    assert all(torch.equal(everything.hidden_states[slot], state) for slot, state in enumerate(states))
+    chosen = model(ids, loops=loops, output_hidden=[len(states) - 1, 1])
+    assert sorted(chosen.hidden_states) == [1, len(states) - 1]
+    assert torch.equal(chosen.hidden_states[1], states[1]) and torch.equal(chosen.logits, expected)
+    assert model(ids, output_hidden=[]).hidden_states == {}
+    with pytest.raises(ValueError, match=f"layer application {len(states)} is out of range"):
+        model(ids, loops=loops, output_hidden=[len(states)])
+
+
+@pytest.mark.parametrize("spec, loops", [("2x3", None), ("1x(1,3,1)", 5)])
+def test_cached_forward_equals_the_plain_loop(spec, loops):
+    model = tiny(spec, n_kv_heads=2)
+    ids = torch.randint(0, 61, (2, 8))
+    expected, states = plain_loop(model, ids, loops)
+    cache = model.new_cache(2, 8, loops)
+    parts = [model(ids[:, :5], cache=cache, loops=loops, output_hidden=True)]
+    parts += [model(ids[:, t:t + 1], cache=cache, loops=loops, output_hidden=True) for t in range(5, 8)]
+    torch.testing.assert_close(torch.cat([p.logits for p in parts], 1), expected, rtol=1e-5, atol=1e-5)
+    last = torch.cat([p.hidden_states[len(states) - 1] for p in parts], 1)
+    torch.testing.assert_close(last, states[-1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot be combined with a KV cache"):
+        model(ids, cache=model.new_cache(2, 8, loops), loops=loops, checkpoint=True)

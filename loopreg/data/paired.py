@@ -218,9 +218,18 @@ class PairedData:
 
 
 class ProblemStream(ResumableStream):
-    """Endless raw training problems for a rank, resumable at Composer's sample count; the distillation
-    algorithm renders them per step (the curriculum decides how many steps are latent), so a batch is
-    ``{"problems": [...]}``."""
+    """Endless raw training problems for a rank, resumable at Composer's sample count; a batch is
+    ``{"problems": [...]}``, turned into tensors by :meth:`render` at the curriculum's current stage.
+
+    The rendering runs in the main process (``CoTDistillation`` calls :meth:`render` at ``AFTER_DATALOADER``
+    with the current stage's latent step counts): the stage advances in the main process, so a DataLoader
+    worker rendering ahead would use a stale one. The raw problems do not depend on the stage, so workers
+    may still load them (``train_data.num_workers``).
+
+        >>> data = PairedData.from_task("addition", n_operands=3)
+        >>> ProblemStream(data, seed=0).render(data.test_set(2, seed=0), latent_steps=[0, 2])["input_ids"].shape[0]
+        2
+    """
 
     def __init__(self, data: PairedData, seed: int, rank: int = 0, world_size: int = 1, batch_size: int = 1) -> None:
         super().__init__(rank, world_size, batch_size)
@@ -228,6 +237,13 @@ class ProblemStream(ResumableStream):
 
     def __iter__(self) -> Iterator[Problem]:
         return self.data.train_problems(self.seed, self.my_positions())
+
+    def render(self, problems: list[Problem], latent_steps: list[int], per_step: int = 1) -> dict[str, torch.Tensor]:
+        """One padded training batch: each problem's :meth:`PairedData.render_pair` with its number of
+        latent steps and ``per_step`` placeholders per step."""
+        data = self.data
+        return pad_collate([data.render_pair(p, n, per_step) for p, n in zip(problems, latent_steps, strict=True)],
+                           data.pad_id)
 
 
 class RenderedSet(Dataset):
@@ -247,21 +263,25 @@ class RenderedSet(Dataset):
 
 
 def paired_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int) -> Any:
-    """:class:`~loopreg.train.Data` for ``train_data.kind: paired``: raw training problems (the
-    ``cot_distillation`` algorithm renders them) and one fully latent eval set with answer exact match."""
+    """:class:`~loopreg.data.Data` for ``train_data.kind: paired``: raw training problems (the
+    ``cot_distillation`` algorithm renders them, see :class:`ProblemStream`) and one fully latent eval set
+    with answer exact match."""
     from composer.core import Evaluator
     from composer.utils import dist
 
-    from loopreg.config import RecipeError
-    from loopreg.data.tasks import AnswerExactMatch
     from loopreg.data import Data
+    from loopreg.data.tasks import AnswerExactMatch
+    from loopreg.errors import RecipeError
 
+    if "cot_distillation" not in recipe.algorithms:  # nothing else turns the raw problems into tensors
+        raise RecipeError("paired data is raw CoT problems that only the cot_distillation algorithm renders; "
+                          "add algorithms.cot_distillation (see recipes/distill/)", key="train_data.kind")
     section = recipe.train_data
     try:
         data = (PairedData.from_task(section.task, **section.task_kwargs) if section.task
                 else PairedData.from_jsonl(section.source))
     except (ValueError, TypeError, FileNotFoundError) as err:
-        raise RecipeError(f"train_data: {err}") from None
+        raise RecipeError(str(err), key="train_data") from None
     if data.vocab_size > recipe.model.vocab_size:
         raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the paired data's vocabulary "
                           f"({data.vocab_size} tokens)")
