@@ -45,8 +45,8 @@ from composer.loggers import Logger
 from torch import nn
 
 from loopreg.composer_model import ComposerLoopedLM
-from loopreg.config import RecipeError
 from loopreg.data import IGNORE_INDEX
+from loopreg.errors import RecipeError
 from loopreg.model import LoopedLM
 
 __all__ = ["TERMS", "CoTDistillation", "LatentCurriculum", "WeightSchedule", "cot_distillation_loss",
