@@ -241,7 +241,7 @@ def _check_values(recipe: Recipe, where: str) -> None:
     micro = recipe.device_train_microbatch_size
     if not (micro == "auto" or (isinstance(micro, int) and micro >= 1)):
         raise RecipeError(f"{where}: device_train_microbatch_size must be an int >= 1 or 'auto', got {micro!r}")
-    from loopreg.registry import DATA_KINDS, TOKENIZERS  # importing it registers the built-in kinds
+    from loopreg.data.kinds import DATA_KINDS, TOKENIZERS
 
     try:
         TOKENIZERS.lookup(recipe.tokenizer.kind, "tokenizer.kind")

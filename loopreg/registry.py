@@ -2,9 +2,9 @@
 
 Recipes name Composer's own optimizers, schedulers, callbacks and loggers, plus loopreg's algorithms
 and callbacks, data kinds (``train_data.kind``) and tokenizer kinds (``tokenizer.kind``). Data and
-tokenizer kinds register themselves where they are defined (``@TOKENIZERS.register("name")``); importing
-this module imports the modules of the built-in ones. A user adds an entry from their own code, e.g.
-``OPTIMIZERS.register("lion")(Lion)``, before the recipe loads.
+tokenizer kinds register themselves where they are defined (``@TOKENIZERS.register("name")``);
+:mod:`loopreg.data.kinds` imports the modules of the built-in ones. A user adds an entry from their own
+code before the recipe loads, e.g. ``OPTIMIZERS.register("lion")(Lion)``.
 
     >>> sorted(OPTIMIZERS)[:2]
     ['adafactor', 'adamw']
@@ -27,8 +27,7 @@ from loopreg.algorithms.source_distillation import SourceDistillation
 from loopreg.callbacks.downstream_eval import DownstreamEval
 from loopreg.callbacks.nonfinite_guard import NonFiniteGuard
 from loopreg.callbacks.similarity_monitor import LoopSimilarityMonitor
-from loopreg.data import DATA_KINDS, TOKENIZERS
-from loopreg.data import paired, tasks, text  # noqa: F401  (they register the built-in data and tokenizer kinds)
+from loopreg.data.kinds import DATA_KINDS, TOKENIZERS
 from loopreg.registry_base import Registry
 
 __all__ = ["Registry", "OPTIMIZERS", "SCHEDULERS", "CALLBACKS", "LOGGERS", "ALGORITHMS", "DATA_KINDS", "TOKENIZERS"]

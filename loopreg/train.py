@@ -65,28 +65,23 @@ def load_pretrained(source: str) -> Pretrained:
 
     >>> # load_pretrained(str(smollm2_gguf())).model.model.config.num_hidden_layers  ->  30
     """
-    from tokenizers import Tokenizer
-
     from loopreg.model import LoopedLM
     from loopreg.surgery.sources import load_source, load_source_tokenizer
 
     with under_key("model.pretrained", OSError, ValueError):  # missing files, unreadable weights, no such hub id
         model = load_source(source)
-        if isinstance(model, LoopedLM):
-            tokenizer_file = Path(source) / "tokenizer.json"
-            if not tokenizer_file.is_file():
-                raise FileNotFoundError(f"{source}: no tokenizer.json next to the loopreg model")
-            return Pretrained(ComposerLoopedLM(model), Tokenizer.from_file(str(tokenizer_file)))
         tokenizer = load_source_tokenizer(source)
         if tokenizer is None:
             raise FileNotFoundError(f"{source}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+        if isinstance(model, LoopedLM):
+            return Pretrained(ComposerLoopedLM(model), tokenizer)
         return Pretrained(PretrainedLM(model, tokenizer), tokenizer)
 
 
 def build_dataloaders(recipe: Recipe, world_size: int, rank: int, pretrained: Pretrained | None = None) -> Data:
     """Train and eval data for this rank, built by the ``train_data.kind`` entry of ``DATA_KINDS`` (tokenized
     with ``pretrained``'s tokenizer when given)."""
-    from loopreg.registry import DATA_KINDS
+    from loopreg.data.kinds import DATA_KINDS
 
     if recipe.global_train_batch_size % world_size:
         raise RecipeError(f"global_train_batch_size={recipe.global_train_batch_size} is not divisible by the world "

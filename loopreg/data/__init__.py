@@ -4,7 +4,7 @@ registries of data kinds and tokenizer kinds that recipes name (``train_data.kin
 
 Each kind registers itself in the module that defines it (``text`` in :mod:`loopreg.data.text`,
 ``synthetic`` in :mod:`loopreg.data.tasks`, ``paired`` in :mod:`loopreg.data.paired`);
-:mod:`loopreg.registry` imports those modules, so its ``DATA_KINDS`` and ``TOKENIZERS`` hold every built-in.
+:mod:`loopreg.data.kinds` imports those modules, so its ``DATA_KINDS`` and ``TOKENIZERS`` hold every built-in.
 
     >>> IGNORE_INDEX
     -100

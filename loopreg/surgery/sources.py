@@ -75,13 +75,22 @@ def load_source(source: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
 
 
 def load_source_tokenizer(source: str | Path) -> Any | None:
-    """The Hugging Face tokenizer stored with ``source`` (GGUF, folder or hub id), or ``None`` for a folder
-    without tokenizer files (loopreg folders, bare weights)."""
+    """The tokenizer stored with ``source``: a Hugging Face tokenizer for a ``.gguf`` file, a Hugging Face
+    folder or a hub id; the ``tokenizers.Tokenizer`` of ``tokenizer.json`` for a loopreg model folder;
+    ``None`` for a folder without tokenizer files (bare weights). Each caller says what a missing one means.
+
+    >>> # load_source_tokenizer("runs/loop_12x2/model").get_vocab_size()  # a loopreg folder's tokenizer.json
+    """
+    path = Path(source)
+    if path.is_dir() and is_loopreg_folder(path):
+        from tokenizers import Tokenizer
+
+        file = path / "tokenizer.json"
+        return Tokenizer.from_file(str(file)) if file.is_file() else None
     from transformers import AutoTokenizer
 
-    path = Path(source)
     if path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if path.is_dir() and (is_loopreg_folder(path) or not any((path / name).is_file() for name in TOKENIZER_FILES)):
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
     return AutoTokenizer.from_pretrained(source)
