@@ -26,7 +26,7 @@ from loopreg.config import Recipe, check_kwargs, load_recipe, lookup, model_conf
 from loopreg.data import Data
 from loopreg.errors import RecipeError, UserError, under_key
 
-__all__ = ["main", "build_trainer", "run", "load_pretrained", "Pretrained"]
+__all__ = ["main", "cli_main", "run", "build_trainer", "build_dataloaders", "load_pretrained", "Pretrained"]
 
 
 def _build(registry: dict[str, Any], name: str, kwargs: dict[str, Any] | None, path: str, *args: Any) -> Any:
