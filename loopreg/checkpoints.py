@@ -23,9 +23,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from loopreg.config import RecipeError
+from loopreg.errors import CheckpointError
 
-__all__ = ["CheckpointError", "check_checkpoint", "prepare_autoresume", "run_folder", "LATEST"]
+__all__ = ["check_checkpoint", "prepare_autoresume", "run_folder", "LATEST"]
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,6 @@ log = logging.getLogger(__name__)
 # not change them. Only rank 0 writes a monolithic checkpoint and the symlink autoresume reads.
 _CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
 LATEST = "latest-rank0.pt"
-
-
-class CheckpointError(RecipeError):
-    """A checkpoint that is missing or cannot be read; ``str(err)`` is one line naming the file."""
 
 
 def check_checkpoint(path: str | Path) -> None:

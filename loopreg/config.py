@@ -9,10 +9,11 @@ every runnable recipe is ``_run: int = ... or r'''``, which makes the file valid
 
 A recipe may extend a base: ``base: base/pile.yaml`` (relative to its file; chains allowed) is merged first,
 then the recipe, then the overrides, and interpolations resolve after, so ``synthetic/base/igsm.yaml`` names its
-rows ``run_name: igsm_${model.spec}``. A child cannot delete a base's key, only set it (``export_folder: null``).
+rows ``run_name: igsm_${model.spec}``. A child sets a base's key, it cannot delete one (``export_folder: null``),
+but an algorithm, callback or logger set to null is off (``callbacks.loop_snap=null``).
 Bases live in ``base/`` folders. ``model.max_seq_len`` is ``${max_seq_len}`` there; shorter is an error.
 
-Every error is a :class:`RecipeError` whose message is one line naming the file and the key path.
+Every error is a :class:`~loopreg.errors.RecipeError` whose message is one line naming the file and the key path.
 
 ``model.pretrained`` starts from an existing checkpoint instead of a fresh ``LoopedLM`` (a Hugging Face
 folder, a ``.gguf`` file, a hub id or a loopreg folder); ``${smollm2_gguf:}`` names the offline
@@ -21,7 +22,6 @@ SmolLM2-135M-Instruct GGUF. The tokenizer is then the source's own (``tokenizer.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 from dataclasses import dataclass, field, fields
@@ -31,13 +31,11 @@ from typing import Any, Callable, Dict, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from loopreg.errors import RecipeError, did_you_mean
 from loopreg.model import LoopedLMConfig
+from loopreg.registry_base import lookup
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "check_kwargs", "model_config"]
-
-
-class RecipeError(ValueError):
-    """A user error in a recipe or an override; ``str(err)`` is one line."""
+__all__ = ["Recipe", "load_recipe", "check_kwargs", "lookup", "model_config"]
 
 
 @dataclass
@@ -50,15 +48,16 @@ class ModelSection(LoopedLMConfig):
 
 @dataclass
 class TokenizerSection:
-    # byte_level | hub | file | synthetic (the task's character vocabulary) | source (model.pretrained's own;
-    # the default when model.pretrained is set)
+    # an entry of loopreg.registry.TOKENIZERS: byte_level | hub | file | synthetic (the task's character
+    # vocabulary) | source (model.pretrained's own; the default when model.pretrained is set)
     kind: str = "byte_level"
     name: Optional[str] = None  # hub id (kind=hub) or tokenizer.json path (kind=file)
 
 
 @dataclass
 class DataSection:
-    kind: str = "text"  # text | synthetic | paired (CoT/latent problems for the cot_distillation algorithm)
+    # an entry of loopreg.registry.DATA_KINDS: text | synthetic | paired (CoT/latent problems for cot_distillation)
+    kind: str = "text"
     # text: a hub dataset id, or a local file / folder of .txt, .jsonl, .json or .parquet files
     source: Optional[str] = None
     subset: Optional[str] = None  # hub dataset config name
@@ -111,6 +110,7 @@ class Recipe:
     precision: Optional[str] = None  # fp32 | amp_bf16 | amp_fp16; default amp_bf16 on GPU, fp32 on CPU
     gradient_clipping: Optional[float] = 1.0
     fsdp_config: Optional[Dict[str, Any]] = None
+    # name -> keyword arguments; an entry set to null is off (how a recipe drops one its base has)
     algorithms: Dict[str, Any] = field(default_factory=dict)
     callbacks: Dict[str, Any] = field(default_factory=dict)
     loggers: Dict[str, Any] = field(default_factory=dict)
@@ -142,12 +142,6 @@ def _smollm2_gguf() -> str:
 OmegaConf.register_resolver("smollm2_gguf", _smollm2_gguf, replace=True)
 
 
-def _suggest(name: str, valid: list[str], parent: str = "") -> str:
-    close = difflib.get_close_matches(name, valid, n=1)
-    prefix = f"{parent}." if parent else ""
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-
-
 _SECTIONS: dict[str, type] = {"": Recipe, "model": ModelSection, "tokenizer": TokenizerSection,
                               "train_data": DataSection, "eval_data": DataSection,
                               "optimizer": OptimizerSection, "scheduler": SchedulerSection}
@@ -160,7 +154,7 @@ def _explain(err: OmegaConfBaseException, where: str) -> RecipeError:
         schema = _SECTIONS.get(parent)
         valid = sorted(f.name for f in fields(schema)) if schema else []
         scope = f"under '{parent}'" if parent else "at the top level"
-        return RecipeError(f"{where}: unknown key '{key}'{_suggest(leaf, valid, parent)}; valid keys {scope}: {', '.join(valid)}")
+        return RecipeError(f"{where}: unknown key '{key}'{did_you_mean(leaf, valid, parent)}; valid keys {scope}: {', '.join(valid)}")
     if isinstance(err, ValidationError):
         detail = str(err).splitlines()[0]
         return RecipeError(f"{where}: wrong type for '{key}': {detail}")
@@ -201,6 +195,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise _explain(err, str(path)) from None
     except ValueError as err:  # LoopedLMConfig's own checks (spec grammar, head counts)
         raise RecipeError(f"{path}: model: {err}") from None
+    for section in (recipe.algorithms, recipe.callbacks, recipe.loggers):
+        for name in [name for name, kwargs in section.items() if kwargs is None]:
+            del section[name]
     _check_pretrained(recipe, _given_keys(raw, dotlist, "tokenizer"), str(path))
     _check_max_seq_len(recipe, str(path))
     _check_values(recipe, str(path))
@@ -295,19 +292,16 @@ def _check_values(recipe: Recipe, where: str) -> None:
     micro = recipe.device_train_microbatch_size
     if not (micro == "auto" or (isinstance(micro, int) and micro >= 1)):
         raise RecipeError(f"{where}: device_train_microbatch_size must be an int >= 1 or 'auto', got {micro!r}")
-    for section in ("train_data", "eval_data"):
-        data = getattr(recipe, section)
-        if data is None:
-            continue
-        if data.kind not in ("text", "synthetic", "paired"):
-            raise RecipeError(f"{where}: {section}.kind must be 'text', 'synthetic' or 'paired', got '{data.kind}'")
-        if data.kind == "paired" and not (data.task or data.source):
-            raise RecipeError(f"{where}: {section} of kind paired needs task (addition, igsm, multiplication) or "
-                              "source (a JSONL file of question/cot/answer)")
-        if data.kind == "text" and not data.source:
-            raise RecipeError(f"{where}: {section}.source is required for text data (a hub dataset id or a local path)")
-        if data.kind == "synthetic" and not data.task:
-            raise RecipeError(f"{where}: {section}.task is required for synthetic data (e.g. phop)")
+    from loopreg.data.kinds import DATA_KINDS, TOKENIZERS
+
+    try:
+        TOKENIZERS.lookup(recipe.tokenizer.kind, "tokenizer.kind")
+        for section in ("train_data", "eval_data"):
+            data = getattr(recipe, section)
+            if data is not None:
+                DATA_KINDS.lookup(data.kind, f"{section}.kind").check(data, section)
+    except RecipeError as err:
+        raise RecipeError(f"{where}: {err}") from None
 
 
 def check_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], path: str) -> None:
@@ -318,13 +312,5 @@ def check_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], path: str)
     valid = [name for name in params if name != "self"]
     for name in kwargs:
         if name not in params:
-            raise RecipeError(f"unknown key '{path}.{name}'{_suggest(name, valid, path)}; valid keys under '{path}': "
+            raise RecipeError(f"unknown key '{path}.{name}'{did_you_mean(name, valid, path)}; valid keys under '{path}': "
                               f"{', '.join(valid)}")
-
-
-def lookup(registry: dict[str, Any], name: str, path: str) -> Any:
-    """``registry[name]`` or a one-line :class:`RecipeError` naming the key path and the valid names."""
-    if name not in registry:
-        raise RecipeError(f"unknown {path} '{name}'{_suggest(name, list(registry))}; valid: {', '.join(sorted(registry))}")
-    return registry[name]
-

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from loopreg.config import RecipeError, load_recipe
+from loopreg.config import load_recipe
+from loopreg.errors import RecipeError, UserError
 from loopreg.spec import LoopSpec
 
 __all__ = ["run_demo", "cli_main", "RECIPE"]
@@ -82,11 +82,6 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train_data.task_kwargs.hops=2")
     args = parser.parse_args(argv)
     if args.loops < 2 or args.steps < 1:
-        print("error: --loops must be >= 2 and --steps >= 1", file=sys.stderr)
-        return 2
-    try:
-        run_demo(args.out, args.loops, args.steps, args.overrides)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError("--loops must be >= 2 and --steps >= 1")
+    run_demo(args.out, args.loops, args.steps, args.overrides)
     return 0

@@ -10,7 +10,11 @@ It is caught in one place for the CLI (:func:`loopreg.cli.main`) and one for the
 
 from __future__ import annotations
 
-__all__ = ["UserError", "RecipeError", "DataError", "CheckpointError"]
+import difflib
+from contextlib import contextmanager
+from typing import Iterator
+
+__all__ = ["UserError", "RecipeError", "DataError", "CheckpointError", "did_you_mean", "under_key"]
 
 
 class UserError(ValueError):
@@ -19,17 +23,26 @@ class UserError(ValueError):
 
     def __init__(self, message: str, key: str | None = None) -> None:
         lines = str(message).strip().splitlines()
+        if len(lines) > 1 and " in DataLoader worker process " in lines[0]:
+            # PyTorch re-raises a worker's exception as ``type(err)(<its traceback>)``: the error's own line is
+            # the last one, "loopreg.errors.DataError: <the line>"
+            lines = [lines[-1].removeprefix(f"{type(self).__module__}.{type(self).__qualname__}: ")]
         self.message = lines[0] if lines else str(message)
         self.key = key
         super().__init__(f"{key}: {self.message}" if key else self.message)
 
     def at(self, key: str) -> UserError:
-        """This error under ``key``; unchanged when it already names its key, so a path is never doubled.
+        """This error under ``key``; unchanged when it already names its key (as ``err.key``, or as the start of
+        its message: ``key.sub: ...``), so a path is never doubled.
 
         >>> str(RecipeError("bad", key="a.b").at("a"))
         'a.b: bad'
+        >>> str(RecipeError("a.b must be >= 0").at("a")), str(RecipeError("must be >= 0").at("a"))
+        ('a.b must be >= 0', 'a: must be >= 0')
         """
-        return self if self.key is not None else type(self)(self.message, key)
+        if self.key is not None or self.message.startswith(tuple(key + end for end in ".:= [")):
+            return self
+        return type(self)(self.message, key)
 
 
 class RecipeError(UserError):
@@ -42,3 +55,33 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint to load or resume from is missing or unreadable."""
+
+
+def did_you_mean(name: str, valid: list[str], parent: str = "") -> str:
+    """The `` (did you mean '...'?)`` hint for a mistyped ``name`` among ``valid`` (empty when nothing is close);
+    ``parent`` prefixes the suggestion with its key path.
+
+    >>> did_you_mean("d_modle", ["d_model", "d_ff"], "model")
+    " (did you mean 'model.d_model'?)"
+    """
+    close = difflib.get_close_matches(name, valid, n=1)
+    prefix = f"{parent}." if parent else ""
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+@contextmanager
+def under_key(key: str, *wrapped: type[Exception], error: type[UserError] = RecipeError) -> Iterator[None]:
+    """Report what fails inside under the recipe key ``key``: a :class:`UserError` gets the key unless it names
+    its own (:meth:`UserError.at`), and an exception of a ``wrapped`` type (a component's own ``ValueError``,
+    a missing file's ``OSError``) becomes an ``error`` whose line is its first line.
+
+    >>> with under_key("optimizer", ValueError):  # doctest: +SKIP
+    ...     torch.optim.AdamW(params, lr=-1)
+    RecipeError: optimizer: Invalid learning rate: -1
+    """
+    try:
+        yield
+    except UserError as err:
+        raise err.at(key) from None
+    except wrapped as err:
+        raise error(str(err), key=key) from None

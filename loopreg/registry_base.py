@@ -1,7 +1,7 @@
 """The :class:`Registry` type: a name → entry table that an entry joins where it is defined (LLM Foundry style).
 
-This module imports nothing of loopreg, so any module may register into a registry without an import cycle.
-The registries themselves are listed in :mod:`loopreg.registry`.
+This module imports nothing of loopreg but the leaf :mod:`loopreg.errors`, so any module may register into a
+registry without an import cycle. The registries themselves are listed in :mod:`loopreg.registry`.
 
     >>> SHAPES = Registry("shape")
     >>> @SHAPES.register("square")
@@ -13,9 +13,11 @@ The registries themselves are listed in :mod:`loopreg.registry`.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
-__all__ = ["Registry"]
+from loopreg.errors import RecipeError, did_you_mean
+
+__all__ = ["Registry", "lookup"]
 
 Entry = TypeVar("Entry")
 
@@ -44,5 +46,23 @@ class Registry(dict):
 
         return add
 
+    def lookup(self, name: str, path: str) -> Any:
+        """The entry ``name``, or a one-line :class:`~loopreg.errors.RecipeError` naming the recipe key ``path``
+        and the valid names (did-you-mean).
+
+        >>> Registry("kind", {"text": str}).lookup("txt", "train_data.kind")
+        Traceback (most recent call last):
+        loopreg.errors.RecipeError: unknown train_data.kind 'txt' (did you mean 'text'?); valid: text
+        """
+        return lookup(self, name, path)
+
     def __repr__(self) -> str:
         return f"Registry({self.what!r}, {sorted(self)})"
+
+
+def lookup(entries: Mapping[str, Any], name: str, path: str) -> Any:
+    """``entries[name]``, or a one-line :class:`~loopreg.errors.RecipeError` naming the key path and the valid
+    names: the look-up of every registry (a :class:`Registry` or a plain mapping)."""
+    if name not in entries:
+        raise RecipeError(f"unknown {path} '{name}'{did_you_mean(name, list(entries))}; valid: {', '.join(sorted(entries))}")
+    return entries[name]

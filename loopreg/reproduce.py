@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loopreg.config import RecipeError, load_recipe
+from loopreg.config import load_recipe
+from loopreg.errors import UserError
 from loopreg.spec import LoopSpec
 
 __all__ = ["TABLES", "reproduce", "cli_main"]
@@ -186,17 +186,11 @@ def cli_main(argv: list[str]) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TABLES]
     if unknown or not tasks:
-        print(f"error: --tasks: unknown task(s) {unknown}; choose from {', '.join(TABLES)}", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown task(s) {unknown}; choose from {', '.join(TABLES)}", key="--tasks")
     rows = None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
     known = {spec for name in tasks for spec in TABLES[name].paper_rows}
     if rows is not None and (not rows or set(rows) - known):
-        print(f"error: --rows: {sorted(set(rows) - known) or rows} not a row of {', '.join(tasks)}; choose from "
-              f"{', '.join(sorted(known))}", file=sys.stderr)
-        return 2
-    try:
-        reproduce(args.out, tasks, args.steps, args.overrides, args.doc, rows)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(f"{sorted(set(rows) - known) or rows} not a row of {', '.join(tasks)}; choose from "
+                        f"{', '.join(sorted(known))}", key="--rows")
+    reproduce(args.out, tasks, args.steps, args.overrides, args.doc, rows)
     return 0

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from torch import nn
+
+from loopreg.errors import UserError
 
 __all__ = ["cli_main", "load_model", "parse_blocks", "add_model_arguments"]
 
@@ -110,9 +111,10 @@ def cli_main(argv: list[str]) -> int:
 
             plot_block_similarity(block_similarity(model, **layout, include_norms=args.include_norms), args.heatmaps,
                                   title=Path(args.model).name)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (ValueError, OSError) as err:  # a missing or unreadable model, a layout that does not fit it
+        raise UserError(str(err) or type(err).__name__) from None
     if args.json:
         groups = {group: value for group, value in similarity.items() if group != "mean"}
         print(json.dumps({"model": args.model, "class": type(model).__name__, "target": str(target),

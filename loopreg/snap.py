@@ -14,11 +14,11 @@ with its tokenizer (:func:`snap_model`).
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from torch import nn
 
+from loopreg.errors import UserError
 from loopreg.spec import LoopSpec
 
 __all__ = ["cli_main", "snap_model", "application_ranges"]
@@ -77,11 +77,14 @@ def cli_main(argv: list[str]) -> int:
         layout = dict(block_size=args.block_size, blocks=args.blocks)
         similarity = loop_similarity(untied, **layout)["mean"]
         looped = snap_model(untied, **layout)
-        tokenizer = None if args.recipe else load_source_tokenizer(args.checkpoint)  # None for loopreg folders
+        tokenizer = None if args.recipe else load_source_tokenizer(args.checkpoint)
+        if not hasattr(tokenizer, "save_pretrained"):  # a loopreg folder's tokenizer.json is not carried over
+            tokenizer = None
         write_model_folder(looped, args.out, tokenizer)  # staged and renamed: an existing --out survives a failure
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (ValueError, OSError) as err:  # a missing or unreadable model, a layout that does not fit it
+        raise UserError(str(err) or type(err).__name__) from None
     spec = looped_spec(looped)
     print(f"snapped {untied_layers} untied layers (mean block cosine {similarity:.4f}) to the looped "
           f"{spec.paper_label}, distinct layers: {len(stored_layers(looped))}; saved {args.out}")

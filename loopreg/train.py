@@ -20,26 +20,21 @@ from typing import Any, NoReturn
 
 import torch
 from composer.core import Callback
-from torch.utils.data import DataLoader
 
 from loopreg.composer_model import ComposerLoopedLM, PretrainedLM
-from loopreg.config import Recipe, RecipeError, check_kwargs, load_recipe, lookup, model_config
+from loopreg.config import Recipe, check_kwargs, load_recipe, lookup, model_config
 from loopreg.data import Data
-from loopreg.errors import UserError
+from loopreg.errors import RecipeError, UserError, under_key
 
-__all__ = ["main", "build_trainer", "run", "load_pretrained", "Pretrained"]
+__all__ = ["main", "cli_main", "run", "build_trainer", "build_dataloaders", "load_pretrained", "Pretrained"]
 
 
 def _build(registry: dict[str, Any], name: str, kwargs: dict[str, Any] | None, path: str, *args: Any) -> Any:
     factory = lookup(registry, name, path)
     kwargs = dict(kwargs or {})
     check_kwargs(factory, kwargs, path)
-    try:
+    with under_key(path, ValueError, TypeError):  # the component's own checks, e.g. a bad spec or a negative λ
         return factory(*args, **kwargs)
-    except UserError as err:  # it names its own key path (under ``path``)
-        raise err.at(path) from None
-    except (ValueError, TypeError) as err:  # the component's own checks, e.g. a bad spec or a negative λ
-        raise RecipeError(f"{path}: {str(err).strip().splitlines()[0]}") from None
 
 
 def _device(recipe: Recipe) -> str:
@@ -70,73 +65,29 @@ def load_pretrained(source: str) -> Pretrained:
 
     >>> # load_pretrained(str(smollm2_gguf())).model.model.config.num_hidden_layers  ->  30
     """
-    from tokenizers import Tokenizer
-
     from loopreg.model import LoopedLM
     from loopreg.surgery.sources import load_source, load_source_tokenizer
 
-    try:
+    with under_key("model.pretrained", OSError, ValueError):  # missing files, unreadable weights, no such hub id
         model = load_source(source)
-        if isinstance(model, LoopedLM):
-            tokenizer_file = Path(source) / "tokenizer.json"
-            if not tokenizer_file.is_file():
-                raise FileNotFoundError(f"{source}: no tokenizer.json next to the loopreg model")
-            return Pretrained(ComposerLoopedLM(model), Tokenizer.from_file(str(tokenizer_file)))
         tokenizer = load_source_tokenizer(source)
         if tokenizer is None:
             raise FileNotFoundError(f"{source}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+        if isinstance(model, LoopedLM):
+            return Pretrained(ComposerLoopedLM(model), tokenizer)
         return Pretrained(PretrainedLM(model, tokenizer), tokenizer)
-    except (OSError, ValueError) as err:  # missing files, unreadable weights, a hub id that is not there
-        raise RecipeError(f"model.pretrained: {str(err).strip().splitlines()[0]}") from None
 
 
 def build_dataloaders(recipe: Recipe, world_size: int, rank: int, pretrained: Pretrained | None = None) -> Data:
-    """Train and eval data for this rank (tokenized with ``pretrained``'s tokenizer when given)."""
-    from loopreg.data.text import PackedText, load_tokenizer, text_stream
+    """Train and eval data for this rank, built by the ``train_data.kind`` entry of ``DATA_KINDS`` (tokenized
+    with ``pretrained``'s tokenizer when given)."""
+    from loopreg.data.kinds import DATA_KINDS
 
     if recipe.global_train_batch_size % world_size:
         raise RecipeError(f"global_train_batch_size={recipe.global_train_batch_size} is not divisible by the world "
                           f"size {world_size}; choose a multiple of {world_size}")
-    per_device = recipe.global_train_batch_size // world_size
-    if recipe.train_data.kind == "paired":
-        from loopreg.data.paired import paired_dataloaders
-
-        return paired_dataloaders(recipe, per_device, world_size, rank)
-    if recipe.train_data.kind == "synthetic" or recipe.tokenizer.kind == "synthetic":
-        from loopreg.data.tasks import synthetic_dataloaders
-
-        return synthetic_dataloaders(recipe, per_device, world_size, rank)
-    if pretrained is not None:
-        tokenizer = pretrained.tokenizer
-    else:
-        try:
-            tokenizer = load_tokenizer(recipe.tokenizer.kind, recipe.tokenizer.name)
-        except (ValueError, FileNotFoundError) as err:
-            raise RecipeError(str(err)) from None
-        if tokenizer.get_vocab_size() > recipe.model.vocab_size:
-            raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                              f"({tokenizer.get_vocab_size()} tokens)")
-    shifts_labels = pretrained is not None and pretrained.shifts_labels
-
-    def packed(section_name: str, max_sequences: int | None, batch_size: int) -> PackedText:
-        data = getattr(recipe, section_name)
-        try:
-            docs = text_stream(data.source, data.split, data.subset, data.text_field, data.streaming)
-        except (OSError, ValueError) as err:  # missing files; a hub id that is not there or not reachable
-            raise RecipeError(f"{section_name}.source: {str(err).strip().splitlines()[0]}") from None
-        try:
-            return PackedText(docs, tokenizer, recipe.max_seq_len, rank=rank, world_size=world_size,
-                              max_sequences=max_sequences, batch_size=batch_size, model_shifts_labels=shifts_labels)
-        except ValueError as err:  # a source tokenizer without an end-of-text token, or not a fast one
-            raise RecipeError(f"tokenizer: {err}") from None
-
-    train = DataLoader(packed("train_data", None, per_device), batch_size=per_device,
-                       num_workers=recipe.train_data.num_workers)
-    evaluation = None
-    if recipe.eval_data is not None:
-        evaluation = DataLoader(packed("eval_data", recipe.eval_data.eval_size, recipe.device_eval_batch_size),
-                                batch_size=recipe.device_eval_batch_size, num_workers=recipe.eval_data.num_workers)
-    return Data(train, evaluation, tokenizer)
+    kind = lookup(DATA_KINDS, recipe.train_data.kind, "train_data.kind")
+    return kind.build(recipe, recipe.global_train_batch_size // world_size, world_size, rank, pretrained)
 
 
 def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
@@ -175,10 +126,8 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
                        {"t_warmup": recipe.scheduler.t_warmup, **alpha_f, **recipe.scheduler.kwargs}, "scheduler")
     for name, algorithm in zip(recipe.algorithms, algorithms):
         if hasattr(algorithm, "use_source"):  # source distillation: the teacher is the model before surgery
-            try:
+            with under_key(f"algorithms.{name}", OSError, ValueError):
                 algorithm.use_source(recipe.model.pretrained, data.tokenizer, model)
-            except (OSError, ValueError) as err:
-                raise RecipeError(f"algorithms.{name}: {str(err).strip().splitlines()[0]}") from None
     if recipe.gradient_clipping:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.gradient_clipping))
     callbacks = [_build(CALLBACKS, name, kwargs, f"callbacks.{name}") for name, kwargs in recipe.callbacks.items()]
@@ -235,10 +184,8 @@ def _check_checkpoints(recipe: Recipe) -> None:
         if prepare_autoresume(format_name_with_dist(recipe.save_folder, recipe.run_name)) is not None:
             return  # Composer ignores load_path when it autoresumes
     if recipe.load_path and "://" not in recipe.load_path:
-        try:
+        with under_key("load_path"):
             check_checkpoint(recipe.load_path)
-        except RecipeError as err:
-            raise RecipeError(f"load_path: {err}") from None
 
 
 class _RestoreRNG(Callback):
@@ -276,22 +223,16 @@ def run(recipe_path: str | Path, overrides: list[str] | None = None) -> Any:
 
 
 def cli_main(argv: list[str]) -> int:
-    """``loopreg train RECIPE.yaml [key=value ...]``; returns the exit status (2 for user errors)."""
+    """``loopreg train RECIPE.yaml [key=value ...]``: raises :class:`~loopreg.errors.UserError` on a user error
+    (the caller prints it and exits 2); returns 1, after one ``error:`` line, when the run diverges."""
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: loopreg train RECIPE.yaml [key=value ...]   (OmegaConf dotlist overrides)",
               file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     from loopreg.callbacks.nonfinite_guard import NonFiniteLossError
-    from loopreg.data.text import DataError
 
     try:
         run(argv[0], argv[1:])
-    except (RecipeError, DataError, UserError) as err:
-        # A DataError raised in a DataLoader worker comes back with the worker's traceback in its message,
-        # ending in "loopreg.data.text.DataError: <the one line>".
-        line = str(err).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.{DataError.__name__}: ")
-        print(f"error: {line}", file=sys.stderr)
-        return 2
     except NonFiniteLossError as err:  # the run diverged: not a usage error, but no traceback either
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -300,9 +241,15 @@ def cli_main(argv: list[str]) -> int:
 
 def main(recipe_path: str | None = None) -> NoReturn:
     """Entry from a recipe's first line (``main(__file__)``, overrides in ``sys.argv``) or from
-    ``python -m loopreg.train RECIPE.yaml ...``."""
+    ``python -m loopreg.train RECIPE.yaml ...``: a user error prints one ``error:`` line and exits 2 (the
+    recipe entry's counterpart of :func:`loopreg.cli.main`)."""
     argv = sys.argv[1:] if recipe_path is None else [recipe_path, *sys.argv[1:]]
-    sys.exit(cli_main(argv))
+    try:
+        status = cli_main(argv)
+    except UserError as err:  # also a DataError from a DataLoader worker: UserError keeps its one line
+        print(f"error: {err}", file=sys.stderr)
+        status = 2
+    sys.exit(status)
 
 
 if __name__ == "__main__":

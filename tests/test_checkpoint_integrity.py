@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from loopreg.callbacks.export import ExportModel
-from loopreg.checkpoints import LATEST, CheckpointError, check_checkpoint, prepare_autoresume
+from loopreg.checkpoints import LATEST, check_checkpoint, prepare_autoresume
 from loopreg.cli import main as loopreg_main
 from loopreg.config import load_recipe
+from loopreg.errors import CheckpointError
 from loopreg.model import LoopedLM, LoopedLMConfig
 from loopreg.spec import LoopSpec
 from loopreg.folders import write_folder

@@ -3,7 +3,8 @@
 import pytest
 from composer.loggers import InMemoryLogger
 
-from loopreg.config import RecipeError, load_recipe
+from loopreg.config import load_recipe
+from loopreg.errors import RecipeError
 from loopreg.train import build_trainer
 
 from .conftest import REPO

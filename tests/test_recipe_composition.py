@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from loopreg.config import RecipeError, load_recipe
+from loopreg.config import load_recipe
+from loopreg.errors import RecipeError
 
 from .conftest import REPO
 
@@ -106,6 +107,18 @@ def test_overrides_go_on_top_of_the_base_and_the_recipe(tmp_path: Path) -> None:
     assert (paper.model.max_seq_len, paper.model.tied, paper.algorithms) == (256, False,
                                                                             {"loop_regularizer": {"lambda_reg": 10.0}})
 
+
+
+def test_a_null_algorithm_or_callback_is_off(tmp_path: Path) -> None:
+    """A child (or an override) drops an entry its base has by setting it to null."""
+    reg = load_recipe(REPO / "recipes" / "cpu_phop_reg.yaml")
+    assert list(reg.callbacks) == ["loop_snap", "loop_similarity_monitor"]
+    off = load_recipe(REPO / "recipes" / "cpu_phop_reg.yaml", ["callbacks.loop_snap=null",
+                                                               "algorithms.loop_regularizer=null"])
+    assert (list(off.callbacks), off.algorithms) == (["loop_similarity_monitor"], {})
+    child = write(tmp_path, "child.yaml", f"base: {REPO / 'recipes' / 'cpu_phop_reg.yaml'}\n"
+                                          "callbacks: {loop_similarity_monitor: null}\n")
+    assert list(load_recipe(child).callbacks) == ["loop_snap"]
 
 @pytest.mark.parametrize("files, start, fragments", [
     ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "a.yaml",

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from loopreg import LoopedLM
-from loopreg.config import RecipeError, load_recipe
+from loopreg.config import load_recipe
+from loopreg.errors import RecipeError
 from loopreg.train import run
 
 from .conftest import REPO, free_port, tiny_overrides

@@ -13,6 +13,8 @@ from loopreg.similarity import cli_main as similarity_main
 from loopreg.snap import cli_main as snap_main
 from loopreg.spec import LoopSpec
 
+from .conftest import run_cli
+
 
 def untied(spec: str = "2x3") -> LoopedLM:
     torch.manual_seed(0)
@@ -103,15 +105,15 @@ def test_snap_cli_writes_a_loadable_looped_model(tmp_path, capsys):
     assert loaded.config.tied and torch.equal(loaded(TOKENS), model(TOKENS))
 
 
-@pytest.mark.parametrize("main, args, fragment", [
-    (similarity_main, ["{m}", "--block-size", "4"], "block_size=4 does not divide the 6 layers of LoopedLM"),
-    (similarity_main, ["{tmp}/missing"], "expected a model folder"),
-    (snap_main, ["{m}", "--out", "{tmp}/o", "--block-size", "5"], "block_size=5 does not divide"),
-    (snap_main, ["{tmp}/ckpt.pt", "--out", "{tmp}/o"], "pass --recipe"),
+@pytest.mark.parametrize("command, args, fragment", [
+    ("similarity", ["{m}", "--block-size", "4"], "block_size=4 does not divide the 6 layers of LoopedLM"),
+    ("similarity", ["{tmp}/missing"], "expected a model folder"),
+    ("snap", ["{m}", "--out", "{tmp}/o", "--block-size", "5"], "block_size=5 does not divide"),
+    ("snap", ["{tmp}/ckpt.pt", "--out", "{tmp}/o"], "pass --recipe"),
 ])
-def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, main, args, fragment):
+def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, command, args, fragment):
     untied("2x3").save_pretrained(tmp_path / "m")
     (tmp_path / "ckpt.pt").write_bytes(b"")
-    assert main([a.format(m=tmp_path / "m", tmp=tmp_path) for a in args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and fragment in err, err
+    status, _, err = run_cli([command, *(a.format(m=tmp_path / "m", tmp=tmp_path) for a in args)], capsys)
+    err = err.strip()
+    assert status == 2 and err.startswith("error: ") and "\n" not in err and fragment in err, err

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loopreg.config import RecipeError, load_recipe
+from loopreg.config import load_recipe
+from loopreg.errors import RecipeError
 from loopreg.surgery.core import TIED_KEY, loop_surgery, looped_spec, stored_layers
 from loopreg.surgery.sources import load_source
 from loopreg.train import run

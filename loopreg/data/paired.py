@@ -36,12 +36,13 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from loopreg.data import IGNORE_INDEX
+from loopreg.data import DATA_KINDS, IGNORE_INDEX, Data, DataKind
 from loopreg.data.synthetic import SyntheticTask, build_task, char_tokenizer
 from loopreg.data.synthetic.base import ANSWER_MARK, COT_OPEN
 from loopreg.data.resumable import ResumableStream
 from loopreg.data.tasks import pad_collate
 from loopreg.data.synthetic.tokenizer import BOS, EOS, PAD, PLACEHOLDER
+from loopreg.errors import RecipeError
 
 __all__ = ["Problem", "PairedData", "ProblemStream", "RenderedSet", "read_jsonl_problems",
            "paired_dataloaders"]
@@ -262,16 +263,21 @@ class RenderedSet(Dataset):
         return self.items[index]
 
 
-def paired_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int) -> Any:
+def check_paired_section(section: Any, name: str) -> None:
+    """A paired data section names a task or a JSONL source (the ``paired`` kind's check when a recipe loads)."""
+    if not (section.task or section.source):
+        raise RecipeError(f"{name} of kind paired needs task (addition, igsm, multiplication) or "
+                          "source (a JSONL file of question/cot/answer)")
+
+
+def paired_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pretrained: Any = None) -> Data:
     """:class:`~loopreg.data.Data` for ``train_data.kind: paired``: raw training problems (the
     ``cot_distillation`` algorithm renders them, see :class:`ProblemStream`) and one fully latent eval set
-    with answer exact match."""
+    with answer exact match (``pretrained``: never set, ``model.pretrained`` trains on text only)."""
     from composer.core import Evaluator
     from composer.utils import dist
 
-    from loopreg.data import Data
     from loopreg.data.tasks import AnswerExactMatch
-    from loopreg.errors import RecipeError
 
     if "cot_distillation" not in recipe.algorithms:  # nothing else turns the raw problems into tensors
         raise RecipeError("paired data is raw CoT problems that only the cot_distillation algorithm renders; "
@@ -298,3 +304,6 @@ def paired_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int)
                         sampler=dist.get_sampler(dataset, shuffle=False))
     evaluator = Evaluator(label="latent", dataloader=loader, metric_names=["LanguageCrossEntropy", "AnswerExactMatch"])
     return Data(train, [evaluator], data.tokenizer, {"AnswerExactMatch": AnswerExactMatch()})
+
+
+DATA_KINDS.register("paired")(DataKind(check=check_paired_section, build=paired_dataloaders))

@@ -11,6 +11,8 @@ answer, so :class:`AnswerExactMatch` scores exactly what greedy decoding would o
     >>> item = data.encode(data.task.fixed_set("test", 1, seed=0)[0])
     >>> sorted(item)
     ['answer_mask', 'input_ids', 'labels']
+
+Registers the data kind ``synthetic`` and the tokenizer kind ``synthetic`` (the task's own vocabulary).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
-from loopreg.data import IGNORE_INDEX
+from loopreg.data import DATA_KINDS, IGNORE_INDEX, TOKENIZERS, Data, DataKind
 from loopreg.data.resumable import ResumableStream
 from loopreg.data.synthetic import Example, SyntheticTask, build_task, char_tokenizer
 from loopreg.data.synthetic.tokenizer import BOS, EOS, PAD
+from loopreg.errors import RecipeError
 
 __all__ = ["TaskData", "AnswerExactMatch", "synthetic_dataloaders", "pad_collate", "train_examples"]
 
@@ -168,17 +171,26 @@ class AnswerExactMatch(Metric):
         return self.correct / self.total.clamp(min=1)
 
 
-def synthetic_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int) -> Any:
-    """:class:`~loopreg.train.Data` with a train stream, one Composer ``Evaluator`` per eval variant
-    and the answer exact-match metric."""
+def check_synthetic_section(section: Any, name: str) -> None:
+    """A synthetic data section names its task (the ``synthetic`` kind's check when a recipe loads)."""
+    if not section.task:
+        raise RecipeError(f"{name}.task is required for synthetic data (e.g. phop)")
+
+
+@TOKENIZERS.register("synthetic")
+def _task_vocabulary(name: str | None) -> Tokenizer:
+    # the task's character vocabulary is built with the task by synthetic_dataloaders, never loaded by name
+    raise RecipeError("tokenizer.kind=synthetic needs train_data.kind=synthetic")
+
+
+def synthetic_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pretrained: Any = None) -> Data:
+    """:class:`~loopreg.data.Data` for ``train_data.kind: synthetic``: a train stream, one Composer
+    ``Evaluator`` per eval variant and the answer exact-match metric (``pretrained``: never set, the recipe
+    schema allows ``model.pretrained`` with text data only)."""
     from composer.core import Evaluator
     from composer.utils import dist
 
-    from loopreg.config import RecipeError
-
     section = recipe.train_data
-    if section.kind != "synthetic":
-        raise RecipeError("tokenizer.kind=synthetic needs train_data.kind=synthetic")
     try:
         data = TaskData(build_task(section.task, **section.task_kwargs))
     except (ValueError, TypeError) as err:
@@ -204,6 +216,7 @@ def synthetic_dataloaders(recipe: Any, per_device: int, world_size: int, rank: i
                             sampler=dist.get_sampler(dataset, shuffle=False))
         evaluators.append(Evaluator(label=label, dataloader=loader,
                                     metric_names=["LanguageCrossEntropy", "AnswerExactMatch"]))
-    from loopreg.data import Data
-
     return Data(train, evaluators, data.tokenizer, {"AnswerExactMatch": AnswerExactMatch()}, data)
+
+
+DATA_KINDS.register("synthetic")(DataKind(check=check_synthetic_section, build=synthetic_dataloaders))

@@ -9,6 +9,8 @@ packed fixed-length sequences.
 Each rank takes every N-th packed sequence of one shared stream (DataLoader workers take whole batches,
 see :mod:`loopreg.data.resumable`), so ``composer -n 2`` with a global batch B sees exactly the
 sequences one process sees with batch B, and a checkpoint resumes at the exact sequence.
+
+Registers the data kind ``text`` and the tokenizer kinds ``byte_level``, ``hub``, ``file`` and ``source``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from loopreg.data.resumable import ResumableStream
+from torch.utils.data import DataLoader
 
-__all__ = ["byte_level_tokenizer", "load_tokenizer", "text_tokenizer", "text_stream", "PackedText", "DataError",
+from loopreg.data import DATA_KINDS, TOKENIZERS, Data, DataKind
+from loopreg.data.resumable import ResumableStream
+from loopreg.errors import DataError, RecipeError, under_key
+
+__all__ = ["byte_level_tokenizer", "load_tokenizer", "text_tokenizer", "text_stream", "PackedText", "text_dataloaders",
            "EOS_TOKEN"]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -46,20 +52,37 @@ def byte_level_tokenizer() -> Tokenizer:
 
 
 def load_tokenizer(kind: str, name: str | None = None) -> Tokenizer:
-    """``byte_level`` (built in), ``hub`` (``Tokenizer.from_pretrained(name)``) or ``file`` (a tokenizer.json)."""
-    if kind == "byte_level":
-        return byte_level_tokenizer()
-    if kind == "hub":
-        if not name:
-            raise ValueError("tokenizer.name is required for tokenizer.kind=hub (e.g. EleutherAI/gpt-neox-20b)")
-        return Tokenizer.from_pretrained(name)
-    if kind == "file":
-        if not name or not Path(name).is_file():
-            raise FileNotFoundError(f"tokenizer.name: tokenizer file '{name}' not found")
-        return Tokenizer.from_file(name)
-    if kind == "source":
-        raise ValueError("tokenizer.kind=source is the tokenizer of model.pretrained, which is not set")
-    raise ValueError(f"tokenizer.kind must be byte_level, hub, file, source or synthetic, got '{kind}'")
+    """The tokenizer of ``tokenizer.kind`` (an entry of ``TOKENIZERS``) and ``tokenizer.name``.
+
+    >>> load_tokenizer("byte_level").get_vocab_size()
+    257
+    """
+    return TOKENIZERS.lookup(kind, "tokenizer.kind")(name)
+
+
+@TOKENIZERS.register("byte_level")
+def _byte_level(name: str | None) -> Tokenizer:
+    return byte_level_tokenizer()
+
+
+@TOKENIZERS.register("hub")
+def _hub(name: str | None) -> Tokenizer:
+    if not name:
+        raise RecipeError("tokenizer.name is required for tokenizer.kind=hub (e.g. EleutherAI/gpt-neox-20b)")
+    return Tokenizer.from_pretrained(name)
+
+
+@TOKENIZERS.register("file")
+def _file(name: str | None) -> Tokenizer:
+    if not name or not Path(name).is_file():
+        raise RecipeError(f"tokenizer file '{name}' not found", key="tokenizer.name")
+    return Tokenizer.from_file(name)
+
+
+@TOKENIZERS.register("source")
+def _source(name: str | None) -> Tokenizer:
+    # model.pretrained's own tokenizer comes with the model (loopreg.train.load_pretrained)
+    raise RecipeError("tokenizer.kind=source is the tokenizer of model.pretrained, which is not set")
 
 
 def text_tokenizer(tokenizer: Any) -> Tokenizer:
@@ -84,11 +107,6 @@ def eos_id(tokenizer: Tokenizer) -> int:
         if index is not None:
             return index
     raise ValueError("the tokenizer has no end-of-text token (<|endoftext|>, </s> or <eos>)")
-
-
-class DataError(ValueError):
-    """Bad training data found while reading it (a malformed JSONL line, a row without the text field);
-    ``str(err)`` is one line naming the file and line."""
 
 
 def text_stream(source: str, split: str = "train", subset: str | None = None, text_field: str = "text",
@@ -215,3 +233,43 @@ class PackedText(ResumableStream):
                 target = next(wanted, None)
                 if target is None:
                     return
+
+
+def check_text_section(section: Any, name: str) -> None:
+    """A text data section needs a source (the ``text`` kind's check when a recipe loads)."""
+    if not section.source:
+        raise RecipeError(f"{name}.source is required for text data (a hub dataset id or a local path)")
+
+
+def text_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pretrained: Any = None) -> Data:
+    """:class:`~loopreg.data.Data` for ``train_data.kind: text``: packed train sequences and, with
+    ``eval_data``, a fixed eval set, tokenized with ``pretrained``'s tokenizer when given (a
+    :class:`loopreg.train.Pretrained`), else with ``tokenizer.kind``'s."""
+    if pretrained is not None:
+        tokenizer = pretrained.tokenizer
+    else:
+        tokenizer = load_tokenizer(recipe.tokenizer.kind, recipe.tokenizer.name)
+        if tokenizer.get_vocab_size() > recipe.model.vocab_size:
+            raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                              f"({tokenizer.get_vocab_size()} tokens)")
+    shifts_labels = pretrained is not None and pretrained.shifts_labels
+
+    def packed(section_name: str, max_sequences: int | None, batch_size: int) -> PackedText:
+        data = getattr(recipe, section_name)
+        # missing files; a hub id that is not there or not reachable
+        with under_key(f"{section_name}.source", OSError, ValueError, error=DataError):
+            docs = text_stream(data.source, data.split, data.subset, data.text_field, data.streaming)
+        with under_key("tokenizer", ValueError):  # a source tokenizer without an end-of-text token, or not a fast one
+            return PackedText(docs, tokenizer, recipe.max_seq_len, rank=rank, world_size=world_size,
+                              max_sequences=max_sequences, batch_size=batch_size, model_shifts_labels=shifts_labels)
+
+    train = DataLoader(packed("train_data", None, per_device), batch_size=per_device,
+                       num_workers=recipe.train_data.num_workers)
+    evaluation = None
+    if recipe.eval_data is not None:
+        evaluation = DataLoader(packed("eval_data", recipe.eval_data.eval_size, recipe.device_eval_batch_size),
+                                batch_size=recipe.device_eval_batch_size, num_workers=recipe.eval_data.num_workers)
+    return Data(train, evaluation, tokenizer)
+
+
+DATA_KINDS.register("text")(DataKind(check=check_text_section, build=text_dataloaders))
