@@ -28,7 +28,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "distill"
 NO_TEACHER = ["algorithms.cot_distillation.teacher=null", "algorithms.cot_distillation.weights.hidden=0.0",
               "algorithms.cot_distillation.weights.kl=0.0"]
 ALL_LATENT = ["algorithms.cot_distillation.curriculum.every=null", "algorithms.cot_distillation.curriculum.start=99",
-              "algorithms.cot_distillation.curriculum.smoothing=0", "algorithms.cot_distillation.curriculum.mix_prob=0.0"]
+              "algorithms.cot_distillation.curriculum.smoothing=0",
+              "algorithms.cot_distillation.curriculum.mix_prob=0.0"]
 STUDENTS: dict[str, list[str]] = {
     "CoTDistillation": [],
     "answer-only (plain loops)": [*NO_TEACHER, *ALL_LATENT, "model.latent_feedback=residual", "model.latent_mask=false",
@@ -80,7 +81,8 @@ def evaluate(model: LoopedLM, data: PairedData, problems: list[Problem], latent:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/distill"))
-    parser.add_argument("--steps", type=int, default=None, help="training steps of each student (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps of each student (default: the recipe's)")
     parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--rows", default=None, help="comma-separated student rows to run (default: all); "
                         "run disjoint sets in parallel with different --out and merge the results.json files")

@@ -3,7 +3,7 @@ layer averages the untied layers tied to it (:func:`~loopreg.algorithms.loop_reg
 and log the eval-loss change that snapping causes.
 
 At ``at`` (``"fit_end"``, or a time such as ``"800ba"`` or ``"0.5dur"``, checked at each batch end) it saves
-``<save_folder>/snapped_<target>`` (or ``folder``) with ``save_pretrained`` and logs
+``<save_folder>/snapped_<target>`` (or ``folder``) atomically (``write_model_folder``) and logs
 ``loop_reg/snap/eval_loss_{untied,looped,change}`` over the first ``eval_batches`` batches of the first
 evaluator. A resumed run does not snap twice. ``block_size``/``blocks`` pick the looped target as for the
 regularizer (give it the same ones); with neither, the untied model's own spec is the target.
@@ -26,6 +26,7 @@ from torch import nn
 from loopreg.algorithms.loop_regularizer import snap_to_looped
 from loopreg.checkpoints import run_folder
 from loopreg.errors import RecipeError
+from loopreg.folders import write_model_folder
 from loopreg.model import LoopedLM
 from loopreg.surgery.adapters import unwrap
 
@@ -115,7 +116,7 @@ class LoopSnap(Callback):
         looped = snap_to_looped(untied, **self.layout)
         before, after = (eval_loss(ComposerLoopedLM(m), state, self.eval_batches) for m in (untied, looped))
         folder = Path(self.folder) if self.folder else run_folder(state) / f"snapped_{looped.spec}"
-        looped.save_pretrained(folder)
+        write_model_folder(looped, folder)  # staged and renamed: a crash never leaves half a model
         if before is not None:
             logger.log_metrics({"loop_reg/snap/eval_loss_untied": before, "loop_reg/snap/eval_loss_looped": after,
                                 "loop_reg/snap/eval_loss_change": after - before})

@@ -47,7 +47,8 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--limit", type=int, default=None, help="examples per task")
     parser.add_argument("--loops", default=None, help="loop counts for a looped LoopedLM, e.g. 1,2,4,8")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--data-dir", default=None, help="offline eval data (default: $LOOPREG_EVALDATA or ../shared/evaldata)")
+    parser.add_argument("--data-dir", default=None,
+                        help="offline eval data (default: $LOOPREG_EVALDATA or ../shared/evaldata)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder)")
     parser.add_argument("--ppl-text", default=None, help="text file/folder/JSONL for perplexity (any model)")
     parser.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window (default: min(512, context))")

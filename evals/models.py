@@ -69,7 +69,8 @@ class ModelGenerator:
         if loops is not None:
             check_loop_override(model)
         config = model.config
-        self.context = context or getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", 2048)
+        self.context = (context or getattr(config, "max_seq_len", None)
+                        or getattr(config, "max_position_embeddings", 2048))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]:
@@ -141,8 +142,8 @@ def load_generator(source: str | Path, loops: int | None = None, gguf_file: str 
     model = load_source(path)
     tokenizer = load_source_tokenizer(path)
     if tokenizer is None and is_loopreg_folder(path):
-        raise FileNotFoundError(f"{path / 'tokenizer.json'}: not found; a loopreg model folder needs its tokenizer.json "
-                                "(training with export_folder set writes it)")
+        raise FileNotFoundError(f"{path / 'tokenizer.json'}: not found; a loopreg model folder needs its "
+                                "tokenizer.json (training with export_folder set writes it)")
     if tokenizer is None:
         raise FileNotFoundError(f"{path}: no tokenizer files next to the model")
     if not isinstance(tokenizer, Tokenizer):  # a Hugging Face tokenizer (a loopreg folder's is a Tokenizer)

@@ -23,9 +23,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("loopreg.evals.report", "paper-style tables, % Gap and the depth scaling law from results JSONs"),
     "similarity": ("loopreg.similarity", "how close to looped: per-group block cosines R_G of a model"),
     "snap": ("loopreg.snap", "tie an untied model's blocks exactly: CKPT -> looped LoopedLM folder"),
-    "surgery": ("loopreg.surgery.cli", "loop an existing checkpoint: SRC --spec \"4x(1,4,1)\" [--layers ...] --out DIR"),
-    "layers": ("loopreg.surgery.layers_cli", "per-layer angular distance, the ETD split and a keep-all spec: SRC --text FILE"),
-    "export": ("loopreg.surgery.export", "write a looped model as a standard unrolled HF checkpoint: CKPT --unroll --out DIR"),
+    "surgery": ("loopreg.surgery.cli",
+                "loop an existing checkpoint: SRC --spec \"4x(1,4,1)\" [--layers ...] --out DIR"),
+    "layers": ("loopreg.surgery.layers_cli",
+               "per-layer angular distance, the ETD split and a keep-all spec: SRC --text FILE"),
+    "export": ("loopreg.surgery.export",
+               "write a looped model as a standard unrolled HF checkpoint: CKPT --unroll --out DIR"),
 }
 
 

@@ -154,7 +154,8 @@ def _explain(err: OmegaConfBaseException, where: str) -> RecipeError:
         schema = _SECTIONS.get(parent)
         valid = sorted(f.name for f in fields(schema)) if schema else []
         scope = f"under '{parent}'" if parent else "at the top level"
-        return RecipeError(f"{where}: unknown key '{key}'{did_you_mean(leaf, valid, parent)}; valid keys {scope}: {', '.join(valid)}")
+        return RecipeError(f"{where}: unknown key '{key}'{did_you_mean(leaf, valid, parent)}; "
+                           f"valid keys {scope}: {', '.join(valid)}")
     if isinstance(err, ValidationError):
         detail = str(err).splitlines()[0]
         return RecipeError(f"{where}: wrong type for '{key}': {detail}")
@@ -270,7 +271,8 @@ def _check_pretrained(recipe: Recipe, tokenizer_keys: set[str], where: str) -> N
     """With ``model.pretrained`` the data is text and the tokenizer kind is ``source`` (the default then)."""
     if recipe.model.pretrained is None:
         if recipe.tokenizer.kind == "source":
-            raise RecipeError(f"{where}: tokenizer.kind=source needs model.pretrained (the model whose tokenizer it is)")
+            raise RecipeError(f"{where}: tokenizer.kind=source needs model.pretrained "
+                              "(the model whose tokenizer it is)")
         return
     if recipe.train_data.kind != "text":
         raise RecipeError(f"{where}: model.pretrained trains on text (train_data.kind=text), got "
@@ -278,13 +280,14 @@ def _check_pretrained(recipe: Recipe, tokenizer_keys: set[str], where: str) -> N
     if "kind" not in tokenizer_keys:
         recipe.tokenizer.kind = "source"
     elif recipe.tokenizer.kind != "source":
-        raise RecipeError(f"{where}: tokenizer.kind={recipe.tokenizer.kind} with model.pretrained: the model's vocabulary "
-                          "is the source's, use tokenizer.kind=source")
+        raise RecipeError(f"{where}: tokenizer.kind={recipe.tokenizer.kind} with model.pretrained: "
+                          "the model's vocabulary is the source's, use tokenizer.kind=source")
 
 
 def _check_values(recipe: Recipe, where: str) -> None:
     if recipe.model.init_device not in ("cpu", "meta", "cuda"):
-        raise RecipeError(f"{where}: model.init_device must be 'cpu', 'meta' or 'cuda', got '{recipe.model.init_device}'")
+        raise RecipeError(f"{where}: model.init_device must be 'cpu', 'meta' or 'cuda', "
+                          f"got '{recipe.model.init_device}'")
     if recipe.device not in ("auto", "cpu", "gpu"):
         raise RecipeError(f"{where}: device must be 'auto', 'cpu' or 'gpu', got '{recipe.device}'")
     if recipe.global_train_batch_size < 1:
@@ -312,5 +315,5 @@ def check_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], path: str)
     valid = [name for name in params if name != "self"]
     for name in kwargs:
         if name not in params:
-            raise RecipeError(f"unknown key '{path}.{name}'{did_you_mean(name, valid, path)}; valid keys under '{path}': "
-                              f"{', '.join(valid)}")
+            raise RecipeError(f"unknown key '{path}.{name}'{did_you_mean(name, valid, path)}; "
+                              f"valid keys under '{path}': {', '.join(valid)}")

@@ -161,7 +161,8 @@ class KVCache:
         return self.keys[slot, :, :, :end], self.values[slot, :, :, :end]
 
 
-def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(positions: torch.Tensor, head_dim: int, theta: float,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape (B, 1, T, head_dim) in Llama's half-split layout; computed per call so the
     model holds no buffers and builds on the meta device."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
@@ -630,7 +631,8 @@ class LoopedLM(nn.Module):
         model = cls(config)
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: no weights file; expected a folder written by LoopedLM.save_pretrained")
+            raise FileNotFoundError(f"{weights}: no weights file; "
+                                    "expected a folder written by LoopedLM.save_pretrained")
         load_model(model, str(weights), device=map_location)
         return model
 

@@ -64,5 +64,6 @@ def lookup(entries: Mapping[str, Any], name: str, path: str) -> Any:
     """``entries[name]``, or a one-line :class:`~loopreg.errors.RecipeError` naming the key path and the valid
     names: the look-up of every registry (a :class:`Registry` or a plain mapping)."""
     if name not in entries:
-        raise RecipeError(f"unknown {path} '{name}'{did_you_mean(name, list(entries))}; valid: {', '.join(sorted(entries))}")
+        raise RecipeError(f"unknown {path} '{name}'{did_you_mean(name, list(entries))}; "
+                          f"valid: {', '.join(sorted(entries))}")
     return entries[name]

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The README's documented override set that shrinks any paper recipe to a 2-batch CPU run.
 TINY_OVERRIDES = [
-    "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.vocab_size=257", "model.max_seq_len=32",
+    "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.vocab_size=257",
     "model.init_device=cpu", "max_seq_len=32", "tokenizer.kind=byte_level", "tokenizer.name=null",
     "global_train_batch_size=4", "device_train_microbatch_size=2", "device_eval_batch_size=4",
     "eval_data.eval_size=4", "max_duration=2ba", "eval_interval=2ba", "device=cpu", "precision=fp32",
@@ -62,9 +62,35 @@ def hf_byte_tokenizer():
 
     raw = byte_level_tokenizer()
     raw.add_special_tokens(["<s>"])
-    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", raw.token_to_id("<s>"))])
     eos = raw.id_to_token(256)
     return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token=eos, pad_token=eos)
+
+
+def tiny_llama(folder: Path, vocab_size: int = 260, extra_tokens: tuple[str, ...] = (), seed: int = 0) -> Path:
+    """A random 6-layer Llama saved with a byte-level fast tokenizer (257 tokens + ``extra_tokens``)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from loopreg.data.text import EOS_TOKEN, byte_level_tokenizer
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                                         max_position_embeddings=128, bos_token_id=None, eos_token_id=256,
+                                         pad_token_id=None))
+    backend = byte_level_tokenizer()
+    backend.add_tokens(list(extra_tokens))
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama of :func:`tiny_llama`, once per module: the source model of the retrofit tests."""
+    return tiny_llama(tmp_path_factory.mktemp("source") / "llama")
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

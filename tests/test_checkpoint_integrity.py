@@ -74,7 +74,8 @@ def test_unreadable_checkpoints_are_named_in_one_line(checkpoints: Path, tmp_pat
         check_checkpoint(truncated)
     corrupt = Path(shutil.copy(good, tmp_path / "corrupt.pt"))
     _flip_a_weight_byte(corrupt)
-    with pytest.raises(CheckpointError, match=rf"^checkpoint '{corrupt}' is corrupt \(checksum mismatch in '.+/data/\d+'\)$"):
+    with pytest.raises(CheckpointError,
+                       match=rf"^checkpoint '{corrupt}' is corrupt \(checksum mismatch in '.+/data/\d+'\)$"):
         check_checkpoint(corrupt)
     torch.load(corrupt, map_location="cpu", weights_only=False)  # why we check: torch loads the flipped byte
     with pytest.raises(CheckpointError, match=rf"^checkpoint '{tmp_path / 'nope.pt'}' not found$"):
@@ -160,7 +161,8 @@ def test_write_folder_keeps_the_old_folder_when_the_write_or_the_swap_fails(tmp_
 
 def _tiny_looped(path: Path) -> None:
     torch.manual_seed(0)
-    LoopedLM(LoopedLMConfig(spec="4x1", tied=False, vocab_size=32, d_model=16, n_heads=2, d_ff=32)).save_pretrained(path)
+    model = LoopedLM(LoopedLMConfig(spec="4x1", tied=False, vocab_size=32, d_model=16, n_heads=2, d_ff=32))
+    model.save_pretrained(path)
 
 
 def test_surgery_snap_and_training_export_keep_the_old_folder_on_a_failed_write(tmp_path: Path, monkeypatch, capsys):

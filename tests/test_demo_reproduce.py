@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from loopreg.reproduce import TABLES, render_markdown
 
 
+@pytest.mark.slow
 def test_demo_writes_results_json(tmp_path):
     result = subprocess.run([sys.executable, "-m", "loopreg.cli", "demo", "--steps", "3", "--out", str(tmp_path),
                              "eval_data.eval_size=8", "model.d_model=16", f"export_folder={tmp_path}/model"],
@@ -26,6 +29,7 @@ def test_demo_bad_flag_exits_2():
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_reproduce_resumes_and_renders(tmp_path):
     args = [sys.executable, "-m", "loopreg.cli", "reproduce", "--tasks", "igsm", "--steps", "2", "--out",
             str(tmp_path), "--doc", str(tmp_path / "REPRO.md"), "eval_data.eval_size=8", "model.d_model=16",

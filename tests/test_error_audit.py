@@ -45,7 +45,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    LoopedLM(LoopedLMConfig(spec="4x1", vocab_size=257, d_model=16, n_heads=2, d_ff=32)).save_pretrained(folder / "looped")
+    LoopedLM(LoopedLMConfig(spec="4x1", vocab_size=257, d_model=16, n_heads=2,
+                            d_ff=32)).save_pretrained(folder / "looped")
     byte_level_tokenizer().save(str(folder / "looped" / "tokenizer.json"))
     OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
                              max_position_embeddings=64, word_embed_proj_dim=16)).save_pretrained(folder / "opt")
@@ -89,6 +90,7 @@ def test_missing_data_file(text_corpus, capsys):
     assert line == "error: train_data.source: data source '/nonexistent/corpus.jsonl' not found"
 
 
+@pytest.mark.slow
 def test_malformed_jsonl_line_in_training_data_read_by_a_worker(text_corpus, tmp_path):
     """Read in a DataLoader worker, the error comes back wrapped in the worker's traceback: the one line is
     still all the user sees (a real subprocess: the worker and the exit status are real)."""
@@ -121,7 +123,8 @@ def test_unsupported_architecture(models, tmp_path, capsys):
 def test_layer_map_out_of_range(models, tmp_path, capsys):
     line = _error_line(["surgery", str(models["looped"]), "--spec", "2x2", "--layers", "0-1,5-6",
                         "--out", str(tmp_path / "o")], capsys)
-    assert line == "error: layer 6 in range '5-6' of layer map '0-1,5-6' is out of range: the source model has layers 0-3"
+    assert line == ("error: layer 6 in range '5-6' of layer map '0-1,5-6' is out of range: "
+                    "the source model has layers 0-3")
 
 
 def test_checkpoint_missing(text_corpus, tmp_path, capsys):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer
 
@@ -54,6 +55,7 @@ def test_model_info_units(tmp_path):
     assert (info.spec, info.params_units, info.flops_units) == ("4x(1,3,1)", 12, 20)
 
 
+@pytest.mark.slow
 def test_eval_cli_loop_sweep_and_report(tmp_path):
     folder = _model_folder(tmp_path)
     out = tmp_path / "eval" / "m.json"

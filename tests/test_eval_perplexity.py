@@ -152,8 +152,8 @@ def test_eval_cli_stores_hf_perplexity_and_report_shows_it(llama_folder: Path, t
     capsys.readouterr()
 
 
-def test_eval_cli_loop_sweep_of_a_retrofit_stores_each_perplexity(llama_folder: Path, text_file: Path,
-                                                                  tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_eval_cli_loop_sweep_of_a_retrofit_stores_each_perplexity(llama_folder: Path, text_file: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
     retrofit = tmp_path / "retrofit"
     assert surgery_cli([str(llama_folder), "--spec", "1x1+1x2", "--out", str(retrofit)]) == 0
     out = tmp_path / "eval" / "retrofit.json"

@@ -20,7 +20,8 @@ OFFLINE_ABSENT = ("drop", "coqa", "mawps_singleop")
 SNAPSHOT = """\
 ### Downstream evaluation
 
-| Model | Params/FLOPs | PPL ↓ | Closed-book QA (4) | Open-book QA (5) | Math word problems (6) | All tasks (15) | Reasoning primitives (4) |
+| Model | Params/FLOPs | PPL ↓ | Closed-book QA (4) | Open-book QA (5) | Math word problems (6) | \
+All tasks (15) | Reasoning primitives (4) |
 |---|---|---|---|---|---|---|---|
 | base-24x1 | 24x/24x | 7.40 | 11.2 | 31.1 (3/5) | 27.2 (5/6) | 22.9 (12/15) | 47.5 |
 | base-12x1 | 12x/12x | 8.16 | 8.2 | 24.6 (3/5) | 24.4 (5/6) | 19.0 (12/15) | 35.7 |

@@ -180,8 +180,9 @@ def test_forward_equals_the_plain_loop_for_every_training_option(spec, tied, loo
     model = tiny(spec, tied=tied).train()
     ids = torch.randint(0, 61, (2, 9))
     for options in ({}, {"grad_loops": 1}, {"checkpoint": True}, {"grad_loops": 1, "checkpoint": True}):
-        expected, expected_grads = grads_of(model, lambda: plain_loop(model, ids, loops, options.get("grad_loops"))[0])
-        logits, grads = grads_of(model, lambda: model(ids, loops=loops, **options))
+        expected, expected_grads = grads_of(model, lambda options=options: plain_loop(model, ids, loops,
+                                                                                      options.get("grad_loops"))[0])
+        logits, grads = grads_of(model, lambda options=options: model(ids, loops=loops, **options))
         assert torch.equal(logits, expected), options
         assert grads.keys() == expected_grads.keys()
         for name in grads:

@@ -23,11 +23,15 @@ from loopreg.train import build_trainer
 
 from .conftest import REPO, free_port, tiny_overrides
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
 BATCHES = 6
 COMMON = [f"max_duration={BATCHES}ba", f"eval_interval={BATCHES}ba", "eval_subset_num_batches=1",
-          "global_train_batch_size=8", "device_train_microbatch_size=2", "export_folder=null", "progress_bar=false",
-          "log_to_console=false", "loggers.in_memory={}", "callbacks.nonfinite_guard.action=skip", "scheduler.t_warmup=1ba"]
-PHOP_TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "device_eval_batch_size=8", "eval_data.eval_size=8"]
+          "global_train_batch_size=8", "device_train_microbatch_size=2", "export_folder=null",
+          "progress_bar=false", "log_to_console=false", "loggers.in_memory={}",
+          "callbacks.nonfinite_guard.action=skip", "scheduler.t_warmup=1ba"]
+PHOP_TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "device_eval_batch_size=8",
+             "eval_data.eval_size=8"]
 
 
 def cases(corpus: Path) -> dict[str, list[str]]:
@@ -36,7 +40,8 @@ def cases(corpus: Path) -> dict[str, list[str]]:
     return {
         "plain_looped_1x4": ["recipes/cpu_phop.yaml", *PHOP_TINY, *COMMON],  # synthetic stream
         "regularized_4x1_untied": [*text, "model.spec=4x1", "model.tied=false",
-                                   "algorithms.loop_regularizer.lambda_reg=10.0", "algorithms.loop_regularizer.block_size=2"],
+                                   "algorithms.loop_regularizer.lambda_reg=10.0",
+                                   "algorithms.loop_regularizer.block_size=2"],
         "middle_looped_1x(1,2,1)": [*text, "model.spec=1x(1,2,1)"],
         "random_loops_1x(1,2,1)": [*text, "model.spec=1x(1,2,1)", *RANDOM_LOOPS],
     }
@@ -111,7 +116,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -> di
     (folder / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # 2 ranks on 2 cores
     launcher = Path(sys.executable).parent / "composer"
-    result = subprocess.run([str(launcher), "-n", "2", "--master_port", str(free_port()), "--stdout", str(folder / "rank{rank}.out"),
+    result = subprocess.run([str(launcher), "-n", "2", "--master_port", str(free_port()),
+                             "--stdout", str(folder / "rank{rank}.out"),
                              "--stderr", str(folder / "rank{rank}.err"), "-m", "tests.test_multiprocess_equivalence",
                              str(folder / "spec.json")], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:] + (folder / "rank1.err").read_text()[-2000:]

@@ -82,7 +82,8 @@ def write(folder: Path, name: str, text: str) -> Path:
 
 def test_a_chain_of_bases_merges_base_first_and_resolves_after(tmp_path: Path) -> None:
     write(tmp_path, "base/root.yaml", "# a base\n_note: dropped like every _ key\nrun_name: row_${model.spec}\n"
-                                      "max_seq_len: 64\nmodel: {d_model: 32, n_heads: 2, max_seq_len: '${max_seq_len}'}\n"
+                                      "max_seq_len: 64\n"
+                                      "model: {d_model: 32, n_heads: 2, max_seq_len: '${max_seq_len}'}\n"
                                       "save_folder: runs/${run_name}/checkpoints\n"
                                       "train_data: {kind: synthetic, task: phop, task_kwargs: {hops: 2, length: 16}}\n")
     write(tmp_path, "base/middle.yaml", "base: root.yaml\nmodel: {spec: 2x2, n_heads: 4}\nmax_duration: 5ba\n")
@@ -97,7 +98,8 @@ def test_a_chain_of_bases_merges_base_first_and_resolves_after(tmp_path: Path) -
 
 def test_overrides_go_on_top_of_the_base_and_the_recipe(tmp_path: Path) -> None:
     write(tmp_path, "base/root.yaml", "run_name: row_${model.spec}\nmodel: {spec: 1x1, d_model: 32, n_heads: 2}\n"
-                                      "max_seq_len: 64\noptimizer: {lr: 0.1}\ntrain_data: {kind: synthetic, task: phop}\n")
+                                      "max_seq_len: 64\noptimizer: {lr: 0.1}\n"
+                                      "train_data: {kind: synthetic, task: phop}\n")
     child = write(tmp_path, "child.yaml", "base: base/root.yaml\nmodel: {spec: 2x2}\noptimizer: {lr: 0.2}\n")
     recipe = load_recipe(child, ["model.spec=4x1", "optimizer.lr=0.3", "model.max_seq_len=128"])
     assert (recipe.model.spec, recipe.run_name, recipe.optimizer.lr) == ("4x1", "row_4x1", 0.3)

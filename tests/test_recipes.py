@@ -41,7 +41,8 @@ def test_paper_recipes_match_the_paper_setup():
     for name in ("base_24x1", "loop_12x2", "reg_loop_12x2", "middle_loop_4x1_4_1"):
         recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
         assert (recipe.max_seq_len, recipe.global_train_batch_size, recipe.max_duration) == (1280, 512, "400000ba")
-        assert (recipe.model.d_model, recipe.model.d_ff, recipe.model.n_heads, recipe.optimizer.lr) == (2048, 5120, 32, 0.01)
+        model = recipe.model
+        assert (model.d_model, model.d_ff, model.n_heads, recipe.optimizer.lr) == (2048, 5120, 32, 0.01)
     reg = load_recipe(REPO / "recipes" / "reg_loop_12x2.yaml").model
     assert (reg.tied, reg.loop_spec.effective_depth, len(reg.loop_spec.blocks)) == (False, 24, 1)
     assert load_recipe(REPO / "recipes" / "middle_loop_4x1_4_1.yaml").model.spec == "4x(1,4,1)"
@@ -59,12 +60,14 @@ def _cli(args, cwd=REPO, timeout=300, threads=None):
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, fragment", [
     ("model.d_modle=64", "unknown key 'model.d_modle' (did you mean 'model.d_model'?)"),
     ("max_durration=3ba", "unknown key 'max_durration' (did you mean 'max_duration'?)"),
     ("model.d_model=wide", "wrong type for 'model.d_model'"),
     ("model.spec=12x0", "loop count 0"),
-    ("callbacks.speed_monitor.windw_size=3", "unknown key 'callbacks.speed_monitor.windw_size' (did you mean 'callbacks.speed_monitor.window_size'?)"),
+    ("callbacks.speed_monitor.windw_size=3", "unknown key 'callbacks.speed_monitor.windw_size' "
+                                             "(did you mean 'callbacks.speed_monitor.window_size'?)"),
     ("optimizer.name=adamm", "unknown optimizer 'adamm' (did you mean 'adamw'?)"),
     ("global_train_batch_size=0", "global_train_batch_size must be >= 1"),
     ("device=tpu", "device must be"),
@@ -91,11 +94,14 @@ def test_missing_recipe_and_bad_yaml(tmp_path):
 def test_world_size_must_divide_global_batch(text_corpus):
     from loopreg.train import build_dataloaders
 
-    recipe = load_recipe(REPO / "recipes" / "cpu_tiny_text.yaml", [*local_text(text_corpus), "global_train_batch_size=6"])
+    recipe = load_recipe(REPO / "recipes" / "cpu_tiny_text.yaml",
+                         [*local_text(text_corpus), "global_train_batch_size=6"])
     with pytest.raises(RecipeError, match="not divisible by the world size 4"):
         build_dataloaders(recipe, world_size=4, rank=0)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_composer_launcher_two_cpu_ranks(text_corpus, tmp_path):
     """The user's literal usage: `composer -n 2 recipes/X.yaml` (gloo on CPU) trains and exits 0."""
     result = _cli([str(VENV_BIN / "composer"), "-n", "2", "--master_port", str(free_port()),
@@ -108,6 +114,7 @@ def test_composer_launcher_two_cpu_ranks(text_corpus, tmp_path):
         assert "[batch=3/3]" in log
 
 
+@pytest.mark.slow
 def test_python_module_entry(text_corpus):
     result = _cli([sys.executable, "-m", "loopreg.train", "recipes/cpu_tiny_text.yaml", *local_text(text_corpus),
                    "max_duration=1ba"])

@@ -42,7 +42,8 @@ def test_the_built_in_kinds_are_registered():
 def test_unknown_kinds_are_one_line_did_you_mean_errors():
     with pytest.raises(RecipeError) as err:
         load_recipe(RECIPE, ["train_data.kind=txt"])
-    assert str(err.value) == f"{RECIPE}: unknown train_data.kind 'txt' (did you mean 'text'?); valid: paired, synthetic, text"
+    assert str(err.value) == (f"{RECIPE}: unknown train_data.kind 'txt' (did you mean 'text'?); "
+                              "valid: paired, synthetic, text")
     with pytest.raises(RecipeError) as err:
         load_recipe(RECIPE, ["tokenizer.kind=bytelevel"])
     assert str(err.value) == (f"{RECIPE}: unknown tokenizer.kind 'bytelevel' (did you mean 'byte_level'?); valid: "
@@ -53,7 +54,8 @@ def test_unknown_kinds_are_one_line_did_you_mean_errors():
     (["train_data.source=null"], "train_data.source is required for text data (a hub dataset id or a local path)"),
     (["eval_data.kind=synthetic"], "eval_data.task is required for synthetic data (e.g. phop)"),
     (["train_data.kind=paired", "train_data.source=null"], "train_data of kind paired needs task (addition, igsm, "
-                                                           "multiplication) or source (a JSONL file of question/cot/answer)"),
+                                                           "multiplication) or source "
+                                                           "(a JSONL file of question/cot/answer)"),
 ])
 def test_each_kind_checks_its_own_section(overrides, message):
     with pytest.raises(RecipeError) as err:

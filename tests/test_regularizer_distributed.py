@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from loopreg.algorithms import loop_regularization, regularizer_layout
 from loopreg.model import Layer, LoopedLM, LoopedLMConfig
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
 WORLD = 2
 LAMBDA = 10.0
 CASES = {  # name -> loop_regularization kwargs; the model is untied 2x(1,2,1) (8 layers, layers 2-5 tied)

@@ -115,7 +115,8 @@ def test_dict_loss_with_total_gets_the_term_and_resume_does_not_snap_twice(tmp_p
     model = TotalLossLM(LoopedLMConfig(spec="1x2", tied=False, vocab_size=32, d_model=16, n_heads=2, d_ff=32))
     logger, snap = InMemoryLogger(), LoopSnap(at="2ba")
     trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=8), max_duration="2ba",
-                      optimizers=torch.optim.SGD(model.parameters(), lr=0.0), algorithms=[LoopRegularizer(lambda_reg=2.0)],
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.0),
+                      algorithms=[LoopRegularizer(lambda_reg=2.0)],
                       callbacks=[snap], loggers=[logger], device="cpu", progress_bar=False, save_folder=str(tmp_path))
     trainer.fit()
     reg, total, ce = (series(logger, f"loss/train/{key}") for key in ("loop_reg", "total", "ce"))
@@ -135,7 +136,8 @@ def test_lambda_schedules_at_the_end_of_training_and_bad_names(trained):
         pytest.approx(0.1)
     with pytest.raises(ValueError) as raised:
         LoopRegularizer(schedule="step")
-    assert str(raised.value) == "algorithms.loop_regularizer.schedule: 'step' is not one of constant, linear_warmup, cosine"
+    assert str(raised.value) == ("algorithms.loop_regularizer.schedule: 'step' is not one of constant, "
+                                 "linear_warmup, cosine")
 
 
 def test_a_new_lambda_schedule_is_a_registry_entry(trained):

@@ -106,6 +106,7 @@ def _assert_same(a, b, path: str) -> None:
         assert a == b, path
 
 
+@pytest.mark.slow
 def test_sigkilled_synthetic_run_resumes_bitwise_identical(killed_run: dict):
     log = killed_run["resume_log"].read_text()
     first = int(log.split("[batch=", 1)[1].split("/", 1)[0])  # the resumed process's first batch

@@ -29,29 +29,6 @@ TINY_LAYOUT = {"keepall": ["variables.spec=2x1+2x2+2x1", "variables.layers=0-1,2
                "middle": ["variables.spec=1x(1,2,1)", "variables.layers=null"]}
 
 
-def tiny_llama(folder: Path, vocab_size: int = 260, extra_tokens: tuple[str, ...] = (), seed: int = 0) -> Path:
-    """A random 6-layer Llama saved with a byte-level fast tokenizer (257 tokens + ``extra_tokens``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from loopreg.data.text import EOS_TOKEN, byte_level_tokenizer
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=64,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
-                                         max_position_embeddings=128, bos_token_id=None, eos_token_id=256,
-                                         pad_token_id=None))
-    backend = byte_level_tokenizer()
-    backend.add_tokens(list(extra_tokens))
-    model.save_pretrained(folder)
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_llama(tmp_path_factory.mktemp("source") / "llama")
-
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -101,6 +78,8 @@ def test_retrofit_recipe_trains_two_steps_and_exports_a_looped_folder(path, sour
     assert "LanguagePerplexity" in metrics and torch.isfinite(metrics["LanguagePerplexity"].compute())
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_composer_launcher_runs_a_retrofit_recipe_on_two_ranks(source, tmp_path):
     path = REPO / "recipes" / "retrofit" / "smollm2_keepall_heal_cpu.yaml"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

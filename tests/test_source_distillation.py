@@ -18,8 +18,8 @@ from loopreg.composer_model import PretrainedLM
 from loopreg.registry import ALGORITHMS
 from loopreg.surgery.sources import load_source, load_source_tokenizer
 
-from .conftest import REPO
-from .test_retrofit_recipes import source, tiny, tiny_llama  # noqa: F401  (fixtures)
+from .conftest import REPO, tiny_llama
+from .test_retrofit_recipes import tiny
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -127,8 +127,8 @@ def test_the_cosine_regularizer_terms_are_kept_and_counted(source):
     from loopreg.algorithms import LoopRegularizer
 
     surgery = LoopSurgery("2x1+2x2+2x1", layers="0-1,2-3,4-5", tied=False)
-    _, logged = fit(source, batches(3), 3, [surgery, LoopRegularizer(lambda_reg=100.0), SourceDistillation(str(source))],
-                    lr=0.5)
+    _, logged = fit(source, batches(3), 3,
+                    [surgery, LoopRegularizer(lambda_reg=100.0), SourceDistillation(str(source))], lr=0.5)
     assert logged["loss/train/loop_reg"][-1] > 0
     for step in range(3):
         parts = logged["loss/train/kd"][step] + logged["loss/train/loop_reg"][step]

@@ -44,7 +44,8 @@ def test_registered_and_validates_event():
     assert LoopSurgery("2x(1,2,1)", event="after_load").event == Event.AFTER_LOAD
     with pytest.raises(ValueError) as raised:
         LoopSurgery("2x(1,2,1)", event="fit_start")
-    assert str(raised.value) == "algorithms.loop_surgery.event: LoopSurgery event 'fit_start' must be one of ['init', 'after_load']"
+    assert str(raised.value) == ("algorithms.loop_surgery.event: LoopSurgery event 'fit_start' "
+                                 "must be one of ['init', 'after_load']")
     with pytest.raises(ValueError, match=r"^algorithms\.loop_surgery\.spec: loop count 0 in stage '2x0'"):
         LoopSurgery("2x0")
 
@@ -90,4 +91,5 @@ def test_resume_pre_surgery_checkpoint_with_surgery_after_load(tmp_path):
     final = trainer(final_model, torch.optim.AdamW(final_model.parameters(), lr=1e-2), max_duration="3ba",
                     load_path=str(tmp_path / "post.pt"), algorithms=[LoopSurgery("2x(1,2,1)")])
     assert final.state.timestamp.batch.value == 2
-    assert torch.equal(stored_layers(final_model)[2].mlp.up_proj.weight, stored_layers(resumed_model)[2].mlp.up_proj.weight)
+    assert torch.equal(stored_layers(final_model)[2].mlp.up_proj.weight,
+                       stored_layers(resumed_model)[2].mlp.up_proj.weight)

@@ -38,7 +38,8 @@ BUILDERS = {
     "mistral": lambda: MistralForCausalLM(MistralConfig(**LLAMA_LIKE, sliding_window=4)),
     "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=64,
                                                          num_attention_heads=4, **TOKENS)),
-    "loopreg": lambda: LoopedLM(LoopedLMConfig(spec=f"{LAYERS}x1", vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2)),
+    "loopreg": lambda: LoopedLM(LoopedLMConfig(spec=f"{LAYERS}x1", vocab_size=VOCAB, d_model=32, n_heads=4,
+                                               n_kv_heads=2)),
 }
 FAMILIES = list(BUILDERS)
 
@@ -66,7 +67,8 @@ def logits(model, ids):
 def greedy(model, ids, use_cache=True):
     if isinstance(model, LoopedLM):
         return model.generate(ids, max_new_tokens=6, use_cache=use_cache)  # new tokens only
-    return model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=use_cache)[:, ids.shape[1]:]
+    generated = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=use_cache)
+    return generated[:, ids.shape[1]:]
 
 
 PROMPT = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -137,11 +139,13 @@ def test_fsdp_shards_each_stored_layer_once_and_matches(sources, tmp_path):
 def test_average_and_stepwise_seed_values(sources):
     source = stored_layers(load_source(sources["llama"]))
     q = [layer.self_attn.q_proj.weight for layer in source]
-    averaged = stored_layers(loop_surgery(load_source(sources["llama"]), "1x1+2x2+1x1", layers="0,1-4,5", init="average"))
+    averaged = stored_layers(loop_surgery(load_source(sources["llama"]), "1x1+2x2+1x1", layers="0,1-4,5",
+                                          init="average"))
     torch.testing.assert_close(averaged[1].self_attn.q_proj.weight, (q[1] + q[3]) / 2)
     torch.testing.assert_close(averaged[2].self_attn.q_proj.weight, (q[2] + q[4]) / 2)
     torch.testing.assert_close(averaged[3].self_attn.q_proj.weight, q[5])
-    stepwise = stored_layers(loop_surgery(load_source(sources["llama"]), "1x1+2x2+1x1", layers="0,1-4,5", init="stepwise"))
+    stepwise = stored_layers(loop_surgery(load_source(sources["llama"]), "1x1+2x2+1x1", layers="0,1-4,5",
+                                          init="stepwise"))
     assert [torch.equal(stepwise[i].self_attn.q_proj.weight, q[j]) for i, j in ((1, 1), (2, 3))] == [True, True]
 
 

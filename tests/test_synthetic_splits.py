@@ -129,7 +129,8 @@ def test_tokenizer_specials_spaces_and_newlines() -> None:
     with_specials = [tok.token_to_id("<bos>"), *ids, tok.token_to_id("<ph>"), tok.token_to_id("<eos>")]
     assert decode(tok, with_specials) == f"<bos>{text}<ph><eos>"
     assert encode(tok, "a<ph>b") == [encode(tok, "a")[0], 3, encode(tok, "b")[0]]
-    with pytest.raises(Exception):  # a character outside the vocabulary fails loudly
+    # A character outside the vocabulary fails loudly; the tokenizers library raises a bare Exception.
+    with pytest.raises(Exception, match=r"Missing \[UNK\] token"):
         encode(tok, "c")
 
 

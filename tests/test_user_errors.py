@@ -103,7 +103,8 @@ def test_the_recipe_entry_prints_the_same_one_line_and_exits_2(text_corpus, monk
 
 @pytest.mark.parametrize("argv, line", [
     (["demo", "--loops", "1"], "error: --loops must be >= 2 and --steps >= 1"),
-    (["reproduce", "--tasks", "sudoku"], "error: --tasks: unknown task(s) ['sudoku']; choose from addition, phop, igsm"),
+    (["reproduce", "--tasks", "sudoku"], "error: --tasks: unknown task(s) ['sudoku']; "
+                                         "choose from addition, phop, igsm"),
     (["reproduce", "--tasks", "phop", "--rows", "7x7"], "error: --rows: ['7x7'] not a row of phop; choose from "),
 ])
 def test_command_errors_are_raised_and_printed_once(argv, line, capsys):

@@ -490,7 +490,8 @@ class CoTDistillation(Algorithm):
 
         stream = getattr(state.train_dataloader, "dataset", None)
         if not isinstance(stream, ProblemStream):
-            raise RecipeError("CoTDistillation: the train data must be train_data.kind=paired (raw problems it renders)")
+            raise RecipeError("CoTDistillation: the train data must be train_data.kind=paired "
+                              "(raw problems it renders)")
         placeholder_id = _student(state).model.config.placeholder_id
         if stream.data.placeholder_id != placeholder_id:
             raise RecipeError(f"CoTDistillation: model.placeholder_id={placeholder_id} but the data's <ph> token "

@@ -11,7 +11,8 @@ The thinking block's loop count is drawn per batch from a distribution (Huginn, 
 The draw is a function of ``(seed, batch index)`` only, so every rank draws the same count without
 communicating, and a resumed run draws what the uninterrupted one did. The count (and ``grad_loops``,
 truncated backprop through the last k iterations) travels in the batch as ``loops``/``grad_loops`` (one
-value per row, :func:`~loopreg.model.batch_option`), which both :class:`~loopreg.composer_model.ComposerLoopedLM` and Composer's ``HuggingFaceModel`` around a tied
+value per row, :func:`~loopreg.model.batch_option`), which both
+:class:`~loopreg.composer_model.ComposerLoopedLM` and Composer's ``HuggingFaceModel`` around a tied
 retrofit pass to the forward.
 
     >>> sample_loops({"kind": "uniform", "low": 1, "high": 4}, seed=0, step=3)
@@ -56,7 +57,8 @@ def check_distribution(distribution: Mapping[str, Any]) -> None:
     elif kind == "uniform":
         low, high = distribution["low"], distribution["high"]
         if not (isinstance(low, int) and isinstance(high, int)) or low < 1 or high < low:
-            raise ValueError(f"loop distribution 'uniform': needs integers 1 <= low <= high, got low={low}, high={high}")
+            raise ValueError(f"loop distribution 'uniform': needs integers 1 <= low <= high, "
+                             f"got low={low}, high={high}")
     else:
         mean, cap = distribution["mean"], distribution.get("max")
         if not mean > 1:
@@ -112,7 +114,8 @@ class RandomLoops(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if not isinstance(state.batch, dict):
-            raise ValueError(f"RandomLoops needs dict batches (it adds a 'loops' key), got {type(state.batch).__name__}")
+            raise ValueError(f"RandomLoops needs dict batches (it adds a 'loops' key), "
+                             f"got {type(state.batch).__name__}")
         loops = sample_loops(self.distribution, self.seed, int(state.timestamp.batch))
         rows = state.batch["input_ids"].shape[0]
         # One value per row (loopreg.model.batch_option): Composer counts samples and splits microbatches.

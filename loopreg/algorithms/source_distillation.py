@@ -206,5 +206,6 @@ class SourceDistillation(Algorithm):
         terms = distillation_loss(_logits(state.outputs), teacher_logits, batch.get("labels"), self.temperature,
                                   self.ce_weight, shift_labels=hf_student)
         # Other algorithms' terms (the cosine regularizer's loop_reg) stay and count in the total.
-        extra = {k: v for k, v in state.loss.items() if k not in ("ce", "total")} if isinstance(state.loss, dict) else {}
+        extra = ({k: v for k, v in state.loss.items() if k not in ("ce", "total")}
+                 if isinstance(state.loss, dict) else {})
         state.loss = {**extra, **terms, "total": terms["total"] + sum(extra.values())}

@@ -5,7 +5,8 @@ standard unrolled Hugging Face checkpoints.
 """
 
 from loopreg.surgery.adapters import ADAPTERS, Adapter, find_adapter, get_layers, layer_role_params, unwrap
-from loopreg.surgery.analysis import LayerAnalysis, Split, calibration_tokens, layer_analysis, propose_split, token_windows
+from loopreg.surgery.analysis import (LayerAnalysis, Split, calibration_tokens, layer_analysis, propose_split,
+                                     token_windows)
 from loopreg.surgery.core import LoopedLayers, distinct_param_count, load_looped, loop_surgery, plan_surgery
 from loopreg.surgery.export import export_unrolled
 from loopreg.surgery.layer_map import INITS, default_layer_map, parse_layer_map

@@ -240,7 +240,8 @@ def _source_encoder(source: str | Path) -> tuple[Callable[[str], list[int]], int
         raise FileNotFoundError(f"{path / 'tokenizer.json'}: missing; layer analysis tokenizes with the source's own "
                                 "tokenizer")
     if tokenizer is None:
-        raise FileNotFoundError(f"{source}: no tokenizer files; layer analysis tokenizes with the source's own tokenizer")
+        raise FileNotFoundError(f"{source}: no tokenizer files; layer analysis tokenizes with the source's own "
+                                "tokenizer")
     from tokenizers import Tokenizer
 
     if isinstance(tokenizer, Tokenizer):  # a loopreg folder's
@@ -258,7 +259,8 @@ def token_windows(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> l
     """
     causal_lm = unwrap(model)
     config = causal_lm.config
-    context = config.max_seq_len if isinstance(causal_lm, LoopedLM) else getattr(config, "max_position_embeddings", None)
+    context = (config.max_seq_len if isinstance(causal_lm, LoopedLM)
+               else getattr(config, "max_position_embeddings", None))
     window = min(MAX_WINDOW, context or MAX_WINDOW)
     full = len(ids) // window
     windows = ids[:full * window].view(full, window)

@@ -131,8 +131,8 @@ def _check_options(args: argparse.Namespace) -> None:
     else:
         for option in ("loops", "text", "tokens", "think_layers"):
             if getattr(args, option) is not None:
-                raise UserError(f"--{option.replace('_', '-')} is for --spec auto; spec '{args.spec}' already gives its "
-                                "loops and layers")
+                raise UserError(f"--{option.replace('_', '-')} is for --spec auto; "
+                                f"spec '{args.spec}' already gives its loops and layers")
     if args.update not in UPDATE_RULES:
         raise UserError(f"--update: unknown update rule '{args.update}'; valid: {', '.join(UPDATE_RULES)}")
     if args.anchor is not None:

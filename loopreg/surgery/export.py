@@ -55,7 +55,8 @@ def unrolled_model(model: nn.Module) -> nn.Module:
     return unrolled.eval()
 
 
-def _unrolled_layer_state(stack: list[Any], prefix: str, rename: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def _unrolled_layer_state(stack: list[Any], prefix: str,
+                          rename: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """``{prefix}.{slot}.{name}`` for every application in ``stack`` (shared tensors repeat); ``rename`` maps
     names inside a layer to the target family's."""
     return {f"{prefix}.{slot}.{rename[name] if rename else name}": tensor
@@ -94,7 +95,8 @@ def _llama_config_and_state(model: LoopedLM) -> tuple[Any, dict[str, torch.Tenso
     )
     source, target = ADAPTERS["loopreg"], ADAPTERS["llama"]
     # Names map role by role through the two adapters, so the tables live in one place.
-    outer = dict(zip((*source.embeddings, source.final_norm, source.head), (*target.embeddings, target.final_norm, target.head)))
+    outer = dict(zip((*source.embeddings, source.final_norm, source.head),
+                     (*target.embeddings, target.final_norm, target.head)))
     state = {}
     for name, tensor in model.state_dict().items():
         module, leaf = name.rsplit(".", 1)

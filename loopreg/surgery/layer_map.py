@@ -106,8 +106,8 @@ def _parse_range(part: str, text: str, num_source_layers: int) -> list[int]:
 def _check_ranges(ranges: list[list[int]], spec: LoopSpec, text: str, init: str) -> None:
     blocks = spec.blocks
     if len(ranges) != len(blocks):
-        raise ValueError(f"layer map {text!r} has {len(ranges)} ranges but loop spec '{spec}' has {len(blocks)} blocks; "
-                         "give one range per block")
+        raise ValueError(f"layer map {text!r} has {len(ranges)} ranges but loop spec '{spec}' "
+                         f"has {len(blocks)} blocks; give one range per block")
     for block, layers in zip(blocks, ranges):
         label = format_layer_map([layers])
         if init == "copy" and len(layers) != block.size:
@@ -119,5 +119,5 @@ def _check_ranges(ranges: list[list[int]], spec: LoopSpec, text: str, init: str)
     ordered = sorted(ranges)
     for before, after in zip(ordered, ordered[1:]):
         if after[0] <= before[-1]:
-            raise ValueError(f"layer ranges '{format_layer_map([before])}' and '{format_layer_map([after])}' in layer map "
-                             f"{text!r} overlap; each source layer may seed one block")
+            raise ValueError(f"layer ranges '{format_layer_map([before])}' and '{format_layer_map([after])}' "
+                             f"in layer map {text!r} overlap; each source layer may seed one block")

@@ -34,7 +34,8 @@ def cli_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loopreg layers", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="Hugging Face folder, .gguf file, loopreg model folder or hub id")
     parser.add_argument("--text", required=True, help="calibration text: .txt/.jsonl/.json/.parquet file or folder")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"calibration tokens (default {DEFAULT_TOKENS})")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                        help=f"calibration tokens (default {DEFAULT_TOKENS})")
     parser.add_argument("--loops", type=int, default=2, help="loop count of the proposed thinking block (default 2)")
     parser.add_argument("--think-layers", type=int, help="narrow the thinking block to the N consecutive layers "
                                                          "between the knees that turn the stream least")
@@ -65,7 +66,8 @@ def _layers(args: argparse.Namespace) -> None:
     rows = [("source", str(args.source)), ("calibration", f"{analysis.tokens:,} tokens of {args.text}"),
             ("time", f"{seconds:.2f} s")]
     if args.json:
-        rows.append(("json", str(write_json(args.json, {"source": str(args.source), **analysis.to_json(args.loops, args.think_layers)}))))
+        report = {"source": str(args.source), **analysis.to_json(args.loops, args.think_layers)}
+        rows.append(("json", str(write_json(args.json, report))))
     if args.png:
         rows.append(("png", str(write_png(args.png, analysis, split, title=Path(str(args.source)).name))))
     print_table("layer analysis", rows)
