@@ -49,6 +49,7 @@ __all__ = ["METADATA", "FORMAT_VERSION", "prepare_mds", "parse_tokenizer", "toke
 METADATA = "loopreg_mds.json"  # written last: its presence marks a complete conversion
 FORMAT_VERSION = 1
 COLUMN = "tokens"
+_PREPARE_TOKENIZERS = ("byte_level", "file", "hub")  # the tokenizer kinds that name a tokenizer on their own
 _DOCS_PER_CHUNK = 256  # documents per tokenization task: fixed, so the output does not depend on --workers
 
 
@@ -152,9 +153,15 @@ def prepare_mds(source: str, tokenizer: str, seq_len: int, out: str, text_field:
     if max_tokens is not None and max_tokens < seq_len:
         raise UserError(f"--max-tokens={max_tokens} is less than one sequence of --seq-len={seq_len} tokens")
     kind, name = parse_tokenizer(tokenizer)
-    with under_key("--tokenizer", OSError, ValueError):
+    if kind not in _PREPARE_TOKENIZERS:
+        raise UserError(f"--tokenizer {tokenizer}: unknown tokenizer kind '{kind}'; use byte_level, "
+                        "file:PATH/tokenizer.json or hub:NAME")
+    try:
         loaded = TOKENIZERS.lookup(kind, "--tokenizer")(name)
         identity = tokenizer_identity(loaded, kind, name)
+    except (UserError, OSError, ValueError) as err:  # a missing file, a hub id that is not there
+        message = err.message if isinstance(err, UserError) else str(err).splitlines()[0]
+        raise UserError(f"--tokenizer {tokenizer}: {message}") from None
     with under_key("SRC", OSError, ValueError, error=DataError):
         documents = text_stream(source, split, subset, text_field)()
     meta: dict[str, Any] = {"format": "loopreg-mds", "version": FORMAT_VERSION, "column": COLUMN, "dtype": "uint32",
@@ -316,8 +323,6 @@ def mds_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pr
     """:class:`~loopreg.data.Data` for ``train_data.kind: mds``: the prepared train folder, shuffled with the
     recipe's seed, and with ``eval_data`` (also ``mds``) the first ``eval_size`` sequences of its folder, in order.
     Ranks and workers split the samples through streaming (its environment: ``RANK``, ``WORLD_SIZE``, ...)."""
-    from streaming.base.util import clean_stale_shared_memory
-
     from loopreg.data.text import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.tokenizer.kind, recipe.tokenizer.name)
@@ -329,7 +334,6 @@ def mds_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pr
     if recipe.eval_data is not None and recipe.eval_data.kind != "mds":
         raise RecipeError(f"eval_data.kind={recipe.eval_data.kind} with train_data.kind=mds: the eval data is read "
                           "the same way, set eval_data.kind=mds (a folder `loopreg data prepare` wrote)")
-    clean_stale_shared_memory()  # what a killed run left (streaming names its shared memory by local folder)
 
     def dataset(section_name: str, train: bool, batch_size: int) -> MDSTokens:
         section = getattr(recipe, section_name)
@@ -339,13 +343,23 @@ def mds_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pr
         if section.validate_hash and not remote:
             validate_shards(section.source, section.validate_hash, f"{section_name}.source")
         epoch_size = None if train or section.eval_size >= meta["sequences"] else section.eval_size
+        options = dict(remote=section.source if remote else None, local=section.local if remote else section.source,
+                       batch_size=batch_size, shuffle=train and section.shuffle, shuffle_seed=recipe.seed,
+                       num_canonical_nodes=section.num_canonical_nodes, predownload=section.predownload,
+                       validate_hash=section.validate_hash if remote else None, epoch_size=epoch_size,
+                       model_shifts_labels=pretrained is not None and pretrained.shifts_labels)
         with under_key(section_name, ValueError):
-            return MDSTokens(remote=section.source if remote else None,
-                             local=section.local if remote else section.source,
-                             batch_size=batch_size, shuffle=train and section.shuffle, shuffle_seed=recipe.seed,
-                             num_canonical_nodes=section.num_canonical_nodes, predownload=section.predownload,
-                             validate_hash=section.validate_hash if remote else None, epoch_size=epoch_size,
-                             model_shifts_labels=pretrained is not None and pretrained.shifts_labels)
+            try:
+                return MDSTokens(**options)
+            except ValueError as err:
+                if "Reused local directory" not in str(err):
+                    raise
+            # A remote source's cache folder is registered in shared memory that a killed run left behind (a
+            # local source is never checked): streaming's remedy, then one more try.
+            from streaming.base.util import clean_stale_shared_memory
+
+            clean_stale_shared_memory()
+            return MDSTokens(**options)
 
     train = DataLoader(dataset("train_data", True, per_device), batch_size=per_device,
                        num_workers=recipe.train_data.num_workers)
