@@ -249,7 +249,7 @@ def test_pile_rows_read_mds_and_fall_back_to_hub_text(text_corpus: Path, tmp_pat
     assert (recipe.train_data.kind, recipe.eval_data.split) == ("text", "validation")
     # and the text path trains (on local text here: no hub in tests)
     trainer = build_trainer(load_recipe(REPO / "recipes" / "base_4x1.yaml",
-                                        [*fallback, *tiny_overrides(text_corpus), "export_folder=null"]))
+                                        [*fallback, *tiny_overrides(text_corpus, tmp_path), "export_folder=null"]))
     trainer.fit()
     trainer.close()
     assert int(trainer.state.timestamp.batch) == 2

@@ -22,6 +22,7 @@ Registers the data kind ``mds``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +35,6 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from streaming import MDSWriter, StreamingDataset
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
@@ -43,8 +43,9 @@ from loopreg.data.text import eos_id, text_stream
 from loopreg.errors import DataError, RecipeError, UserError, under_key
 from loopreg.folders import write_folder
 
+# and MDSTokens (defined on first use, see __getattr__)
 __all__ = ["METADATA", "FORMAT_VERSION", "prepare_mds", "parse_tokenizer", "tokenizer_identity", "read_metadata",
-           "MDSTokens", "mds_dataloaders"]
+           "mds_dataloaders"]
 
 METADATA = "loopreg_mds.json"  # written last: its presence marks a complete conversion
 FORMAT_VERSION = 1
@@ -170,6 +171,8 @@ def prepare_mds(source: str, tokenizer: str, seq_len: int, out: str, text_field:
     show = sys.stderr.isatty() if progress is None else progress
     limit = None if max_tokens is None else max_tokens // seq_len
 
+    from streaming import MDSWriter
+
     def write(out_uri: str, local: str | None = None) -> None:
         target: Any = out_uri if local is None else (local, out_uri)
         with under_key("--compression", ValueError):
@@ -276,27 +279,44 @@ def validate_shards(source: str, algorithm: str, where: str = "source") -> None:
             raise DataError(f"{where}: shard '{path}' is corrupt ({algorithm} does not match index.json)")
 
 
-class MDSTokens(StreamingDataset):
-    """The ``tokens`` samples of a prepared folder as ``{"input_ids", "labels"}`` (LongTensors of ``seq_len``).
+@functools.cache
+def mds_tokens_class() -> type:
+    """:class:`MDSTokens`, defined on the first call (it imports streaming)."""
+    from streaming import StreamingDataset
 
-    Every keyword argument but ``model_shifts_labels`` is :class:`streaming.StreamingDataset`'s (``local``,
-    ``remote``, ``batch_size`` = the per-device batch, ``shuffle``, ``shuffle_seed``, ``num_canonical_nodes``, ...).
+    class MDSTokens(StreamingDataset):
+        """The ``tokens`` samples of a prepared folder as ``{"input_ids", "labels"}`` (LongTensors of ``seq_len``).
 
-    >>> MDSTokens(local="data/corpus_byte_64", batch_size=8)[0]["input_ids"].shape  # doctest: +SKIP
-    torch.Size([64])
-    """
+        Every keyword argument but ``model_shifts_labels`` is :class:`streaming.StreamingDataset`'s (``local``,
+        ``remote``, ``batch_size`` = the per-device batch, ``shuffle``, ``shuffle_seed``, ``num_canonical_nodes``,
+        ...).
 
-    def __init__(self, *, model_shifts_labels: bool = False, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.model_shifts_labels = model_shifts_labels
+        >>> MDSTokens(local="data/corpus_byte_64", batch_size=8)[0]["input_ids"].shape  # doctest: +SKIP
+        torch.Size([64])
+        """
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        tokens = torch.from_numpy(super().__getitem__(index)[COLUMN].astype(np.int64))
-        if self.model_shifts_labels:
-            labels = tokens.clone()
-        else:  # the next token; the last position's is in the next sample, so it has no loss
-            labels = torch.cat([tokens[1:], torch.tensor([IGNORE_INDEX])])
-        return {"input_ids": tokens, "labels": labels}
+        def __init__(self, *, model_shifts_labels: bool = False, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.model_shifts_labels = model_shifts_labels
+
+        def __getitem__(self, index: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
+            tokens = torch.from_numpy(super().__getitem__(index)[COLUMN].astype(np.int64))
+            if self.model_shifts_labels:
+                labels = tokens.clone()
+            else:  # the next token; the last position's is in the next sample, so it has no loss
+                labels = torch.cat([tokens[1:], torch.tensor([IGNORE_INDEX])])
+            return {"input_ids": tokens, "labels": labels}
+
+    MDSTokens.__module__, MDSTokens.__qualname__ = __name__, "MDSTokens"  # picklable as loopreg.data.mds.MDSTokens
+    return MDSTokens
+
+
+def __getattr__(name: str) -> Any:
+    # MDSTokens subclasses streaming.StreamingDataset, so it is defined on first use: loading any recipe imports
+    # every data kind, and importing streaming costs seconds (it pulls in its text and multimodal readers).
+    if name == "MDSTokens":
+        return mds_tokens_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_mds_section(section: Any, name: str) -> None:
@@ -335,7 +355,7 @@ def mds_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pr
         raise RecipeError(f"eval_data.kind={recipe.eval_data.kind} with train_data.kind=mds: the eval data is read "
                           "the same way, set eval_data.kind=mds (a folder `loopreg data prepare` wrote)")
 
-    def dataset(section_name: str, train: bool, batch_size: int) -> MDSTokens:
+    def dataset(section_name: str, train: bool, batch_size: int) -> Any:  # an MDSTokens
         section = getattr(recipe, section_name)
         meta = read_metadata(section.source, section.local, f"{section_name}.source")
         _check_fits(meta, recipe, identity, section_name)
@@ -350,7 +370,7 @@ def mds_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pr
                        model_shifts_labels=pretrained is not None and pretrained.shifts_labels)
         with under_key(section_name, ValueError):
             try:
-                return MDSTokens(**options)
+                return mds_tokens_class()(**options)
             except ValueError as err:
                 if "Reused local directory" not in str(err):
                     raise
@@ -359,7 +379,7 @@ def mds_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pr
             from streaming.base.util import clean_stale_shared_memory
 
             clean_stale_shared_memory()
-            return MDSTokens(**options)
+            return mds_tokens_class()(**options)
 
     train = DataLoader(dataset("train_data", True, per_device), batch_size=per_device,
                        num_workers=recipe.train_data.num_workers)
