@@ -143,6 +143,34 @@ def test_compressed_shards_train(tmp_path: Path):
     assert len(dataset) == 50 and dataset[49]["input_ids"].shape == (SEQ_LEN,)
 
 
+def test_a_remote_location_gets_its_metadata_last_and_is_read_through_a_cache(tmp_path: Path, monkeypatch):
+    """The object-store paths, with a folder standing in for the bucket (streaming's local uploader and
+    downloader copy files as its S3 ones upload and download them)."""
+    from streaming.base.storage.upload import LocalUploader
+
+    from loopreg.data import mds as module
+
+    bucket = tmp_path / "bucket"
+    monkeypatch.setattr(module, "is_remote", lambda location: str(location).startswith(str(bucket)))
+    uploaded = []
+    upload = LocalUploader.upload_file
+    monkeypatch.setattr(LocalUploader, "upload_file", lambda self, name: (uploaded.append(name), upload(self, name)))
+    _prepare(bucket / "train", "wiki_passages_train.jsonl", 200)
+    _prepare(bucket / "validation", "wiki_passages_heldout.jsonl", 50)
+    # per location: the shards, MDSWriter's index.json, and the marker of a complete conversion last
+    assert [name for name in uploaded if not name.startswith("shard.")] == ["index.json", METADATA] * 2
+    assert json.loads((bucket / "train" / METADATA).read_text())["sequences"] == 200
+    cache = tmp_path / "cache"
+    overrides = [*mds(bucket), f"train_data.local={cache}/train", f"eval_data.local={cache}/validation",
+                 "train_data.validate_hash=sha1", *TINY, "max_duration=2ba", "eval_interval=2ba",
+                 "device_train_microbatch_size=8"]
+    trainer = build_trainer(load_recipe(REPO / RECIPE, overrides))
+    trainer.fit()
+    trainer.close()
+    assert int(trainer.state.timestamp.batch) == 2
+    assert (cache / "train" / METADATA).is_file() and list((cache / "train").glob("shard.*.mds"))
+
+
 # --- bad inputs: one line, exit 2 ------------------------------------------------------------------------------
 
 def _one_line(status: int, err: str, *fragments: str) -> None:

@@ -54,6 +54,15 @@ _PREPARE_TOKENIZERS = ("byte_level", "file", "hub")  # the tokenizer kinds that 
 _DOCS_PER_CHUNK = 256  # documents per tokenization task: fixed, so the output does not depend on --workers
 
 
+def is_remote(location: str) -> bool:
+    """Whether ``location`` is an object-store URI (s3://, gs://, oci://, ...) rather than a local folder.
+
+    >>> is_remote("s3://bucket/pile/train"), is_remote("data/pile_neox_1280/train")
+    (True, False)
+    """
+    return "://" in location
+
+
 def parse_tokenizer(spec: str) -> tuple[str, str | None]:
     """``byte_level``, ``file:PATH`` or ``hub:NAME`` -> (tokenizer.kind, tokenizer.name).
 
@@ -173,8 +182,7 @@ def prepare_mds(source: str, tokenizer: str, seq_len: int, out: str, text_field:
 
     from streaming import MDSWriter
 
-    def write(out_uri: str, local: str | None = None) -> None:
-        target: Any = out_uri if local is None else (local, out_uri)
+    def write(target: str) -> None:  # the shards and index.json (MDSWriter uploads them to a remote target)
         with under_key("--compression", ValueError):
             writer = MDSWriter(columns={COLUMN: f"ndarray:uint32:{seq_len}"}, out=target, compression=compression,
                                hashes=["sha1"], exist_ok=False)
@@ -199,20 +207,26 @@ def prepare_mds(source: str, tokenizer: str, seq_len: int, out: str, text_field:
             raise DataError(f"SRC '{source}' gave {tokens_read} tokens: not one sequence of --seq-len={seq_len}")
         meta.update(tokens=sequences * seq_len, sequences=sequences, documents=documents_read,
                     shards=len(writer.shards))
-        _write_metadata(Path(local or out_uri), meta)
 
-    if "://" in out:
-        with tempfile.TemporaryDirectory(prefix="loopreg_mds_") as local:
-            write(out, local)
-            from streaming.base.storage.upload import CloudUploader
+    if is_remote(out):
+        from streaming.base.storage.upload import CloudUploader
 
-            CloudUploader.get(out=(local, out), keep_local=True, exist_ok=True).upload_file(METADATA)
+        with under_key("--out", OSError, ValueError):
+            write(out)
+            with tempfile.TemporaryDirectory(prefix="loopreg_mds_") as local:
+                uploader = CloudUploader.get(out=(local, out), keep_local=True, exist_ok=True)
+                _write_metadata(Path(local), meta)
+                uploader.upload_file(METADATA)  # last: the marker of a complete conversion
     else:
         folder = Path(out)
         if folder.exists() and any(folder.iterdir()) and not (folder / METADATA).is_file():
             raise UserError(f"--out '{out}' exists and is not a folder `loopreg data prepare` wrote; "
                             "choose another folder")
-        write_folder(folder, lambda staging: write(str(staging)))
+        def write_local(staging: Path) -> None:
+            write(str(staging))
+            _write_metadata(staging, meta)
+
+        write_folder(folder, write_local)
     return meta
 
 
@@ -227,7 +241,7 @@ def _write_metadata(folder: Path, meta: dict[str, Any]) -> None:
 def read_metadata(source: str, local: str | None = None, where: str = "source") -> dict[str, Any]:
     """The ``loopreg_mds.json`` of a prepared folder (downloaded into ``local`` for a remote ``source``); a missing
     folder, an interrupted conversion or an unreadable file is a one-line :class:`DataError` naming ``source``."""
-    if "://" in source:
+    if is_remote(source):
         from streaming.base.storage import CloudDownloader
 
         if not local:
@@ -324,7 +338,7 @@ def check_mds_section(section: Any, name: str) -> None:
     if not section.source:
         raise RecipeError(f"{name}.source is required for mds data (a folder or remote URI `loopreg data prepare` "
                           "wrote)")
-    if "://" in section.source and not section.local:
+    if is_remote(section.source) and not section.local:
         raise RecipeError(f"{name}.local is required for a remote mds source ({section.source}): the folder that "
                           "caches its shards")
 
@@ -359,7 +373,7 @@ def mds_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pr
         section = getattr(recipe, section_name)
         meta = read_metadata(section.source, section.local, f"{section_name}.source")
         _check_fits(meta, recipe, identity, section_name)
-        remote = "://" in section.source
+        remote = is_remote(section.source)
         if section.validate_hash and not remote:
             validate_shards(section.source, section.validate_hash, f"{section_name}.source")
         epoch_size = None if train or section.eval_size >= meta["sequences"] else section.eval_size
