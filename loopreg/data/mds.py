@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
@@ -333,6 +334,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _registered(options: dict[str, Any], attempts: int = 20) -> Any:
+    """An :class:`MDSTokens`; runs that start at once on one machine can race for the same shared-memory name
+    (streaming raises FileExistsError in the loser), so the loser takes the next free one."""
+    for attempt in range(attempts):
+        try:
+            return mds_tokens_class()(**options)
+        except FileExistsError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))  # the winner has registered its name by then
+
+
 def check_mds_section(section: Any, name: str) -> None:
     """An MDS data section needs a source, and a local cache folder when the source is remote."""
     if not section.source:
@@ -384,7 +397,7 @@ def mds_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pr
                        model_shifts_labels=pretrained is not None and pretrained.shifts_labels)
         with under_key(section_name, ValueError):
             try:
-                return mds_tokens_class()(**options)
+                return _registered(options)
             except ValueError as err:
                 if "Reused local directory" not in str(err):
                     raise
@@ -393,7 +406,7 @@ def mds_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pr
             from streaming.base.util import clean_stale_shared_memory
 
             clean_stale_shared_memory()
-            return mds_tokens_class()(**options)
+            return _registered(options)
 
     train = DataLoader(dataset("train_data", True, per_device), batch_size=per_device,
                        num_workers=recipe.train_data.num_workers)
