@@ -23,7 +23,7 @@
 #
 # Environment: PYTHON (default .venv/bin/python), WORK (scratch, default /tmp/loopreg_gpu_check; prepared data is
 # reused), OUT (where gpu_check_summary.{json,md} go; default WORK), STEPS (20), GLOBAL_BATCH (64), MICROBATCH (16),
-# RUN_TIMEOUT (seconds per training run, 150), TEXTDATA (../shared/textdata), PREPARE_WORKERS (min(nproc, 8)).
+# RUN_TIMEOUT (seconds per training run, 130), TEXTDATA (../shared/textdata), PREPARE_WORKERS (min(nproc, 8)).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,7 +43,7 @@ SUMMARY=${OUT:-$WORK}
 STEPS=${STEPS:-20}
 GLOBAL_BATCH=${GLOBAL_BATCH:-64}
 MICROBATCH=${MICROBATCH:-16}
-RUN_TIMEOUT=${RUN_TIMEOUT:-150}
+RUN_TIMEOUT=${RUN_TIMEOUT:-130}
 TEXTDATA=${TEXTDATA:-../shared/textdata}
 CORES=$(nproc)
 PREPARE_WORKERS=${PREPARE_WORKERS:-$(( CORES < 8 ? CORES : 8 ))}
@@ -215,7 +215,7 @@ for name in "${RECIPES[@]}"; do
   say "train: composer -n 1 recipes/$name.yaml (${#args[@]} overrides; console: $WORK/logs/$name.console.txt)"
   start=$SECONDS
   set +e
-  timeout "$RUN_TIMEOUT" "$PY" -m composer.cli.launcher -n 1 "recipes/$name.yaml" "${args[@]}" \
+  timeout --kill-after=15 "$RUN_TIMEOUT" "$PY" -m composer.cli.launcher -n 1 "recipes/$name.yaml" "${args[@]}" \
     > "$WORK/logs/$name.console.txt" 2>&1
   status=$?
   set -e
