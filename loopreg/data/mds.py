@@ -182,9 +182,14 @@ def prepare_mds(source: str, tokenizer: str, seq_len: int, out: str, text_field:
     limit = None if max_tokens is None else max_tokens // seq_len
 
     from streaming import MDSWriter
+    from streaming.base.compression import get_compressions, is_compression
+
+    if compression is not None and not is_compression(compression):
+        families = sorted(name for name in get_compressions() if ":" not in name)
+        raise UserError(f"--compression {compression}: unknown; valid: {', '.join(families)} (or with a level: zstd:7)")
 
     def write(target: str) -> None:  # the shards and index.json (MDSWriter uploads them to a remote target)
-        with under_key("--compression", ValueError):
+        with under_key("--out", OSError, ValueError):  # an unreachable bucket, missing credentials
             writer = MDSWriter(columns={COLUMN: f"ndarray:uint32:{seq_len}"}, out=target, compression=compression,
                                hashes=["sha1"], exist_ok=False)
         buffer = np.empty(0, dtype=np.uint32)
@@ -212,17 +217,17 @@ def prepare_mds(source: str, tokenizer: str, seq_len: int, out: str, text_field:
     if is_remote(out):
         from streaming.base.storage.upload import CloudUploader
 
-        with under_key("--out", OSError, ValueError):
-            write(out)
-            with tempfile.TemporaryDirectory(prefix="loopreg_mds_") as local:
-                uploader = CloudUploader.get(out=(local, out), keep_local=True, exist_ok=True)
-                _write_metadata(Path(local), meta)
-                uploader.upload_file(METADATA)  # last: the marker of a complete conversion
+        write(out)
+        with tempfile.TemporaryDirectory(prefix="loopreg_mds_") as local, under_key("--out", OSError, ValueError):
+            uploader = CloudUploader.get(out=(local, out), keep_local=True, exist_ok=True)
+            _write_metadata(Path(local), meta)
+            uploader.upload_file(METADATA)  # last: the marker of a complete conversion
     else:
         folder = Path(out)
         if folder.exists() and any(folder.iterdir()) and not (folder / METADATA).is_file():
             raise UserError(f"--out '{out}' exists and is not a folder `loopreg data prepare` wrote; "
                             "choose another folder")
+
         def write_local(staging: Path) -> None:
             write(str(staging))
             _write_metadata(staging, meta)
