@@ -117,6 +117,23 @@ def test_workers_do_not_change_the_shards(shards: Path, tmp_path: Path):
     assert hashes[0] == hashes[1]
 
 
+def test_workers_read_the_source_a_bounded_window_ahead():
+    from loopreg.data.mds import _DOCS_PER_CHUNK, _encoded
+
+    read = []
+
+    def documents():
+        for index in range(100 * _DOCS_PER_CHUNK):
+            read.append(index)
+            yield f"document {index}"
+
+    chunks = _encoded(documents(), byte_level_tokenizer().to_str(), workers=2)
+    count, tokens = next(chunks)
+    assert count == _DOCS_PER_CHUNK and tokens[-1] == 256  # EOS after each document
+    assert len(read) <= 5 * _DOCS_PER_CHUNK  # 2 · workers chunks in flight, not the whole source
+    chunks.close()
+
+
 def test_an_interrupted_conversion_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from streaming import MDSWriter
 

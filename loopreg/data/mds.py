@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import deque
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
@@ -116,22 +117,23 @@ def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
 
 
 def _encoded(documents: Iterable[str], serialized: str, workers: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(documents, tokens) per chunk, in document order whatever ``workers`` is."""
+    """(documents, tokens) per chunk, in document order whatever ``workers`` is. At most ``2 · workers`` chunks are
+    in flight (``Pool.imap`` would read the whole source ahead into its task queue)."""
     if workers == 1:
         _init_worker(serialized)
         for chunk in _chunks(documents):
             yield len(chunk), _encode_chunk(chunk)
         return
-    sizes: list[int] = []
-
-    def counted() -> Iterator[list[str]]:
-        for chunk in _chunks(documents):
-            sizes.append(len(chunk))
-            yield chunk
-
     with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(serialized,)) as pool:
-        for index, tokens in enumerate(pool.imap(_encode_chunk, counted())):
-            yield sizes[index], tokens
+        pending: deque[tuple[int, Any]] = deque()
+        for chunk in _chunks(documents):
+            pending.append((len(chunk), pool.apply_async(_encode_chunk, (chunk,))))
+            if len(pending) >= 2 * workers:
+                count, result = pending.popleft()
+                yield count, result.get()
+        while pending:
+            count, result = pending.popleft()
+            yield count, result.get()
 
 
 def _progress(enabled: bool):
