@@ -17,6 +17,7 @@ from loopreg.errors import UserError
 # subcommand -> (module, one-line help); each module exposes `cli_main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loopreg.train", "train a recipe: loopreg train RECIPE.yaml [key=value ...]"),
+    "data": ("loopreg.data.cli", "text to MDS shards: prepare SRC --tokenizer TOK --seq-len N --out DIR"),
     "demo": ("loopreg.demo", "the CPU demo: (1⊗1) vs (1⊗L) vs (L⊗1) on a synthetic reasoning task"),
     "reproduce": ("loopreg.reproduce", "every row of the paper's synthetic tables at CPU-mini scale"),
     "eval": ("loopreg.evals.cli", "grouped downstream eval: MODEL --groups ... [--loops 1,2,4] --out results.json"),

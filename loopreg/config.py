@@ -56,9 +56,11 @@ class TokenizerSection:
 
 @dataclass
 class DataSection:
-    # an entry of loopreg.registry.DATA_KINDS: text | synthetic | paired (CoT/latent problems for cot_distillation)
+    # an entry of loopreg.registry.DATA_KINDS: text | mds (pre-tokenized shards) | synthetic | paired (CoT/latent
+    # problems for cot_distillation)
     kind: str = "text"
-    # text: a hub dataset id, or a local file / folder of .txt, .jsonl, .json or .parquet files
+    # text: a hub dataset id, or a local file / folder of .txt, .jsonl, .json or .parquet files; mds: a folder or
+    # remote URI of MDS shards (loopreg data prepare)
     source: Optional[str] = None
     subset: Optional[str] = None  # hub dataset config name
     split: str = "train"
@@ -69,8 +71,14 @@ class DataSection:
     task_kwargs: Dict[str, Any] = field(default_factory=dict)
     # eval_data only: named eval sets, each overriding task knobs (e.g. {n24: {n_operands: 24}})
     eval_variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    eval_size: int = 1024  # sequences (text) or examples (synthetic) in the fixed eval set
+    eval_size: int = 1024  # sequences (text, mds) or examples (synthetic) in the fixed eval set
     num_workers: int = 0
+    # mds (source: a folder or remote URI `loopreg data prepare` wrote): streaming.StreamingDataset's knobs
+    local: Optional[str] = None  # the cache folder of a remote source's shards (one per run and section)
+    shuffle: bool = True  # train_data only (eval is read in order); the seed is the recipe's
+    num_canonical_nodes: Optional[int] = None  # fix it to keep the sample order when the node count changes
+    predownload: Optional[int] = None  # samples each worker downloads ahead (streaming's default when null)
+    validate_hash: Optional[str] = None  # e.g. sha1: check every shard against index.json before reading
 
 
 @dataclass

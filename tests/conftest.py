@@ -52,6 +52,23 @@ def tiny_overrides(corpus: Path, save_folder: Path | None = None) -> list[str]:
     return TINY_OVERRIDES + extra
 
 
+@pytest.fixture(scope="session")
+def tiny_mds(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -> Path:
+    """:func:`text_corpus` prepared as MDS shards for :data:`TINY_OVERRIDES` (byte-level, 32 tokens): ``train/``
+    and ``validation/``, the layout of the Pile rows' data."""
+    from loopreg.data.mds import prepare_mds
+
+    folder = tmp_path_factory.mktemp("tiny_mds")
+    for split in ("train", "validation"):
+        prepare_mds(str(text_corpus), "byte_level", 32, str(folder / split), progress=False)
+    return folder
+
+
+def mds_overrides(folder: Path) -> list[str]:
+    """Point an mds recipe (the Pile rows) at :func:`tiny_mds`'s shards."""
+    return [f"train_data.source={folder}/train", f"eval_data.source={folder}/validation"]
+
+
 def hf_byte_tokenizer():
     """A Llama-style Hugging Face tokenizer over bytes (258 ids: 256 bytes, EOS, ``<s>``), ``<s>`` prepended to
     every encoded input: the tokenizer of the tiny HF test models."""

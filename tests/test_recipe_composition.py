@@ -34,9 +34,12 @@ def resolved(path: Path) -> dict:
 
 @pytest.fixture
 def default_data_folders(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The snapshot resolved ``${oc.env:LOOPREG_EVALDATA,...}`` and ``LOOPREG_TEXTDATA`` to their defaults."""
+    """The snapshot resolved ``${oc.env:LOOPREG_EVALDATA,...}``, ``LOOPREG_TEXTDATA``, ``LOOPREG_PILE_MDS`` and
+    ``LOOPREG_MDS_CACHE`` to their defaults."""
     monkeypatch.delenv("LOOPREG_EVALDATA", raising=False)
     monkeypatch.delenv("LOOPREG_TEXTDATA", raising=False)
+    monkeypatch.delenv("LOOPREG_PILE_MDS", raising=False)  # the Pile rows' MDS shards and their cache
+    monkeypatch.delenv("LOOPREG_MDS_CACHE", raising=False)
 
 
 @pytest.mark.usefixtures("default_data_folders")

@@ -12,7 +12,7 @@ from loopreg.config import load_recipe
 from loopreg.errors import RecipeError
 from loopreg.train import run
 
-from .conftest import REPO, free_port, tiny_overrides
+from .conftest import REPO, free_port, mds_overrides, tiny_overrides
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 VENV_BIN = Path(sys.executable).parent
@@ -28,8 +28,11 @@ def test_every_recipe_has_the_launcher_line_and_is_valid_python():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_smoke(path, text_corpus, tmp_path):
-    trainer = run(path, tiny_overrides(text_corpus, tmp_path / "ckpt"))
+def test_recipe_smoke(path, text_corpus, tiny_mds, tmp_path):
+    overrides = tiny_overrides(text_corpus, tmp_path / "ckpt")
+    if load_recipe(path).train_data.kind == "mds":  # the Pile rows read pre-tokenized shards
+        overrides += mds_overrides(tiny_mds)
+    trainer = run(path, overrides)
     assert int(trainer.state.timestamp.batch) == 2
     recipe = load_recipe(path)
     exported = LoopedLM.from_pretrained(tmp_path / "ckpt" / "model")
