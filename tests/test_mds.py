@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from loopreg.data.mds import METADATA, MDSTokens, prepare_mds
 from loopreg.data.text import byte_level_tokenizer
 from loopreg.train import build_trainer
 
-from .conftest import REPO, free_port, run_cli, tiny_overrides
+from .conftest import REPO, free_port, run_cli, run_launcher, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -338,10 +337,9 @@ def test_two_ranks_follow_the_one_process_loss_curve(shards: Path, tmp_path: Pat
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     launcher = Path(sys.executable).parent / "composer"
-    result = subprocess.run([str(launcher), "-n", "2", "--master_port", str(free_port()),
-                             "--stdout", str(tmp_path / "rank{rank}.out"), "--stderr", str(tmp_path / "rank{rank}.err"),
-                             "-m", "tests.test_mds", str(tmp_path / "spec.json")], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env=env)
+    result = run_launcher([str(launcher), "-n", "2", "--master_port", str(free_port()),
+                           "--stdout", str(tmp_path / "rank{rank}.out"), "--stderr", str(tmp_path / "rank{rank}.err"),
+                           "-m", "tests.test_mds", str(tmp_path / "spec.json")], timeout=600, cwd=REPO, env=env)
     logs = (result.stdout + result.stderr)[-3000:] + (tmp_path / "rank1.err").read_text()[-2000:]
     assert result.returncode == 0, logs
     two = json.loads((tmp_path / "losses.json").read_text())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from composer.loggers import InMemoryLogger
 from loopreg.config import load_recipe
 from loopreg.train import build_trainer
 
-from .conftest import REPO, free_port, tiny_overrides
+from .conftest import REPO, free_port, run_launcher, tiny_overrides
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -116,10 +115,10 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -> di
     (folder / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # 2 ranks on 2 cores
     launcher = Path(sys.executable).parent / "composer"
-    result = subprocess.run([str(launcher), "-n", "2", "--master_port", str(free_port()),
-                             "--stdout", str(folder / "rank{rank}.out"),
-                             "--stderr", str(folder / "rank{rank}.err"), "-m", "tests.test_multiprocess_equivalence",
-                             str(folder / "spec.json")], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    result = run_launcher([str(launcher), "-n", "2", "--master_port", str(free_port()),
+                           "--stdout", str(folder / "rank{rank}.out"),
+                           "--stderr", str(folder / "rank{rank}.err"), "-m", "tests.test_multiprocess_equivalence",
+                           str(folder / "spec.json")], timeout=600, cwd=REPO, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:] + (folder / "rank1.err").read_text()[-2000:]
     return json.loads((folder / "results.json").read_text())
 
