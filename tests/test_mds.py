@@ -107,6 +107,23 @@ def test_prepare_then_train_six_steps(shards: Path):
     assert np.isfinite(float(memory.data["metrics/eval/LanguageCrossEntropy"][-1][1]))
 
 
+def test_dataloader_workers_do_not_change_the_batches(shards: Path):
+    """Reading is independent of the DataLoader worker count: streaming partitions samples over the canonical
+    nodes and workers, and the global batch order stays the same."""
+    from loopreg.train import build_dataloaders
+
+    def first_batches(workers: int) -> list[torch.Tensor]:
+        recipe = load_recipe(REPO / RECIPE, [*mds(shards), *TINY, f"train_data.num_workers={workers}"])
+        data = build_dataloaders(recipe, world_size=1, rank=0)
+        batches = [batch["input_ids"] for _, batch in zip(range(4), data.train)]
+        del data
+        return batches
+
+    serial, parallel = first_batches(0), first_batches(2)
+    assert len(serial) == len(parallel) == 4 and not torch.equal(serial[0], serial[1])
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
+
+
 def test_workers_do_not_change_the_shards(shards: Path, tmp_path: Path):
     one = _prepare(tmp_path / "one", "wiki_passages_train.jsonl", 300)
     two = _prepare(tmp_path / "two", "wiki_passages_train.jsonl", 300, workers=2)
