@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -372,23 +369,11 @@ def test_two_ranks_follow_the_one_process_loss_curve(shards: Path, tmp_path: Pat
 
 @pytest.mark.slow
 def test_sigkilled_mds_run_resumes_bitwise_identical(shards: Path, tmp_path: Path):
-    from .test_resume import BATCHES, COMMON, SAVE_EVERY, _assert_same, _final, _start, _wait
+    from .test_resume import BATCHES, COMMON, SAVE_EVERY, _assert_same, _final, kill_and_resume
 
     args = [RECIPE, *mds(shards), *COMMON, "global_train_batch_size=8", "device_train_microbatch_size=4",
             "device_eval_batch_size=8", "eval_data.eval_size=8", "train_data.num_workers=2"]
-    kill_at = random.randint(SAVE_EVERY + 1, BATCHES - 2)  # after the first checkpoint
-    whole, (victim, victim_log) = _start(args, tmp_path / "whole"), _start(args, tmp_path / "killed")
-    deadline = time.monotonic() + 300
-    while victim.poll() is None and time.monotonic() < deadline:
-        if f"[batch={kill_at}/{BATCHES}]" in victim_log.read_text():
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    victim.wait(timeout=10)
-    assert victim.returncode == -signal.SIGKILL, victim_log.read_text()[-3000:]
-    resumed, resumed_log = _start(args, tmp_path / "killed")
-    _wait(*whole)
-    _wait(resumed, resumed_log)
+    kill_at, resumed_log = kill_and_resume(args, tmp_path)
     log = resumed_log.read_text()
     first = int(log.split("[batch=", 1)[1].split("/", 1)[0])
     assert SAVE_EVERY < first < BATCHES and (first - 1) % SAVE_EVERY == 0, (kill_at, first)

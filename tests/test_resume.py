@@ -56,12 +56,12 @@ def _wait(process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
         process.kill()
 
 
-@pytest.fixture(scope="module")
-def killed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The uninterrupted run and the run SIGKILLed at a random batch (both at once), then its resume."""
-    root = tmp_path_factory.mktemp("resume")
+def kill_and_resume(args: list[str], root: Path) -> tuple[int, Path]:
+    """Run ``loopreg train ARGS`` twice at once into ``root/whole`` and ``root/killed``, SIGKILL the second at
+    a random batch after its first checkpoint, resume it (autoresume finds the checkpoints) and wait for both
+    to finish. Returns the batch it was killed after and the resumed run's log."""
     kill_at = random.randint(SAVE_EVERY + 1, BATCHES - 2)  # after the first checkpoint
-    whole, (victim, victim_log) = _start(SYNTHETIC, root / "whole"), _start(SYNTHETIC, root / "killed")
+    whole, (victim, victim_log) = _start(args, root / "whole"), _start(args, root / "killed")
     deadline = time.monotonic() + 300
     while victim.poll() is None and time.monotonic() < deadline:
         if f"[batch={kill_at}/{BATCHES}]" in victim_log.read_text():
@@ -70,10 +70,18 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         time.sleep(0.02)
     victim.wait(timeout=10)
     assert victim.returncode == -signal.SIGKILL, victim_log.read_text()[-3000:]
-    resumed = _start(SYNTHETIC, root / "killed")  # the same save folder: autoresume finds the checkpoints
+    resumed = _start(args, root / "killed")
     _wait(*whole)
     _wait(*resumed)
-    return {"whole": root / "whole", "killed": root / "killed", "kill_at": kill_at, "resume_log": resumed[1]}
+    return kill_at, resumed[1]
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted run and the run SIGKILLed at a random batch (both at once), then its resume."""
+    root = tmp_path_factory.mktemp("resume")
+    kill_at, resume_log = kill_and_resume(SYNTHETIC, root)
+    return {"whole": root / "whole", "killed": root / "killed", "kill_at": kill_at, "resume_log": resume_log}
 
 
 def _final(folder: Path) -> dict:
