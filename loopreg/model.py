@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from loopreg.spec import LoopSpec
-from loopreg.update_rules import check_update_rule, iteration_hooks
+from .spec import LoopSpec  # relative: copied into model folders as remote code (loopreg.remote_code)
+from .update_rules import check_update_rule, iteration_hooks
 
 __all__ = ["LoopedLMConfig", "LoopedLM", "LoopedLMOutput", "KVCache", "batch_option"]
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from loopreg.spec import LoopSpec
+from .spec import LoopSpec  # relative: copied into model folders as remote code (loopreg.remote_code)
 
 __all__ = ["UPDATE_RULES", "check_update_rule", "iteration_hooks", "DampedBlock"]
 
