@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("loopreg.demo", "the CPU demo: (1⊗1) vs (1⊗L) vs (L⊗1) on a synthetic reasoning task"),
     "reproduce": ("loopreg.reproduce", "every row of the paper's synthetic tables at CPU-mini scale"),
     "eval": ("loopreg.evals.cli", "grouped downstream eval: MODEL --groups ... [--loops 1,2,4] --out results.json"),
+    "lm-eval": ("loopreg.evals.lm_eval_cli", "lm-eval at any loop count: MODEL --tasks ... [--loops 1,2,4] --out DIR"),
     "report": ("loopreg.evals.report", "paper-style tables, % Gap and the depth scaling law from results JSONs"),
     "similarity": ("loopreg.similarity", "how close to looped: per-group block cosines R_G of a model"),
     "snap": ("loopreg.snap", "tie an untied model's blocks exactly: CKPT -> looped LoopedLM folder"),
