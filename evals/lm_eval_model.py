@@ -110,7 +110,9 @@ class LoopregLM(HFLM):
         self.loops = loops
         self.info = model_info(str(pretrained) if isinstance(pretrained, (str, Path)) else type(model).__name__,
                                model, loops)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+            # as HFLM runs: no device, or lm-eval's CLI default cuda:0 without CUDA, is the best one there is
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = get_dtype(dtype) if dtype not in (None, "auto") else None
         model = as_hf_model(model).to(device=device, dtype=dtype)
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **kwargs)
