@@ -13,6 +13,7 @@ model registered (lm-eval finds models only in its registry; nothing outside it 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ class LoopregLM(HFLM):
     ``pretrained`` is a path :func:`load_model` accepts or a loaded model (a ``LoopedLM`` or an HF causal LM,
     then give ``tokenizer``); ``device`` and ``dtype`` place it (HFLM leaves a loaded model where it is); every
     other keyword is HFLM's (``batch_size``, ``max_length``, ...). A loop count on a model that cannot run
-    another (plain, untied) raises a one-line ``ValueError``.
+    another (plain, untied) raises a one-line ``ValueError``. ``info`` is the model's
+    :class:`~loopreg.evals.report.ModelInfo` at this loop count (spec, Params/FLOPs in layer units).
 
     >>> LoopregLM("runs/smollm2_middle", loops=2, device="cpu").loops  # doctest: +SKIP
     2
@@ -114,8 +116,16 @@ class LoopregLM(HFLM):
             # as HFLM runs: no device, or lm-eval's CLI default cuda:0 without CUDA, is the best one there is
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = get_dtype(dtype) if dtype not in (None, "auto") else None
+        if isinstance(model, LoopedLM):  # its context, which HFLM would not find in the config (2048 otherwise)
+            kwargs.setdefault("max_length", model.config.max_seq_len)
         model = as_hf_model(model).to(device=device, dtype=dtype)
-        super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **kwargs)
+        hf_logger = logging.getLogger(HFLM.__module__)
+        level = hf_logger.level
+        hf_logger.setLevel(logging.ERROR)  # not its warnings that a loaded model ignores device/dtype: placed above
+        try:
+            super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **kwargs)
+        finally:
+            hf_logger.setLevel(level)
 
     @property
     def _loop_kwargs(self) -> dict[str, int]:
