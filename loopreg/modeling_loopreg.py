@@ -42,7 +42,8 @@ class LoopregForCausalLM(PreTrainedModel, GenerationMixin):
     # no base_model_prefix: transformers would then load the keys into self.model itself, which must be a
     # PreTrainedModel for that; the prefix is handled by the two _fix_state_dict_key_* hooks below instead
     _no_split_modules = ["Layer"]  # device_map="auto" never splits a layer (loopreg.model.Layer)
-    _tied_weights_keys = ["model.lm_head.weight"]  # dropped from model.safetensors when tie_word_embeddings
+    # dropped from model.safetensors when tie_word_embeddings; a pattern, matched before and after the prefix hooks
+    _tied_weights_keys = ["lm_head.weight"]
     _supports_cache_class = True  # generate() builds a DynamicCache and passes it as past_key_values
 
     def __init__(self, config: LoopregConfig) -> None:

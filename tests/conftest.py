@@ -145,3 +145,36 @@ def run_launcher(argv: list[str], timeout: float, **kwargs) -> subprocess.Comple
             process.communicate()
             raise
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+# Put first on sys.meta_path, it makes every `loopreg*` import fail: what a machine without loopreg sees.
+_LOOPREG_BLOCKER = '''
+import sys
+
+
+class _NoLoopreg:
+    def find_spec(self, name, path=None, target=None):
+        if name == "loopreg" or name.startswith("loopreg."):
+            raise ImportError(f"{name}: loopreg is made unimportable in this test")
+        return None
+
+
+sys.meta_path.insert(0, _NoLoopreg())
+'''
+
+
+def run_without_loopreg(script: str, env: dict[str, str]) -> str:
+    """Run python ``script`` with the venv's python, in a fresh empty working directory, with ``loopreg`` made
+    unimportable; its stdout. ``env`` is added to this process's environment and must set ``HF_MODULES_CACHE``
+    (a tmp folder: transformers copies remote code there). A failing script fails the test with its stderr."""
+    import sys
+    import tempfile
+
+    if "HF_MODULES_CACHE" not in env:
+        raise ValueError("run_without_loopreg: env must set HF_MODULES_CACHE (a tmp folder)")
+    with tempfile.TemporaryDirectory(prefix="no_loopreg_") as cwd:
+        done = subprocess.run([sys.executable, "-c", _LOOPREG_BLOCKER + script], cwd=cwd, capture_output=True,
+                              text=True, timeout=600,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
+    assert done.returncode == 0, f"script failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+    return done.stdout
