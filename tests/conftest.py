@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,34 +148,36 @@ def run_launcher(argv: list[str], timeout: float, **kwargs) -> subprocess.Comple
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
-# Put first on sys.meta_path, it makes every `loopreg*` import fail: what a machine without loopreg sees.
-_LOOPREG_BLOCKER = '''
+# Prepended to run_without_loopreg's scripts: a meta-path finder that refuses loopreg, checked before the script runs.
+_NO_LOOPREG = """
 import sys
 
 
 class _NoLoopreg:
     def find_spec(self, name, path=None, target=None):
         if name == "loopreg" or name.startswith("loopreg."):
-            raise ImportError(f"{name}: loopreg is made unimportable in this test")
-        return None
+            raise ImportError(f"No module named {name!r} (made unimportable)")
 
 
 sys.meta_path.insert(0, _NoLoopreg())
-'''
+try:
+    import loopreg  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("loopreg is still importable")
+"""
 
 
-def run_without_loopreg(script: str, env: dict[str, str]) -> str:
-    """Run python ``script`` with the venv's python, in a fresh empty working directory, with ``loopreg`` made
-    unimportable; its stdout. ``env`` is added to this process's environment and must set ``HF_MODULES_CACHE``
-    (a tmp folder: transformers copies remote code there). A failing script fails the test with its stderr."""
-    import sys
-    import tempfile
+def run_without_loopreg(script: str, env: dict[str, str] | None = None,
+                        timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the Python source ``script`` in a fresh interpreter of this venv in which loopreg cannot be imported, as
+    where it is not installed (``env`` adds to the environment, e.g. ``HF_MODULES_CACHE``); a non-zero exit fails
+    the test with the script's stderr.
 
-    if "HF_MODULES_CACHE" not in env:
-        raise ValueError("run_without_loopreg: env must set HF_MODULES_CACHE (a tmp folder)")
-    with tempfile.TemporaryDirectory(prefix="no_loopreg_") as cwd:
-        done = subprocess.run([sys.executable, "-c", _LOOPREG_BLOCKER + script], cwd=cwd, capture_output=True,
-                              text=True, timeout=600,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
-    assert done.returncode == 0, f"script failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
-    return done.stdout
+    >>> # run_without_loopreg("from transformers import AutoModel", {"HF_MODULES_CACHE": str(tmp_path)})
+    """
+    result = subprocess.run([sys.executable, "-c", _NO_LOOPREG + script], env={**os.environ, **(env or {})},
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"script without loopreg failed:\n{result.stderr[-6000:]}"
+    return result
