@@ -1,10 +1,10 @@
 """Save the trained model as a self-describing folder at the end of training.
 
 A :class:`~loopreg.model.LoopedLM` becomes a loopreg folder (``config.json`` with the loop spec,
-``model.safetensors``, ``tokenizer.json``); a Hugging Face model (a retrofit: a tied or untied loop-surgery
-output) becomes a surgery-style Hugging Face folder with its tokenizer
-(:func:`~loopreg.folders.write_model_folder`). ``loopreg eval``, ``loopreg export``,
-``loopreg similarity`` and :func:`~loopreg.surgery.load_source` read both back (looped).
+``model.safetensors``, ``tokenizer.json``, and the remote code that loads it tied in plain transformers); a
+Hugging Face model (a retrofit: a tied or untied loop-surgery output) becomes a surgery-style Hugging Face
+folder with its tokenizer. Both go through :func:`~loopreg.folders.write_model_folder`. ``loopreg eval``,
+``loopreg export``, ``loopreg similarity`` and :func:`~loopreg.surgery.load_source` read both back (looped).
 
     >>> ExportModel("runs/loop_12x2/model", tokenizer)  # doctest: +SKIP
 """
@@ -26,7 +26,7 @@ __all__ = ["ExportModel"]
 
 
 class ExportModel(Callback):
-    """At ``fit_end`` rank 0 writes ``folder`` atomically (:func:`~loopreg.folders.write_folder`); under
+    """At ``fit_end`` rank 0 writes ``folder`` atomically (:func:`~loopreg.folders.write_model_folder`); under
     FSDP the full weights are gathered first. ``tokenizer`` is the recipe's: a ``tokenizers.Tokenizer`` for a
     LoopedLM, the source's Hugging Face tokenizer for a Hugging Face model."""
 
@@ -45,16 +45,6 @@ class ExportModel(Callback):
         dist.barrier()
 
     def _write(self, model: nn.Module) -> None:
-        from loopreg.model import LoopedLM
-        from loopreg.folders import write_folder, write_model_folder
+        from loopreg.folders import write_model_folder
 
-        if not isinstance(model, LoopedLM):
-            write_model_folder(model, self.folder, self.tokenizer)
-            return
-
-        def save(staging: Path) -> None:
-            model.save_pretrained(staging)
-            if self.tokenizer is not None:
-                self.tokenizer.save(str(staging / "tokenizer.json"))
-
-        write_folder(self.folder, save)
+        write_model_folder(model, self.folder, self.tokenizer)

@@ -15,21 +15,44 @@ from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["write_folder", "write_model_folder"]
+__all__ = ["write_folder", "write_model_folder", "save_tokenizer"]
 
 
 def write_model_folder(model: nn.Module, out_dir: str | Path, tokenizer: Any | None = None) -> Path:
-    """``model.save_pretrained`` (and the tokenizer's) into ``out_dir`` through :func:`write_folder`, so an
-    interrupted or failed write never leaves a half-written ``out_dir`` and never loses an existing one.
+    """``model.save_pretrained``, the remote code a looped model needs to load in plain transformers
+    (:func:`~loopreg.remote_code.attach_remote_code`) and the tokenizer into ``out_dir``, through
+    :func:`write_folder`: an interrupted or failed write never leaves a half-written ``out_dir`` and never
+    loses an existing one. ``tokenizer`` is a Hugging Face tokenizer or a ``tokenizers.Tokenizer``.
 
     >>> # write_model_folder(looped_model, "runs/smollm2_middle", tokenizer)
     """
+    from loopreg.remote_code import attach_remote_code
+
     def save(staging: Path) -> None:
         model.save_pretrained(staging)
+        attach_remote_code(staging, model)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
 
     return write_folder(out_dir, save)
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """A Hugging Face tokenizer as it saves itself; a ``tokenizers.Tokenizer`` (a LoopedLM's) as ``tokenizer.json``
+    plus the files that let ``AutoTokenizer`` load it (as a ``PreTrainedTokenizerFast``, EOS set when its vocabulary
+    has loopreg's EOS token).
+
+    >>> # save_tokenizer(byte_level_tokenizer(), Path("runs/x"))  # tokenizer.json, tokenizer_config.json, ...
+    """
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
+        return
+    from transformers import PreTrainedTokenizerFast
+
+    from loopreg.data.text import EOS_TOKEN
+
+    eos = EOS_TOKEN if tokenizer.token_to_id(EOS_TOKEN) is not None else None
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos).save_pretrained(folder)
 
 
 def write_folder(out_dir: str | Path, write: Callable[[Path], None]) -> Path:

@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,14 @@ from torch import nn
 from .spec import LoopSpec  # relative: copied into model folders as remote code (loopreg.remote_code)
 from .update_rules import check_update_rule, iteration_hooks
 
-__all__ = ["LoopedLMConfig", "LoopedLM", "LoopedLMOutput", "KVCache", "batch_option"]
+__all__ = ["LoopedLMConfig", "LoopedLM", "LoopedLMOutput", "Cache", "KVCache", "batch_option", "layer_schedule",
+           "hf_config_keys"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# the transformers names of a LoopedLM folder (loopreg.configuration_loopreg, loopreg.modeling_loopreg)
+HF_MODEL_TYPE = "loopreg"
+HF_ARCHITECTURE = "LoopregForCausalLM"
 
 
 def batch_option(value: int | torch.Tensor | None) -> int | None:
@@ -133,11 +137,51 @@ class LoopedLMConfig:
         return self.d_model // self.n_heads
 
 
+def layer_schedule(spec: LoopSpec, tied: bool, loops: int | Sequence[int] | None = None) -> tuple[int, ...]:
+    """The stored layer each layer application uses, optionally with a loop-count override (tied models only).
+
+    >>> layer_schedule(LoopSpec.parse("1x1+2x2"), tied=True, loops=3)
+    (0, 1, 2, 1, 2, 1, 2)
+    """
+    if loops is None:
+        return spec.schedule if tied else tuple(range(spec.effective_depth))
+    if not tied:
+        raise ValueError(f"loop override {loops!r} needs a tied model; this one is untied ('{spec}', "
+                         f"{spec.effective_depth} separate layers): snap it to a looped model first")
+    return spec.with_loops(loops).schedule
+
+
+def hf_config_keys(config: LoopedLMConfig, loops: int | Sequence[int] | None = None) -> dict[str, int | bool]:
+    """The ``config.json`` keys that transformers and tools read, mirrored from ``config`` (written by
+    :meth:`LoopedLM.save_pretrained`, derived again by ``configuration_loopreg.LoopregConfig``).
+    ``num_hidden_layers`` counts layer *applications* at ``loops``: the layers of the key/value cache.
+
+    >>> hf_config_keys(LoopedLMConfig(spec="1x1+2x3", vocab_size=64, d_model=32, n_heads=4))["num_hidden_layers"]
+    7
+    """
+    return {"vocab_size": config.vocab_size, "hidden_size": config.d_model,
+            "num_hidden_layers": len(layer_schedule(config.loop_spec, config.tied, loops)),
+            "num_attention_heads": config.n_heads, "num_key_value_heads": config.kv_heads,
+            "max_position_embeddings": config.max_seq_len, "tie_word_embeddings": config.tie_word_embeddings}
+
+
+class Cache(Protocol):
+    """The key/value cache protocol of the attention layers: Hugging Face's (``transformers.DynamicCache`` fits it),
+    so the same layers run under :class:`KVCache` and under transformers' ``generate``."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+               layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def get_seq_length(self, layer_idx: int = 0) -> int: ...
+
+
 class KVCache:
     """Preallocated keys/values with one slot per layer *application* (a looped layer applied L times
-    sees L different inputs, so it needs L slots).
+    sees L different inputs, so it needs L slots); the :class:`Cache` protocol with ``layer_idx`` = slot.
 
     >>> cache = KVCache(slots=6, batch=2, n_kv_heads=4, max_len=32, head_dim=8)
+    >>> cache.get_seq_length()
+    0
     """
 
     def __init__(self, slots: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
@@ -145,20 +189,27 @@ class KVCache:
         shape = (slots, batch, n_kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0  # positions already stored (same for every slot between forward passes)
+        self.lengths = [0] * slots  # positions stored per slot (all equal between forward passes)
 
     @property
     def max_len(self) -> int:
         return self.keys.shape[3]
 
-    def update(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this forward's keys/values for ``slot``; return everything cached for it so far."""
-        end = self.length + k.shape[2]
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions already stored for slot ``layer_idx``."""
+        return self.lengths[layer_idx]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+               layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's keys/values for slot ``layer_idx``; return everything cached for it so far."""
+        start = self.lengths[layer_idx]
+        end = start + key_states.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; this forward needs {end}")
-        self.keys[slot, :, :, self.length:end] = k
-        self.values[slot, :, :, self.length:end] = v
-        return self.keys[slot, :, :, :end], self.values[slot, :, :, :end]
+        self.keys[layer_idx, :, :, start:end] = key_states
+        self.values[layer_idx, :, :, start:end] = value_states
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
 
 
 def rotary(positions: torch.Tensor, head_dim: int, theta: float,
@@ -188,14 +239,14 @@ class Attention(nn.Module):
         self.o_proj.residual_out = True  # init scaled by depth (LoopedLM.param_init_fn)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None, slot: int) -> torch.Tensor:
+                cache: Cache | None, slot: int) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            k, v = cache.update(slot, k, v)
+            k, v = cache.update(k, v, slot)
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -233,7 +284,7 @@ class Layer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, slot: int = 0) -> torch.Tensor:
+                cache: Cache | None = None, slot: int = 0) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, mask, cache, slot)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -254,17 +305,17 @@ class LoopedLMOutput:
 
 
 def _run_layer(layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-               cache: KVCache | None, slot: int) -> torch.Tensor:
+               cache: Cache | None, slot: int) -> torch.Tensor:
     return layer(x, rope, mask, cache, slot)
 
 
 def _run_checkpointed(layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                      mask: torch.Tensor | None, cache: KVCache | None, slot: int) -> torch.Tensor:
+                      mask: torch.Tensor | None, cache: Cache | None, slot: int) -> torch.Tensor:
     return torch.utils.checkpoint.checkpoint(layer, x, rope, mask, None, slot, use_reentrant=False)
 
 
 def _run_without_graph(layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                       mask: torch.Tensor | None, cache: KVCache | None, slot: int) -> torch.Tensor:
+                       mask: torch.Tensor | None, cache: Cache | None, slot: int) -> torch.Tensor:
     with torch.no_grad():
         return layer(x, rope, mask, cache, slot)
 
@@ -292,7 +343,7 @@ class Extras:
         return any(self.before) or any(self.after) or any(run is not _run_layer for run in self.run)
 
     def apply(self, slot: int, layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-              mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+              mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         for see in self.before[slot]:
             see(x)
         x = self.run[slot](layer, x, rope, mask, cache, slot)
@@ -381,12 +432,7 @@ class LoopedLM(nn.Module):
 
     def schedule(self, loops: int | Sequence[int] | None = None) -> tuple[int, ...]:
         """Index into ``self.layers`` of each layer application, optionally with a loop-count override."""
-        if loops is None:
-            return self.spec.schedule if self.config.tied else tuple(range(self.spec.effective_depth))
-        if not self.config.tied:
-            raise ValueError(f"loop override {loops!r} needs a tied model; this one is untied ('{self.spec}', "
-                             f"{len(self.layers)} separate layers): snap it to a looped model first")
-        return self.spec.with_loops(loops).schedule
+        return layer_schedule(self.spec, self.config.tied, loops)
 
     # ------------------------------------------------------------ init (and FSDP hooks)
     def param_init_fn(self, module: nn.Module) -> None:
@@ -410,7 +456,7 @@ class LoopedLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, loops: int | Sequence[int] | None = None,
+                cache: Cache | None = None, loops: int | Sequence[int] | None = None,
                 grad_loops: int | None = None, checkpoint: bool = False,
                 output_hidden: bool | Sequence[int] = False) -> torch.Tensor | LoopedLMOutput:
         """Logits (B, T, vocab) for ``input_ids`` (B, T); a :class:`LoopedLMOutput` when ``output_hidden`` asks
@@ -425,7 +471,7 @@ class LoopedLM(nn.Module):
         around the layer applications (see :meth:`_extras`); without any, the loop below is all there is.
         """
         batch, length = input_ids.shape
-        past = cache.length if cache is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         x = self.embed(input_ids)
         positions, mask = self._positions_and_mask(batch, length, past, attention_mask, x.device)
         if self.config.learned_positions:
@@ -439,13 +485,11 @@ class LoopedLM(nn.Module):
                 x = layer(x, rope, mask, cache, slot)
             else:
                 x = extras.apply(slot, layer, x, rope, mask, cache)
-        if cache is not None:
-            cache.length += length
         logits = self.lm_head(self.norm(x))
         return logits if output_hidden is False else LoopedLMOutput(logits, extras.hidden if extras else {})
 
     def _extras(self, input_ids: torch.Tensor, positions: torch.Tensor, loops: int | Sequence[int] | None,
-                grad_loops: int | None, checkpoint: bool, cache: KVCache | None,
+                grad_loops: int | None, checkpoint: bool, cache: Cache | None,
                 output_hidden: bool | Sequence[int]) -> Extras | None:
         """This forward's machinery around its layer applications, resolved once; ``None`` when it has none
         (the plain path). Hooks after a layer run in the order they are registered here.
@@ -609,13 +653,18 @@ class LoopedLM(nn.Module):
 
     # ------------------------------------------------------------- save / load
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``config.json`` (which carries the spec) and ``model.safetensors`` into ``folder``."""
+        """Write ``config.json`` and ``model.safetensors`` into ``folder``. The config's ``loopreg`` object is what
+        :func:`load_config` reads; the keys around it make it a transformers config (``model_type: loopreg``,
+        loaded through the remote code that :func:`loopreg.remote_code.attach_remote_code` adds)."""
         from safetensors.torch import save_model
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_text(json.dumps({"loopreg": asdict(self.config)}, indent=2) + "\n")
-        save_model(self, str(folder / WEIGHTS_NAME))
+        hf_config = {"model_type": HF_MODEL_TYPE, "architectures": [HF_ARCHITECTURE], **hf_config_keys(self.config),
+                     "torch_dtype": str(self.embed.weight.dtype).removeprefix("torch.")}
+        config = {**hf_config, "loopreg": asdict(self.config)}
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_model(self, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})  # transformers requires the format
         return folder
 
     @classmethod

@@ -78,8 +78,6 @@ def cli_main(argv: list[str]) -> int:
         similarity = loop_similarity(untied, **layout)["mean"]
         looped = snap_model(untied, **layout)
         tokenizer = None if args.recipe else load_source_tokenizer(args.checkpoint)
-        if not hasattr(tokenizer, "save_pretrained"):  # a loopreg folder's tokenizer.json is not carried over
-            tokenizer = None
         write_model_folder(looped, args.out, tokenizer)  # staged and renamed: an existing --out survives a failure
     except UserError:
         raise
