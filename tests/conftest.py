@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,38 @@ def run_launcher(argv: list[str], timeout: float, **kwargs) -> subprocess.Comple
             process.communicate()
             raise
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+# Prepended to run_without_loopreg's scripts: a meta-path finder that refuses loopreg, checked before the script runs.
+_NO_LOOPREG = """
+import sys
+
+
+class _NoLoopreg:
+    def find_spec(self, name, path=None, target=None):
+        if name == "loopreg" or name.startswith("loopreg."):
+            raise ImportError(f"No module named {name!r} (made unimportable)")
+
+
+sys.meta_path.insert(0, _NoLoopreg())
+try:
+    import loopreg  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("loopreg is still importable")
+"""
+
+
+def run_without_loopreg(script: str, env: dict[str, str] | None = None,
+                        timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the Python source ``script`` in a fresh interpreter of this venv in which loopreg cannot be imported, as
+    where it is not installed (``env`` adds to the environment, e.g. ``HF_MODULES_CACHE``); a non-zero exit fails
+    the test with the script's stderr.
+
+    >>> # run_without_loopreg("from transformers import AutoModel", {"HF_MODULES_CACHE": str(tmp_path)})
+    """
+    result = subprocess.run([sys.executable, "-c", _NO_LOOPREG + script], env={**os.environ, **(env or {})},
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"script without loopreg failed:\n{result.stderr[-6000:]}"
+    return result
