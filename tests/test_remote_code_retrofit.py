@@ -184,6 +184,42 @@ def test_load_looped_takes_config_keywords(retrofits):
     assert json.loads((retrofits["llama"] / "config.json").read_text())["loopreg_loops"] is None
 
 
+# lm-eval's own `hf` model on a retrofit folder, without loopreg: the loop count is a model_args key.
+LMEVAL_SCRIPT = """
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+torch.set_num_threads(1)
+folder, out, requests, loops = {args!r}
+lm = HFLM(pretrained=folder, trust_remote_code=True, loopreg_loops=loops, device="cpu", batch_size=2)
+scores = lm.loglikelihood([Instance("loglikelihood", {{}}, request, index) for index, request in enumerate(requests)])
+torch.save(dict(scores=scores, params=sum(p.numel() for p in lm.model.parameters())), out)
+"""
+LMEVAL_REQUESTS = [("the looped", " model applies"), ("a block", " again and again")]
+
+
+def test_lm_eval_hf_model_runs_a_retrofit_at_a_config_loop_count(source, tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from loopreg.surgery.sources import load_source, load_source_tokenizer
+
+    folder, out = tmp_path / "retrofit", tmp_path / "lmeval.pt"
+    save_retrofit(loop_surgery(load_source(source), SPEC), folder)
+    load_source_tokenizer(source).save_pretrained(folder)
+    script = LMEVAL_SCRIPT.format(args=(str(folder), str(out), LMEVAL_REQUESTS, CONFIG_LOOPS))
+    run_without_loopreg(script, {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "OMP_NUM_THREADS": "1"})
+    remote = torch.load(out)
+    requests = [Instance("loglikelihood", {}, request, index) for index, request in enumerate(LMEVAL_REQUESTS)]
+    for loops, equal in [(CONFIG_LOOPS, True), (None, False)]:
+        reference = load_looped(folder, loopreg_loops=loops)
+        lm = HFLM(pretrained=reference, tokenizer=load_source_tokenizer(source), device="cpu", batch_size=2)
+        assert (lm.loglikelihood(requests) == remote["scores"]) is equal, loops
+    assert remote["params"] == distinct_param_count(reference)
+
+
 def _writer_attaches_remote_code() -> bool:
     return "attach_remote_code" in inspect.getsource(write_model_folder)
 
