@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from loopreg.looped_hf import DECODER_LAYERS
+
 __all__ = ["Adapter", "ADAPTERS", "unwrap", "find_adapter", "get_layers", "layer_role_params"]
 
 
@@ -39,7 +41,6 @@ class Adapter:
 
 
 _LLAMA_STYLE = dict(
-    layers="model.layers",
     embeddings=("model.embed_tokens",),
     final_norm="model.norm",
     head="lm_head",
@@ -59,7 +60,7 @@ ADAPTERS: dict[str, Adapter] = {
     "gpt2": Adapter(
         family="gpt2",
         model_types=("gpt2",),
-        layers="transformer.h",
+        layers=DECODER_LAYERS["gpt2"],
         embeddings=("transformer.wte", "transformer.wpe"),
         final_norm="transformer.ln_f",
         head="lm_head",
@@ -74,7 +75,7 @@ ADAPTERS: dict[str, Adapter] = {
     "gpt_neox": Adapter(
         family="gpt_neox",
         model_types=("gpt_neox",),
-        layers="gpt_neox.layers",
+        layers=DECODER_LAYERS["gpt_neox"],
         embeddings=("gpt_neox.embed_in",),
         final_norm="gpt_neox.final_layer_norm",
         head="embed_out",
@@ -86,7 +87,7 @@ ADAPTERS: dict[str, Adapter] = {
         },
         norm_roles={"norm_attn": "input_layernorm.weight", "norm_mlp": "post_attention_layernorm.weight"},
     ),
-    "llama": Adapter(family="llama", model_types=("llama",), **_LLAMA_STYLE),
+    "llama": Adapter(family="llama", model_types=("llama",), layers=DECODER_LAYERS["llama"], **_LLAMA_STYLE),
     "loopreg": Adapter(
         family="loopreg",
         model_types=(),
@@ -105,8 +106,8 @@ ADAPTERS: dict[str, Adapter] = {
         },
         norm_roles={"norm_attn": "attn_norm.weight", "norm_mlp": "mlp_norm.weight"},
     ),
-    "mistral": Adapter(family="mistral", model_types=("mistral",), **_LLAMA_STYLE),
-    "qwen2": Adapter(family="qwen2", model_types=("qwen2",), **_LLAMA_STYLE),
+    "mistral": Adapter(family="mistral", model_types=("mistral",), layers=DECODER_LAYERS["mistral"], **_LLAMA_STYLE),
+    "qwen2": Adapter(family="qwen2", model_types=("qwen2",), layers=DECODER_LAYERS["qwen2"], **_LLAMA_STYLE),
 }
 
 

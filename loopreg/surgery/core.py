@@ -19,238 +19,31 @@ unused layers are dropped.
   pulls back towards the tied model.
 
 The spec and the tying are stored in the config (``loopreg_spec``, ``loopreg_tied``), so a saved result
-reloads looped with :func:`load_looped`.
+reloads looped with :func:`load_looped`, or with plain transformers through the remote code its folder carries
+(:mod:`loopreg.looped_hf`, the runtime of tied retrofits).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import inspect
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from loopreg.model import LoopedLM, batch_option
+# The runtime of tied retrofits lives in loopreg.looped_hf (copied into their folders as remote code).
+from loopreg.looped_hf import (ANCHOR_KEY, LOOPS_KEY, SPEC_KEY, TIED_KEY, UPDATE_KEY, LayerApplication,
+                               LoopedCausalLM, LoopedLayers, looped_class, set_cache_slot)
+from loopreg.model import LoopedLM
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import Adapter, find_adapter, get_layers, unwrap
 from loopreg.surgery.layer_map import check_init, default_layer_map, parse_layer_map
-from loopreg.update_rules import check_update_rule, iteration_hooks
+from loopreg.update_rules import check_update_rule
 
 __all__ = ["LoopedLayers", "LayerApplication", "LoopedCausalLM", "SurgeryPlan", "plan_surgery", "loop_surgery",
            "load_looped", "looped_class", "looped_spec", "stored_layers", "distinct_param_count", "set_cache_slot"]
-
-SPEC_KEY, TIED_KEY = "loopreg_spec", "loopreg_tied"
-UPDATE_KEY, ANCHOR_KEY = "loopreg_update", "loopreg_anchor"
-
-
-def set_cache_slot(layer: nn.Module, slot: int) -> None:
-    """Point ``layer``'s attention at KV-cache slot ``slot``: Hugging Face attention caches keys/values under
-    its ``layer_idx``, so every application of a looped layer needs its own."""
-    for module in layer.modules():
-        if hasattr(module, "layer_idx"):
-            module.layer_idx = slot
-
-
-class LayerApplication:
-    """One application of a stored layer: calling it runs that layer with the KV-cache slot
-    (``layer_idx``) of its position in the stack. Attribute reads go to the layer.
-
-    ``enter``/``leave`` are the update rule's hooks (:mod:`loopreg.update_rules`) and the truncated-backprop
-    bookkeeping: ``enter(h)`` sees the layer's input hidden state, ``leave(h)`` maps its output hidden state;
-    ``no_grad`` runs the layer without an autograd graph.
-    """
-
-    def __init__(self, owner: LoopedLayers, key: str, slot: int, enter: Sequence[Callable] = (),
-                 leave: Sequence[Callable] = (), no_grad: bool = False) -> None:
-        self._owner, self._key, self.slot = owner, key, slot
-        self._enter, self._leave, self._no_grad = tuple(enter), tuple(leave), no_grad
-
-    @property
-    def layer(self) -> nn.Module:
-        # Looked up at every call: FSDP may have replaced the stored module by its wrapper.
-        return self._owner._modules[self._key]
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        layer = self.layer
-        set_cache_slot(layer, self.slot)
-        if not (self._enter or self._leave or self._no_grad):
-            return layer(*args, **kwargs)  # plain looping: nothing between the layers
-        hidden = args[0] if args else kwargs["hidden_states"]
-        for hook in self._enter:
-            hook(hidden)
-        with torch.no_grad() if self._no_grad else contextlib.nullcontext():
-            output = layer(*args, **kwargs)
-        # Decoder layers return the hidden state, or a tuple that starts with it (GPT-2, NeoX, 4.53 Llama).
-        hidden = output[0] if isinstance(output, tuple) else output
-        for hook in self._leave:
-            hidden = hook(hidden)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # private names (and unpickling, before __init__ ran) never forward
-            raise AttributeError(name)
-        return getattr(self.layer, name)
-
-    def __repr__(self) -> str:
-        return f"LayerApplication(slot={self.slot}, layer={self._key})"
-
-
-class LoopedLayers(nn.ModuleList):
-    """The layer list of a tied looped Hugging Face model: it *stores* the distinct layers (module tree,
-    ``state_dict``, FSDP units, parameter count) and *reads* as the unrolled stack (iteration, ``len`` and
-    indexing give one :class:`LayerApplication` per application), which is all a decoder's forward uses.
-
-    :meth:`running` swaps in another loop count (or truncated backprop) for the length of one call.
-
-    >>> layers = LoopedLayers([nn.Identity(), nn.Identity()], spec="1x1+1x3")
-    >>> len(layers), len(list(layers.children())), layers[3]
-    (4, 2, LayerApplication(slot=3, layer=1))
-    """
-
-    def __init__(self, layers: Sequence[nn.Module], spec: LoopSpec | str, update: str = "plain",
-                 anchor: float = 0.0) -> None:
-        super().__init__()
-        for index, layer in enumerate(layers):
-            self.add_module(str(index), layer)
-        self.spec = LoopSpec.parse(spec)
-        if self.spec.distinct_layers != len(layers):
-            raise ValueError(f"loop spec '{self.spec}' has {self.spec.distinct_layers} distinct layers, "
-                             f"got {len(layers)} layers")
-        check_update_rule(update, anchor)
-        self.update, self.anchor = update, float(anchor)
-        self.applications = self._applications(self.spec)
-
-    @property
-    def schedule(self) -> tuple[int, ...]:
-        return self.spec.schedule
-
-    def _applications(self, spec: LoopSpec, grad_loops: int | None = None) -> list[LayerApplication]:
-        enter, leave = iteration_hooks(spec, self.update, self.anchor)
-        hooks: dict[int, tuple[list[Callable], list[Callable]]] = {}
-        for slot, hook in enter.items():
-            hooks.setdefault(slot, ([], []))[0].append(hook)
-        for slot, hook in leave.items():
-            hooks.setdefault(slot, ([], []))[1].append(hook)
-        skipped = spec.truncated_applications(grad_loops)
-        if skipped:
-            # Jacobian-free through the skipped iterations (as LoopedLM.forward): their output carries the
-            # gradient of their input unchanged, so earlier layers and the embedding still learn.
-            start: dict[str, torch.Tensor] = {}
-            hooks.setdefault(skipped.start, ([], []))[0].insert(0, lambda h: start.__setitem__("h", h))
-            hooks.setdefault(skipped.stop - 1, ([], []))[1].append(
-                lambda out: out.detach() + (start["h"] - start["h"].detach()))
-        return [LayerApplication(self, str(index), slot, *hooks.get(slot, ((), ())), no_grad=slot in skipped)
-                for slot, index in enumerate(spec.schedule)]
-
-    @contextlib.contextmanager
-    def running(self, config: Any, loops: int | Sequence[int] | None = None,
-                grad_loops: int | None = None) -> Iterator[None]:
-        """Within the block the stack runs ``loops`` (see :meth:`LoopSpec.with_loops`) and, while autograd
-        records, builds the graph of only the last ``grad_loops`` thinking iterations; ``config`` (the HF
-        config, whose ``num_hidden_layers`` bounds the decoder's loop) follows. ``None`` keeps what runs
-        now, so a forward nested in ``generate(loops=...)`` keeps the override."""
-        if loops is None and (grad_loops is None or not torch.is_grad_enabled()):
-            yield
-            return
-        spec = self.spec.with_loops(loops) if loops is not None else self.spec
-        saved = self.applications, config.num_hidden_layers
-        self.applications = self._applications(spec, grad_loops if torch.is_grad_enabled() else None)
-        config.num_hidden_layers = spec.effective_depth
-        try:
-            yield
-        finally:
-            self.applications, config.num_hidden_layers = saved
-
-    def __iter__(self) -> Iterator[LayerApplication]:
-        return iter(self.applications)
-
-    def __len__(self) -> int:
-        return len(self.applications)
-
-    def __getitem__(self, index: int | slice) -> Any:
-        return self.applications[index]
-
-    def __repr__(self) -> str:
-        return nn.Module.__repr__(self)  # the stored layers, not D application lines
-
-    def extra_repr(self) -> str:
-        update = f", update={self.update}, anchor={self.anchor}" if self.update != "plain" else ""
-        return f"spec={self.spec}{update}"
-
-
-class LoopedCausalLM:
-    """Put in front of a looped Hugging Face model's own class by surgery (the class keeps its name, so
-    ``save_pretrained`` records the same architecture): ``forward`` and ``generate`` take ``loops=`` (a loop
-    override, as :class:`~loopreg.model.LoopedLM` has it) and ``forward`` takes ``grad_loops=`` (truncated
-    backprop through the thinking block). Both travel per call, e.g. in a Composer batch.
-
-    >>> # retrofit.generate(input_ids, max_new_tokens=8, loops=3)
-    """
-
-    def forward(self, *args: Any, loops: int | Sequence[int] | None = None, grad_loops: int | None = None,
-                **kwargs: Any) -> Any:
-        with self._running(loops, grad_loops):
-            return super().forward(*args, **kwargs)
-
-    def generate(self, *args: Any, loops: int | Sequence[int] | None = None, **kwargs: Any) -> Any:
-        with self._running(loops, None):
-            return super().generate(*args, **kwargs)
-
-    def _running(self, loops: int | Sequence[int] | torch.Tensor | None,
-                 grad_loops: int | torch.Tensor | None) -> contextlib.AbstractContextManager:
-        loops, grad_loops = batch_option(loops), batch_option(grad_loops)  # as RandomLoops puts them in a batch
-        layers = get_layers(self)
-        if isinstance(layers, LoopedLayers):
-            return layers.running(self.config, loops, grad_loops)
-        if loops is not None or grad_loops is not None:
-            raise ValueError(f"loop override loops={loops!r}, grad_loops={grad_loops!r} needs a tied looped model; "
-                             f"this one is untied ('{getattr(self.config, SPEC_KEY, None)}'): snap it first")
-        return contextlib.nullcontext()
-
-
-class _LoopedClasses:
-    """Where the looped variant of each HF class lives, e.g. ``_LOOPED.LlamaForCausalLM``: made once per
-    class and found again by name (transformers exports every causal-LM class), so looped models pickle."""
-
-    def __getattr__(self, name: str) -> type:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        import transformers
-
-        return looped_class(getattr(transformers, name))
-
-
-_LOOPED = _LoopedClasses()
-_LOOPED_BY_BASE: dict[type, type] = {}
-
-
-def looped_class(base: type) -> type:
-    """The subclass of ``base`` with :class:`LoopedCausalLM` in front (the same one on every call)."""
-    if issubclass(base, LoopedCausalLM):
-        return base
-    if base not in _LOOPED_BY_BASE:
-        _LOOPED_BY_BASE[base] = type(base.__name__, (LoopedCausalLM, base), {
-            "__module__": __name__, "__qualname__": f"_LOOPED.{base.__name__}", "__doc__": base.__doc__,
-            "forward": _forward_with_signature(base)})
-    return _LOOPED_BY_BASE[base]
-
-
-def _forward_with_signature(base: type) -> Callable:
-    """:meth:`LoopedCausalLM.forward` showing ``base.forward``'s parameters plus ``loops``/``grad_loops``:
-    Composer's ``HuggingFaceModel`` passes the batch keys that the forward's signature names."""
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return LoopedCausalLM.forward(self, *args, **kwargs)
-
-    parameters = list(inspect.signature(base.forward).parameters.values())
-    variadic = [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("loops", "grad_loops")]
-    forward.__signature__ = inspect.Signature([p for p in parameters if p not in variadic] + extra + variadic)
-    forward.__doc__ = base.forward.__doc__
-    return forward
 
 
 def looped_spec(model: nn.Module) -> LoopSpec | None:
@@ -396,6 +189,7 @@ def _relayout_hf(model: nn.Module, adapter: Adapter, distinct: list[nn.Module], 
     setattr(config, TIED_KEY, plan.tied)
     setattr(config, UPDATE_KEY, update)
     setattr(config, ANCHOR_KEY, anchor)
+    setattr(config, LOOPS_KEY, None)  # recorded, so from_pretrained(..., loopreg_loops=L) can set it
     _mark_layer_units(model, type(distinct[0]))
 
 
@@ -416,28 +210,19 @@ def _mark_layer_units(model: nn.Module, layer_class: type) -> None:
 
 
 def load_looped(folder: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
-    """Load a Hugging Face folder (or hub id) and rebuild the looped structure its config records
-    (``loopreg_spec``/``loopreg_tied``, written by surgery); a plain checkpoint loads as is.
+    """Load a Hugging Face folder (or hub id); a looped one (its config records ``loopreg_spec``, written by
+    surgery) loads as the looped variant of its class, built from the config as the folder's remote code builds
+    it (:class:`~loopreg.looped_hf.LoopedCausalLM`: tied, the stored layers only); a plain checkpoint loads as is.
+    ``from_pretrained_kwargs`` go to ``from_pretrained``, config keys included (``loopreg_loops=4``).
 
     >>> # load_looped("runs/smollm2_middle")  # LlamaForCausalLM with 12 stored layers, depth 24
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = AutoConfig.from_pretrained(folder)
-    spec_text = getattr(config, SPEC_KEY, None)
-    if spec_text is None or not getattr(config, TIED_KEY, True):
-        # Plain, or untied: the checkpoint already has one layer per application.
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, **from_pretrained_kwargs)
-        if spec_text is not None:
-            model.__class__ = looped_class(type(model))  # loops= gets the one-line "untied" error
-            _mark_layer_units(model, type(stored_layers(model)[0]))
-        return model
-    spec = LoopSpec.parse(spec_text)
-    first_application = [group[0] for group in spec.tie_groups]
-    config.num_hidden_layers = spec.distinct_layers  # what the checkpoint stores
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[slot] for slot in first_application]
-    model = AutoModelForCausalLM.from_pretrained(folder, config=config, **from_pretrained_kwargs)
-    identity = ",".join(f"{b.offset}-{b.offset + b.size - 1}" for b in spec.blocks)
-    return loop_surgery(model, spec, layers=identity, update=getattr(config, UPDATE_KEY, "plain"),
-                        anchor=getattr(config, ANCHOR_KEY, 0.0))
+    if getattr(config, SPEC_KEY, None) is None:
+        return AutoModelForCausalLM.from_pretrained(folder, config=config, **from_pretrained_kwargs)
+    model = looped_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]).from_pretrained(folder, **from_pretrained_kwargs)
+    _mark_layer_units(model, type(stored_layers(model)[0]))
+    return model

@@ -21,9 +21,10 @@ from torch import nn
 
 from loopreg.errors import UserError
 from loopreg.folders import write_model_folder
+from loopreg.looped_hf import RETROFIT_KEYS
 from loopreg.model import LoopedLM
 from loopreg.surgery.adapters import ADAPTERS, find_adapter, get_layers, unwrap
-from loopreg.surgery.core import SPEC_KEY, TIED_KEY
+from loopreg.surgery.core import SPEC_KEY
 
 __all__ = ["export_unrolled", "unrolled_model", "cli_main"]
 
@@ -66,7 +67,7 @@ def _unrolled_layer_state(stack: list[Any], prefix: str,
 def _hf_config_and_state(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
     adapter = find_adapter(model)
     config = copy.deepcopy(model.config)
-    for key in (SPEC_KEY, TIED_KEY):
+    for key in (*RETROFIT_KEYS, "auto_map"):  # a plain checkpoint: no loops, no remote code
         if hasattr(config, key):
             delattr(config, key)
     state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith(adapter.layers + ".")}

@@ -1,0 +1,258 @@
+"""Tied Hugging Face retrofits in plain transformers (issue #16): a folder that loopreg writes loads with
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` where loopreg cannot be imported, tied (the
+distinct parameters only, no missing or re-initialised keys), with loopreg's logits and greedy tokens bit for bit,
+KV-cached generation equal to uncached, at the saved loop count, ``loops=`` per call and ``loopreg_loops`` in the
+config, on a left-padded batch. Plus: untied retrofits keep the one-line "snap it first" error, the surgery CLI's
+folder carries the code, a plain model's folder gets none."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+from loopreg.folders import write_model_folder
+from loopreg.remote_code import attach_remote_code
+from loopreg.surgery import loop_surgery
+from loopreg.surgery.core import distinct_param_count, load_looped
+from loopreg.surgery.export import unrolled_model
+
+from .conftest import run_cli, run_without_loopreg
+
+VOCAB, LAYERS, PAD = 96, 6, 0
+TOKENS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
+LLAMA_LIKE = dict(num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, **TOKENS)
+# Qwen2 and Mistral with sliding windows shorter than the prompts; Qwen2 mixes sliding and full layers.
+BUILDERS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**LLAMA_LIKE)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=LAYERS, n_embd=32, n_head=4, n_positions=64, **TOKENS)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA_LIKE, use_sliding_window=True, sliding_window=4,
+                                                  max_window_layers=3)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**LLAMA_LIKE, sliding_window=4)),
+    "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=64,
+                                                         num_attention_heads=4, **TOKENS)),
+}
+SPEC = "1x1+2x3+1x1"  # 4 distinct layers from the 6, the middle two looped 3 times: depth 8
+CALL_LOOPS, CONFIG_LOOPS = 2, 4
+REMOTE_FILES = {"looped_hf.py", "model.py", "spec.py", "update_rules.py"}
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of 9 tokens, the first left-padded by 3."""
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = PAD, 0
+    return ids, mask
+
+
+def save_retrofit(model: torch.nn.Module, folder) -> None:
+    """Save as loopreg does. ``write_model_folder`` attaches the remote code itself once the tiedlm branch is merged;
+    until then it is attached here (twice is harmless: the same files, the same ``auto_map``)."""
+    write_model_folder(model, folder)
+    attach_remote_code(folder, model)
+
+
+@pytest.fixture(scope="module")
+def retrofits(tmp_path_factory) -> dict:
+    """family → folder of its tied retrofit (``SPEC``), and ``llama_untied``."""
+    root = tmp_path_factory.mktemp("retrofits")
+    folders = {}
+    for family, build in BUILDERS.items():
+        torch.manual_seed(0)
+        save_retrofit(loop_surgery(build().eval(), SPEC), root / family)
+        folders[family] = root / family
+    torch.manual_seed(0)
+    save_retrofit(loop_surgery(BUILDERS["llama"]().eval(), SPEC, tied=False), root / "llama_untied")
+    folders["llama_untied"] = root / "llama_untied"
+    return folders
+
+
+# Runs without loopreg: loads the folder through its remote code, twice (as saved, and with loopreg_loops set by a
+# from_pretrained keyword), and records what the test compares with loopreg's own loader.
+REMOTE_SCRIPT = """
+import torch
+from transformers import AutoModelForCausalLM
+
+torch.set_num_threads(1)
+folder, inputs, out, call_loops, config_loops = {args!r}
+ids, mask = torch.load(inputs)
+model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+configured = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, loopreg_loops=config_loops)
+
+
+def greedy(model, use_cache, **loops):
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                            use_cache=use_cache, pad_token_id=0, **loops)
+    return tokens[:, ids.shape[1]:]
+
+
+results = dict(cls=f"{{type(model).__module__}}.{{type(model).__name__}}", info=info,
+               params=sum(p.numel() for p in model.parameters()), depth=model.config.num_hidden_layers)
+with torch.no_grad():
+    runs = [("saved", model, {{}}), ("call", model, {{"loops": call_loops}}), ("config", configured, {{}}),
+            ("call_over_config", configured, {{"loops": call_loops}})]
+    for name, runner, loops in runs:
+        runner.eval()
+        try:
+            output = runner(ids, attention_mask=mask, use_cache=True, **loops)
+        except ValueError as error:
+            results[name] = str(error)
+            continue
+        results[name] = dict(logits=output.logits, slots=len(output.past_key_values),
+                             cached=greedy(runner, True, **loops), uncached=greedy(runner, False, **loops))
+torch.save(results, out)
+"""
+
+
+def load_without_loopreg(folder, tmp_path) -> tuple[dict, str]:
+    """``REMOTE_SCRIPT``'s results on ``folder`` and its stderr."""
+    inputs, out = tmp_path / "inputs.pt", tmp_path / "remote.pt"
+    torch.save(left_padded_batch(), inputs)
+    script = REMOTE_SCRIPT.format(args=(str(folder), str(inputs), str(out), CALL_LOOPS, CONFIG_LOOPS))
+    ran = run_without_loopreg(script, {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "OMP_NUM_THREADS": "1"})
+    return torch.load(out), ran.stderr
+
+
+def greedy(model, ids, mask, **options) -> torch.Tensor:
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                            pad_token_id=PAD, **options)
+    return tokens[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+@torch.no_grad()
+def test_tied_retrofit_loads_tied_in_plain_transformers(retrofits, family, tmp_path):
+    remote, stderr = load_without_loopreg(retrofits[family], tmp_path)
+    reference = load_looped(retrofits[family]).eval()
+    base = type(reference).__mro__[2].__name__  # looped class, LoopedCausalLM, the family's own class
+    assert remote["cls"].startswith("transformers_modules.") and remote["cls"].endswith(f".looped_hf.{base}")
+    assert remote["info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    assert "newly initialized" not in stderr
+    assert remote["depth"] == 8
+    # Tied: the distinct parameters, two layers fewer than the unrolled model (8 applications of 4 layers).
+    assert remote["params"] == distinct_param_count(reference) < distinct_param_count(unrolled_model(reference))
+
+    ids, mask = left_padded_batch()
+    for name, loops, slots in [("saved", None, 8), ("call", CALL_LOOPS, 6), ("config", CONFIG_LOOPS, 10),
+                               ("call_over_config", CALL_LOOPS, 6)]:
+        got = remote[name]
+        assert torch.equal(got["logits"], reference(ids, attention_mask=mask, loops=loops).logits), name
+        assert got["slots"] == slots, name  # one KV-cache slot per layer application
+        expected = greedy(reference, ids, mask, loops=loops)
+        assert torch.equal(got["cached"], expected) and torch.equal(got["uncached"], expected), name
+    assert not torch.equal(remote["saved"]["logits"], remote["call"]["logits"])  # the loop count is in effect
+
+
+@pytest.mark.parametrize("loops", [None, CALL_LOOPS, CONFIG_LOOPS])
+@torch.no_grad()
+def test_preallocated_caches_follow_the_loop_count(retrofits, loops):
+    """Static caches are sized by the config's ``num_hidden_layers`` and (hybrid: sliding windows) ``layer_types``,
+    which follow the loop count while it runs."""
+    model = load_looped(retrofits["qwen2"]).eval()
+    ids, mask = left_padded_batch()
+    expected = greedy(model, ids, mask, loops=loops, use_cache=False)
+    for cache in ("static", "hybrid"):
+        assert torch.equal(greedy(model, ids, mask, loops=loops, cache_implementation=cache), expected), cache
+
+
+@torch.no_grad()
+def test_untied_retrofit_loads_unrolled_and_refuses_loops(retrofits, tmp_path):
+    folder = retrofits["llama_untied"]
+    remote, _ = load_without_loopreg(folder, tmp_path)
+    reference = load_looped(folder).eval()
+    ids, mask = left_padded_batch()
+    assert remote["params"] == distinct_param_count(reference)  # one layer per application, as stored
+    assert torch.equal(remote["saved"]["logits"], reference(ids, attention_mask=mask).logits)
+    assert torch.equal(remote["saved"]["cached"], greedy(reference, ids, mask))
+    with pytest.raises(ValueError) as error:
+        reference(ids, loops=CALL_LOOPS)
+    assert remote["call"] == str(error.value) and str(error.value).endswith(f"('{SPEC}'): snap it first")
+    assert remote["call_over_config"] == remote["call"]
+    assert remote["config"] == remote["call"].replace(f"loops={CALL_LOOPS}", f"loops={CONFIG_LOOPS}")  # refused alike
+
+
+def test_load_looped_takes_config_keywords(retrofits):
+    model = load_looped(retrofits["llama"], loopreg_loops=CONFIG_LOOPS)
+    assert model.config.loopreg_loops == CONFIG_LOOPS
+    assert json.loads((retrofits["llama"] / "config.json").read_text())["loopreg_loops"] is None
+
+
+# lm-eval's own `hf` model on a retrofit folder, without loopreg: the loop count is a model_args key.
+LMEVAL_SCRIPT = """
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+torch.set_num_threads(1)
+folder, out, requests, loops = {args!r}
+lm = HFLM(pretrained=folder, trust_remote_code=True, loopreg_loops=loops, device="cpu", batch_size=2)
+scores = lm.loglikelihood([Instance("loglikelihood", {{}}, request, index) for index, request in enumerate(requests)])
+torch.save(dict(scores=scores, params=sum(p.numel() for p in lm.model.parameters())), out)
+"""
+LMEVAL_REQUESTS = [("the looped", " model applies"), ("a block", " again and again")]
+
+
+def test_lm_eval_hf_model_runs_a_retrofit_at_a_config_loop_count(source, tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from loopreg.surgery.sources import load_source, load_source_tokenizer
+
+    folder, out = tmp_path / "retrofit", tmp_path / "lmeval.pt"
+    save_retrofit(loop_surgery(load_source(source), SPEC), folder)
+    load_source_tokenizer(source).save_pretrained(folder)
+    script = LMEVAL_SCRIPT.format(args=(str(folder), str(out), LMEVAL_REQUESTS, CONFIG_LOOPS))
+    run_without_loopreg(script, {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "OMP_NUM_THREADS": "1"})
+    remote = torch.load(out)
+    requests = [Instance("loglikelihood", {}, request, index) for index, request in enumerate(LMEVAL_REQUESTS)]
+    for loops, equal in [(CONFIG_LOOPS, True), (None, False)]:
+        reference = load_looped(folder, loopreg_loops=loops)
+        lm = HFLM(pretrained=reference, tokenizer=load_source_tokenizer(source), device="cpu", batch_size=2)
+        assert (lm.loglikelihood(requests) == remote["scores"]) is equal, loops
+    assert remote["params"] == distinct_param_count(reference)
+
+
+def _writer_attaches_remote_code() -> bool:
+    return "attach_remote_code" in inspect.getsource(write_model_folder)
+
+
+@pytest.mark.skipif(not _writer_attaches_remote_code(),
+                    reason="write_model_folder attaches remote code once the tiedlm branch is merged")
+def test_cli_surgery_folder_carries_remote_code_and_export_none(source, tmp_path, capsys):
+    looped, unrolled = tmp_path / "looped", tmp_path / "unrolled"
+    status, _, err = run_cli(["surgery", str(source), "--spec", SPEC, "--out", str(looped)], capsys)
+    assert status == 0, err
+    assert REMOTE_FILES <= {path.name for path in looped.iterdir()}
+    config = json.loads((looped / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "looped_hf.LlamaForCausalLM"}
+    status, _, err = run_cli(["export", str(looped), "--unroll", "--out", str(unrolled)], capsys)
+    assert status == 0, err
+    assert not list(unrolled.glob("*.py"))
+    assert not any(key.startswith("loopreg_") or key == "auto_map"
+                   for key in json.loads((unrolled / "config.json").read_text()))
+
+
+def test_plain_model_folder_gets_no_remote_code(tmp_path):
+    torch.manual_seed(0)
+    plain = BUILDERS["llama"]()
+    plain.save_pretrained(tmp_path)
+    attach_remote_code(tmp_path, plain)
+    assert not list(tmp_path.glob("*.py")) and "auto_map" not in json.loads((tmp_path / "config.json").read_text())
+
+
+@torch.no_grad()
+def test_remote_classes_are_the_looped_classes_by_name(retrofits):
+    import loopreg.looped_hf as looped_hf
+
+    model = load_looped(retrofits["qwen2"])
+    assert looped_hf.Qwen2ForCausalLM is type(model) and type(model).__qualname__ == "Qwen2ForCausalLM"
+    with pytest.raises(AttributeError, match="has no attribute 'Tensor'"):
+        looped_hf.Tensor  # noqa: B018 - not a model class
