@@ -41,13 +41,8 @@ def as_hf_model(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, LoopedLM):
         return model
-    try:
-        from loopreg.modeling_loopreg import LoopregForCausalLM
-    except ModuleNotFoundError as err:
-        if err.name != "loopreg.modeling_loopreg":
-            raise
-        raise ModuleNotFoundError("lm-eval on a LoopedLM needs loopreg.modeling_loopreg (LoopregForCausalLM), "
-                                  "which this loopreg install lacks", name=err.name) from None
+    from loopreg.modeling_loopreg import LoopregForCausalLM
+
     return LoopregForCausalLM.from_looped(model)
 
 

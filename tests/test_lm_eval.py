@@ -343,19 +343,9 @@ def test_a_loopreg_folder_tokenizer_encodes_as_the_harness(tmp_path):
     assert (tokenizer.eos_token_id, tokenizer.bos_token_id) == (generator.tokens.eos_id, generator.tokens.bos_id)
 
 
-def test_a_looped_lm_without_its_hf_wrapper_is_a_clear_error(tmp_path, monkeypatch):
-    from loopreg.evals.lm_eval_model import as_hf_model
-
-    monkeypatch.setitem(sys.modules, "loopreg.modeling_loopreg", None)
-    model = load_source(_looped_lm_folder(tmp_path / "model"))
-    with pytest.raises(ModuleNotFoundError, match=r"needs loopreg\.modeling_loopreg \(LoopregForCausalLM\)"):
-        as_hf_model(model)
-
-
 def test_looped_lm_folder_loglikelihood_equals_its_forward(tmp_path):
     """Through ``LoopregForCausalLM`` (HF cache and mask handling, which may take other kernels than LoopedLM's own
     forward): equal to float32 rounding."""
-    pytest.importorskip("loopreg.modeling_loopreg")
     from lm_eval.api.instance import Instance
 
     folder = _looped_lm_folder(tmp_path / "model")

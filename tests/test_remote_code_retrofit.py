@@ -7,7 +7,6 @@ folder carries the code, a plain model's folder gets none."""
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
@@ -53,10 +52,8 @@ def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def save_retrofit(model: torch.nn.Module, folder) -> None:
-    """Save as loopreg does. ``write_model_folder`` attaches the remote code itself once the tiedlm branch is merged;
-    until then it is attached here (twice is harmless: the same files, the same ``auto_map``)."""
+    """Save as loopreg does: ``write_model_folder`` attaches the remote code."""
     write_model_folder(model, folder)
-    attach_remote_code(folder, model)
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +217,6 @@ def test_lm_eval_hf_model_runs_a_retrofit_at_a_config_loop_count(source, tmp_pat
     assert remote["params"] == distinct_param_count(reference)
 
 
-def _writer_attaches_remote_code() -> bool:
-    return "attach_remote_code" in inspect.getsource(write_model_folder)
-
-
-@pytest.mark.skipif(not _writer_attaches_remote_code(),
-                    reason="write_model_folder attaches remote code once the tiedlm branch is merged")
 def test_cli_surgery_folder_carries_remote_code_and_export_none(source, tmp_path, capsys):
     looped, unrolled = tmp_path / "looped", tmp_path / "unrolled"
     status, _, err = run_cli(["surgery", str(source), "--spec", SPEC, "--out", str(looped)], capsys)
