@@ -12,6 +12,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from loopreg.adaptive import ExitRule, ExitStats
 from loopreg.model import LoopedLM, LoopedLMConfig
+from loopreg.modeling_loopreg import LoopregForCausalLM
 from loopreg.surgery import loop_surgery
 
 SPEC, LOOPS = "1x1+2x4+1x1", 4  # the thinking block: stored layers 1-2, applied 4 times
@@ -104,6 +105,7 @@ def test_threshold_zero_is_the_fixed_loop_output(kind, criterion):
         assert torch.equal(logits(model, ids, cached, exit=rule, exit_stats=stats), logits(model, ids, cached))
         assert stats.as_dict() == {"tokens": ids.numel(), "mean_loops": LOOPS, "executed_loops": LOOPS,
                                    "max_loops": LOOPS}
+    assert torch.equal(logits(model, ids, exit=rule, loops=6), logits(model, ids, loops=6))  # a loop override too
     fixed = generate(model, ids)
     assert torch.equal(generate(model, ids, exit=rule), fixed)
     assert torch.equal(generate(model, ids, use_cache=False, exit=rule), fixed)
@@ -193,6 +195,16 @@ def test_left_padding_neither_holds_the_batch_nor_counts():
     with torch.no_grad():
         model(ids, attention_mask=mask, exit="latent:1e-6", exit_stats=stats)
     assert stats.as_dict() == {"tokens": 11, "mean_loops": 1.0, "executed_loops": 1.0, "max_loops": LOOPS}
+
+
+def test_the_transformers_wrapper_passes_the_exit_keywords_through():
+    model, ids, rule = looped_lm(), prompt(), PARTIAL["looped"][0]
+    wrapper = LoopregForCausalLM.from_looped(model).eval()
+    ours, theirs = ExitStats(), ExitStats()
+    for kv_policy in ("per_application", "shared"):
+        expected = model.generate(ids, 6, exit=rule, kv_policy=kv_policy, exit_stats=ours)
+        assert torch.equal(generate(wrapper, ids, exit=rule, kv_policy=kv_policy, exit_stats=theirs), expected)
+    assert theirs.as_dict() == ours.as_dict() and ours.mean_loops < LOOPS
 
 
 # ------------------------------------------------------------------ the compute saved
