@@ -34,7 +34,11 @@ __all__ = ["TextGenerator", "evaluate", "truncate_at_stop"]
 
 
 class TextGenerator(Protocol):
-    """What :func:`evaluate` needs from a model: greedy completions, one per prompt, in order."""
+    """What :func:`evaluate` needs from a model: greedy completions, one per prompt, in order.
+
+    A generator may also define ``prompt_length(prompt) -> int`` (its token count); :func:`evaluate` then
+    batches a task's prompts longest first, as lm-eval does, so each batch pads less.
+    """
 
     def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]: ...
 
@@ -112,6 +116,9 @@ def _run_task(generator: TextGenerator, spec: TaskSpec, prompted: list[tuple[Eva
     requests = [_request_digest(prompt, spec) for _, prompt in prompted]
     predictions = {ex.id: sidecar.reusable(spec.name, ex, request) for (ex, _), request in zip(prompted, requests)}
     todo = [(ex, prompt, request) for (ex, prompt), request in zip(prompted, requests) if predictions[ex.id] is None]
+    prompt_length = getattr(generator, "prompt_length", None)
+    if prompt_length is not None:  # lm-eval's order (longest first, ties by prompt): similar lengths share a batch
+        todo.sort(key=lambda item: (-prompt_length(item[1]), item[1]))
     bar = progress.add_task(spec.name, total=len(prompted), completed=len(prompted) - len(todo))
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]

@@ -1,4 +1,5 @@
-"""Model-side eval: batched left-padded greedy generation equals one-by-one generation; the CLI end to end."""
+"""Model-side eval: batched left-padded greedy generation equals one-by-one generation; the HF generator's
+token counts and cached stop criteria; the CLI end to end."""
 
 import json
 import string
@@ -9,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loopreg import LoopedLM, LoopedLMConfig
 from loopreg.data.synthetic import char_tokenizer
 from loopreg.evals.models import ModelGenerator, model_info
+from tests.conftest import tiny_llama
 
 VOCAB = string.ascii_lowercase + string.digits + " =?,\n()"
 
@@ -74,3 +77,21 @@ def test_eval_cli_loop_sweep_and_report(tmp_path):
     assert "model@loops2" in (tmp_path / "t.md").read_text()
     bad = run("eval", str(folder), "--tasks", "nope", "--out", str(out))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nope" in bad.stderr
+
+
+def test_hf_generator_counts_tokens_and_stops_like_stop_strings(tmp_path: Path) -> None:
+    folder = tiny_llama(tmp_path / "llama")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.eos_token
+    generator = ModelGenerator(model, tokenizer)
+    prompts = ["a=1, b=2, b=? ", "c=9, c=? "]
+    assert [generator.prompt_length(p) for p in prompts] == [len(tokenizer(p)["input_ids"]) for p in prompts]
+    free = generator.generate(prompts, max_new_tokens=12, stop=[])
+    stop = [next(c for c in free[0][1:] if c.isascii() and c.isalnum())]  # produced, so generation stops early
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
+    reference = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, stop_strings=stop, tokenizer=tokenizer)
+    reference = [tokenizer.decode(row, skip_special_tokens=True) for row in reference[:, batch["input_ids"].shape[1]:]]
+    for _ in range(2):  # the second call reuses the criteria built by the first
+        assert generator.generate(prompts, max_new_tokens=12, stop=stop) == reference
+    assert len(reference[0]) < len(free[0]) and free[0].startswith(reference[0])

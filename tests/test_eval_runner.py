@@ -131,3 +131,46 @@ def test_generator_returning_the_wrong_count_is_an_error(data_dir: Path) -> None
 
     with pytest.raises(ValueError, match="returned 0 completions for 10 prompts"):
         evaluate(Silent(), [toy_task("qa")], data_dir, batch_size=10, progress=False, groups=GROUPS)
+
+
+class CountingGold(GoldForEvenItems):
+    """:class:`GoldForEvenItems` that counts a prompt's length in characters and records its batches."""
+
+    def __init__(self, prompted: list[tuple[Any, str]], fail_after_calls: int | None = None):
+        super().__init__(prompted, fail_after_calls)
+        self.batches: list[list[str]] = []
+
+    def prompt_length(self, prompt: str) -> int:
+        return len(prompt)
+
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]:
+        completions = super().generate(prompts, max_new_tokens, stop)
+        self.batches.append(prompts)
+        return completions
+
+
+def test_batches_are_longest_first_and_scores_unchanged(data_dir: Path) -> None:
+    spec = toy_task("qa")
+    prompted = task_prompts(spec, data_dir)
+    assert len({len(prompt) for _, prompt in prompted}) > 1  # the shots' answers give the prompts different lengths
+    counting, plain = CountingGold(prompted), GoldForEvenItems(prompted)
+    sorted_run = evaluate(counting, [spec], data_dir, batch_size=3, progress=False, groups=GROUPS)
+    file_order_run = evaluate(plain, [spec], data_dir, batch_size=3, progress=False, groups=GROUPS)
+    expected = sorted((prompt for _, prompt in prompted), key=lambda prompt: (-len(prompt), prompt))
+    assert counting.batches == [expected[i:i + 3] for i in range(0, 10, 3)]
+    assert plain.prompts_seen == [prompt for _, prompt in prompted]  # no prompt_length: file order
+    assert sorted_run["tasks"] == file_order_run["tasks"]
+
+
+def test_a_resumed_sorted_run_generates_only_the_rest(data_dir: Path, tmp_path: Path) -> None:
+    spec = toy_task("qa")
+    prompted = task_prompts(spec, data_dir)
+    sidecar = tmp_path / "predictions.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(CountingGold(prompted, fail_after_calls=2), [spec], data_dir, batch_size=3, sidecar_path=sidecar,
+                 progress=False, groups=GROUPS)
+    resumed = CountingGold(prompted)
+    results = evaluate(resumed, [spec], data_dir, batch_size=3, sidecar_path=sidecar, progress=False, groups=GROUPS)
+    expected = sorted((prompt for _, prompt in prompted), key=lambda prompt: (-len(prompt), prompt))
+    assert resumed.prompts_seen == expected[6:]
+    assert (results["tasks"]["qa"]["score"], results["tasks"]["qa"]["n"]) == (0.5, 10)
