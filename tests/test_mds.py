@@ -57,7 +57,7 @@ def test_prepare_packs_documents_with_eos_and_records_what_it_wrote(shards: Path
     assert (meta["sequences"], meta["tokens"], meta["seq_len"]) == (2000, 2000 * SEQ_LEN, SEQ_LEN)
     assert meta["shards"] == len(index["shards"]) and sum(s["samples"] for s in index["shards"]) == 2000
     assert index["shards"][0]["column_names"] == ["tokens"]
-    assert index["shards"][0]["column_encodings"] == [f"ndarray:uint32:{SEQ_LEN}"]
+    assert index["shards"][0]["column_encodings"] == [f"ndarray:uint16:{SEQ_LEN}"] and meta["dtype"] == "uint16"
     tokenizer = byte_level_tokenizer()
     assert meta["tokenizer"]["kind"] == "byte_level" and meta["tokenizer"]["vocab_size"] == 257
     assert meta["tokenizer"]["eos_id"] == 256
@@ -140,9 +140,9 @@ def test_workers_read_the_source_a_bounded_window_ahead():
             read.append(index)
             yield f"document {index}"
 
-    chunks = _encoded(documents(), byte_level_tokenizer().to_str(), workers=2)
+    chunks = _encoded(documents(), byte_level_tokenizer().to_str(), workers=2, dtype="uint16")
     count, tokens = next(chunks)
-    assert count == _DOCS_PER_CHUNK and tokens[-1] == 256  # EOS after each document
+    assert count == _DOCS_PER_CHUNK and tokens[-1] == 256 and tokens.dtype == np.uint16  # EOS after each document
     assert len(read) <= 5 * _DOCS_PER_CHUNK  # 2 · workers chunks in flight, not the whole source
     chunks.close()
 
@@ -163,6 +163,61 @@ def test_an_interrupted_conversion_leaves_nothing(tmp_path: Path, monkeypatch: p
     with pytest.raises(KeyboardInterrupt):
         _prepare(tmp_path / "out", "wiki_passages_train.jsonl", 100)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())  # the staging folder went too
+
+
+def _as_uint32_folder(prepared: Path, out: Path, dtype_field: bool) -> None:
+    """``prepared`` rewritten as a folder of the first format: uint32 tokens, and ``loopreg_mds.json`` with
+    ``"dtype": "uint32"`` or (older still) without the field."""
+    from streaming import MDSWriter
+
+    dataset = MDSTokens(local=str(prepared), batch_size=1)
+    with MDSWriter(columns={"tokens": f"ndarray:uint32:{SEQ_LEN}"}, out=str(out), hashes=["sha1"]) as writer:
+        for index in range(len(dataset)):
+            writer.write({"tokens": dataset[index]["input_ids"].numpy().astype(np.uint32)})
+    meta = json.loads((prepared / METADATA).read_text())
+    meta["dtype"] = "uint32"
+    if not dtype_field:
+        del meta["dtype"]
+    (out / METADATA).write_text(json.dumps(meta))
+
+
+def _shard_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("shard.*.mds"))
+
+
+@pytest.mark.parametrize("dtype_field", [True, False])
+def test_uint32_shards_of_the_first_format_still_read(shards: Path, tmp_path: Path, dtype_field: bool):
+    """A vocabulary under 65536 tokens is stored as uint16; the uint32 shards written before read the same
+    samples, and the same batches come out of the recipe's loader."""
+    from loopreg.train import build_dataloaders
+
+    new = shards / "validation"
+    _as_uint32_folder(new, tmp_path / "old", dtype_field)
+    meta = json.loads((new / METADATA).read_text())
+    assert _shard_bytes(tmp_path / "old") - _shard_bytes(new) == 2 * meta["tokens"]  # 4 bytes a token, not 2
+    old, current = MDSTokens(local=str(tmp_path / "old"), batch_size=1), MDSTokens(local=str(new), batch_size=1)
+    assert all(torch.equal(old[i]["input_ids"], current[i]["input_ids"]) for i in range(len(current)))
+
+    def batches(folder: Path) -> list[torch.Tensor]:
+        overrides = ["train_data.kind=mds", f"train_data.source={folder}", "eval_data=null", *TINY]
+        data = build_dataloaders(load_recipe(REPO / RECIPE, overrides), world_size=1, rank=0)
+        return [batch["input_ids"] for _, batch in zip(range(3), data.train)]
+
+    assert all(torch.equal(a, b) for a, b in zip(batches(tmp_path / "old"), batches(new), strict=True))
+
+
+def test_a_vocabulary_over_65536_tokens_is_stored_as_uint32(tmp_path: Path):
+    from loopreg.data.mds import token_dtype
+
+    assert (token_dtype(65536), token_dtype(65537)) == (np.dtype(np.uint16), np.dtype(np.uint32))
+    tokenizer = byte_level_tokenizer()
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(70000)])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    meta = prepare_mds(str(TEXTDATA / "wiki_passages_heldout.jsonl"), f"file:{tmp_path}/tokenizer.json", SEQ_LEN,
+                       str(tmp_path / "out"), max_tokens=4 * SEQ_LEN, progress=False)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert meta["dtype"] == "uint32" and index["shards"][0]["column_encodings"] == [f"ndarray:uint32:{SEQ_LEN}"]
+    assert MDSTokens(local=str(tmp_path / "out"), batch_size=1)[0]["input_ids"].max() < 257
 
 
 def test_compressed_shards_train(tmp_path: Path):
