@@ -328,7 +328,7 @@ def validate_shards(source: str, algorithm: str, where: str = "source") -> None:
             raise DataError(f"{where}: shard '{path}' is corrupt ({algorithm} does not match index.json)")
 
 
-def _download_failure(error: BaseException, remote: str | None, key: str | None) -> DataError:
+def _download_failure(error: BaseException, remote: str, key: str | None) -> DataError:
     """The one line for a shard that streaming could not bring into the cache. A copy that failed its hash check
     is removed: streaming would take a cached file for a good one on the next start."""
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -365,8 +365,20 @@ def mds_tokens_class() -> type:
             self.source_key = source_key
             self.download_error: BaseException | None = None
 
+        def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+            try:
+                super().prepare_shard(shard_id, blocking)
+            except Exception as error:
+                # streaming leaves the shard PREPARING, and every other worker and rank waits for it forever;
+                # LOCAL without its file sends each to fetch and check it itself, and fail alike.
+                from streaming.base.dataset import _ShardState
+
+                self._shard_states[shard_id] = _ShardState.LOCAL
+                raise _download_failure(error, self.streams[0].remote or self.streams[0].local,
+                                        self.source_key) from None
+
         def on_exception(self, future: Any) -> None:
-            # streaming's callback re-raises the thread's error, where concurrent.futures only logs it: keep it for
+            # streaming's callback re-raises its thread's error, where concurrent.futures only logs it: keep it for
             # __iter__, and set the event that stops streaming's threads and its yield loop.
             if (error := future.exception()) is not None:
                 self.download_error = self.download_error or error
@@ -375,11 +387,14 @@ def mds_tokens_class() -> type:
         def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
             try:
                 yield from super().__iter__()
+            except DataError:  # prepare_shard's, in this thread: stop streaming's threads too (they would spin on)
+                self._event.set()
+                raise
             except RuntimeError:  # "Background thread failed": streaming's word for download_error
                 if self.download_error is None:
                     raise
-            if self.download_error is not None:
-                raise _download_failure(self.download_error, self.streams[0].remote, self.source_key)
+            if self.download_error is not None:  # the epoch ended early
+                raise self.download_error
 
         def __getitem__(self, index: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
             tokens = torch.from_numpy(super().__getitem__(index)[COLUMN].astype(np.int64))
