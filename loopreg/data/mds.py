@@ -369,13 +369,13 @@ def mds_tokens_class() -> type:
             try:
                 super().prepare_shard(shard_id, blocking)
             except Exception as error:
-                # streaming leaves the shard PREPARING, and every other worker and rank waits for it forever;
-                # LOCAL without its file sends each to fetch and check it itself, and fail alike.
                 from streaming.base.dataset import _ShardState
 
+                failure = _download_failure(error, self.streams[0].remote or self.streams[0].local, self.source_key)
+                # streaming leaves the shard PREPARING, and every other worker and rank waits for it forever;
+                # LOCAL without its file (removed above: not before) sends each to fetch and check it itself.
                 self._shard_states[shard_id] = _ShardState.LOCAL
-                raise _download_failure(error, self.streams[0].remote or self.streams[0].local,
-                                        self.source_key) from None
+                raise failure from None
 
         def on_exception(self, future: Any) -> None:
             # streaming's callback re-raises its thread's error, where concurrent.futures only logs it: keep it for
