@@ -79,6 +79,7 @@ class DataSection:
     num_canonical_nodes: Optional[int] = None  # fix it to keep the sample order when the node count changes
     predownload: Optional[int] = None  # samples each worker downloads ahead (streaming's default when null)
     validate_hash: Optional[str] = None  # e.g. sha1: check every shard against index.json before reading
+    cache_limit: Optional[str] = None  # e.g. 10gb: a remote source's cache evicts the coldest shards to stay under it
 
 
 @dataclass

@@ -108,6 +108,9 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
         _check_checkpoints(recipe)
     reproducibility.seed_all(recipe.seed)
     pretrained = load_pretrained(recipe.model.pretrained) if recipe.model.pretrained else None
+    # The process group first, as the Trainer would: a StreamingDataset built without one makes and destroys its
+    # own on MASTER_PORT, and a rank that starts the next one before rank 0 has torn down the last hangs.
+    dist.initialize_dist(device)
     data = build_dataloaders(recipe, dist.get_world_size(), dist.get_global_rank(), pretrained)
     algorithms = [_build(ALGORITHMS, name, kwargs, f"algorithms.{name}") for name, kwargs in recipe.algorithms.items()]
     # An algorithm that trains its own kind of student (CoTDistillation) builds it, before the optimizer: its

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_prepare_packs_documents_with_eos_and_records_what_it_wrote(shards: Path
     assert (meta["sequences"], meta["tokens"], meta["seq_len"]) == (2000, 2000 * SEQ_LEN, SEQ_LEN)
     assert meta["shards"] == len(index["shards"]) and sum(s["samples"] for s in index["shards"]) == 2000
     assert index["shards"][0]["column_names"] == ["tokens"]
-    assert index["shards"][0]["column_encodings"] == [f"ndarray:uint32:{SEQ_LEN}"]
+    assert index["shards"][0]["column_encodings"] == [f"ndarray:uint16:{SEQ_LEN}"] and meta["dtype"] == "uint16"
     tokenizer = byte_level_tokenizer()
     assert meta["tokenizer"]["kind"] == "byte_level" and meta["tokenizer"]["vocab_size"] == 257
     assert meta["tokenizer"]["eos_id"] == 256
@@ -140,9 +141,9 @@ def test_workers_read_the_source_a_bounded_window_ahead():
             read.append(index)
             yield f"document {index}"
 
-    chunks = _encoded(documents(), byte_level_tokenizer().to_str(), workers=2)
+    chunks = _encoded(documents(), byte_level_tokenizer().to_str(), workers=2, dtype="uint16")
     count, tokens = next(chunks)
-    assert count == _DOCS_PER_CHUNK and tokens[-1] == 256  # EOS after each document
+    assert count == _DOCS_PER_CHUNK and tokens[-1] == 256 and tokens.dtype == np.uint16  # EOS after each document
     assert len(read) <= 5 * _DOCS_PER_CHUNK  # 2 · workers chunks in flight, not the whole source
     chunks.close()
 
@@ -163,6 +164,61 @@ def test_an_interrupted_conversion_leaves_nothing(tmp_path: Path, monkeypatch: p
     with pytest.raises(KeyboardInterrupt):
         _prepare(tmp_path / "out", "wiki_passages_train.jsonl", 100)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())  # the staging folder went too
+
+
+def _as_uint32_folder(prepared: Path, out: Path, dtype_field: bool) -> None:
+    """``prepared`` rewritten as a folder of the first format: uint32 tokens, and ``loopreg_mds.json`` with
+    ``"dtype": "uint32"`` or (older still) without the field."""
+    from streaming import MDSWriter
+
+    dataset = MDSTokens(local=str(prepared), batch_size=1)
+    with MDSWriter(columns={"tokens": f"ndarray:uint32:{SEQ_LEN}"}, out=str(out), hashes=["sha1"]) as writer:
+        for index in range(len(dataset)):
+            writer.write({"tokens": dataset[index]["input_ids"].numpy().astype(np.uint32)})
+    meta = json.loads((prepared / METADATA).read_text())
+    meta["dtype"] = "uint32"
+    if not dtype_field:
+        del meta["dtype"]
+    (out / METADATA).write_text(json.dumps(meta))
+
+
+def _shard_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("shard.*.mds"))
+
+
+@pytest.mark.parametrize("dtype_field", [True, False])
+def test_uint32_shards_of_the_first_format_still_read(shards: Path, tmp_path: Path, dtype_field: bool):
+    """A vocabulary under 65536 tokens is stored as uint16; the uint32 shards written before read the same
+    samples, and the same batches come out of the recipe's loader."""
+    from loopreg.train import build_dataloaders
+
+    new = shards / "validation"
+    _as_uint32_folder(new, tmp_path / "old", dtype_field)
+    meta = json.loads((new / METADATA).read_text())
+    assert _shard_bytes(tmp_path / "old") - _shard_bytes(new) == 2 * meta["tokens"]  # 4 bytes a token, not 2
+    old, current = MDSTokens(local=str(tmp_path / "old"), batch_size=1), MDSTokens(local=str(new), batch_size=1)
+    assert all(torch.equal(old[i]["input_ids"], current[i]["input_ids"]) for i in range(len(current)))
+
+    def batches(folder: Path) -> list[torch.Tensor]:
+        overrides = ["train_data.kind=mds", f"train_data.source={folder}", "eval_data=null", *TINY]
+        data = build_dataloaders(load_recipe(REPO / RECIPE, overrides), world_size=1, rank=0)
+        return [batch["input_ids"] for _, batch in zip(range(3), data.train)]
+
+    assert all(torch.equal(a, b) for a, b in zip(batches(tmp_path / "old"), batches(new), strict=True))
+
+
+def test_a_vocabulary_over_65536_tokens_is_stored_as_uint32(tmp_path: Path):
+    from loopreg.data.mds import token_dtype
+
+    assert (token_dtype(65536), token_dtype(65537)) == (np.dtype(np.uint16), np.dtype(np.uint32))
+    tokenizer = byte_level_tokenizer()
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(70000)])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    meta = prepare_mds(str(TEXTDATA / "wiki_passages_heldout.jsonl"), f"file:{tmp_path}/tokenizer.json", SEQ_LEN,
+                       str(tmp_path / "out"), max_tokens=4 * SEQ_LEN, progress=False)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert meta["dtype"] == "uint32" and index["shards"][0]["column_encodings"] == [f"ndarray:uint32:{SEQ_LEN}"]
+    assert MDSTokens(local=str(tmp_path / "out"), batch_size=1)[0]["input_ids"].max() < 257
 
 
 def test_compressed_shards_train(tmp_path: Path):
@@ -199,6 +255,36 @@ def test_a_remote_location_gets_its_metadata_last_and_is_read_through_a_cache(tm
     trainer.close()
     assert int(trainer.state.timestamp.batch) == 2
     assert (cache / "train" / METADATA).is_file() and list((cache / "train").glob("shard.*.mds"))
+
+
+def remote(folder: Path, cache: Path, *extra: str) -> list[str]:
+    """``folder`` read as a remote: a ``file://`` source, its shards copied into ``cache`` as from a bucket."""
+    return ["train_data.kind=mds", f"train_data.source=file://{folder}/train", f"train_data.local={cache}/train",
+            "eval_data.kind=mds", f"eval_data.source=file://{folder}/validation", f"eval_data.local={cache}/validation",
+            "eval_data.eval_size=16", *extra]
+
+
+def test_a_file_uri_is_read_through_the_cache_like_a_bucket(shards: Path, tmp_path: Path):
+    """The remote code path without a network: streaming copies the shards of a local path given as ``remote``
+    into ``local`` as it downloads a bucket's; the batches are the local source's, and a run trains on them."""
+    from loopreg.train import build_dataloaders
+
+    def batches(overrides: list[str]) -> tuple[list[torch.Tensor], object]:
+        data = build_dataloaders(load_recipe(REPO / RECIPE, [*overrides, *TINY]), world_size=1, rank=0)
+        return [batch["input_ids"] for _, batch in zip(range(3), data.train)], data.train.dataset
+
+    cached, dataset = batches(remote(shards, tmp_path / "cache", "train_data.cache_limit=10mb",
+                                     "train_data.validate_hash=sha1"))
+    assert dataset.streams[0].remote == str(shards / "train")  # the file:// URI as a plain path
+    assert dataset.streams[0].local == str(tmp_path / "cache" / "train") and dataset.cache_limit == 10 * 1024**2
+    assert list((tmp_path / "cache" / "train").glob("shard.*.mds"))
+    direct, _ = batches(mds(shards))
+    assert all(torch.equal(a, b) for a, b in zip(cached, direct, strict=True))
+    trainer = build_trainer(load_recipe(REPO / RECIPE, [*remote(shards, tmp_path / "run"), *TINY, "max_duration=3ba",
+                                                        "eval_interval=3ba", "device_train_microbatch_size=8"]))
+    trainer.fit()
+    trainer.close()
+    assert int(trainer.state.timestamp.batch) == 3 and (tmp_path / "run" / "train" / METADATA).is_file()
 
 
 # --- bad inputs: one line, exit 2 ------------------------------------------------------------------------------
@@ -238,6 +324,43 @@ def test_a_corrupt_shard_fails_the_hash_check(shards: Path, tmp_path: Path, caps
     status, _, err = _train([*mds(shards), f"train_data.source={tmp_path}/bad", "train_data.validate_hash=sha1"],
                             capsys)
     _one_line(status, err, "train_data.source", f"shard '{shard}' is corrupt")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_remote_shard_is_one_line_and_leaves_the_cache(shards: Path, tmp_path: Path, workers: int):
+    """streaming checks a downloaded shard's hash in its download thread, which only logs the failure and ends
+    the epoch early; the run stops with one line naming the shard, and the bad copy is not kept in the cache."""
+    bucket = tmp_path / "bucket"
+    shutil.copytree(shards, bucket)
+    shard = next((bucket / "train").glob("shard.*.mds"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    # in a process of its own, as a user runs it: the in-process runs before leave streaming threads behind
+    result = subprocess.run([sys.executable, "-m", "loopreg.cli", "train", str(REPO / RECIPE), *TINY,
+                             "max_duration=1ba", *remote(bucket, tmp_path / "cache"), "train_data.validate_hash=sha1",
+                             f"train_data.num_workers={workers}", "log_to_console=false"],  # no Composer banner
+                            capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    err = "".join(line + "\n" for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert result.stderr.count("Traceback") == 0, result.stderr[-3000:]
+    _one_line(result.returncode, err, "train_data.source", f"shard '{shard.name}' of '{bucket}/train' is corrupt")
+    assert not (tmp_path / "cache" / "train" / shard.name).exists()
+
+
+def test_an_unreachable_remote_is_one_line(shards: Path, tmp_path: Path, capsys):
+    status, _, err = _train(remote(tmp_path / "nowhere", tmp_path / "cache"), capsys)
+    _one_line(status, err, "train_data.source", f"cannot read 'file://{tmp_path}/nowhere/train/{METADATA}'")
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("ten_gigabytes", "train_data.cache_limit: Unsupported value/suffix ten_gigabytes"),
+    ("-1gb", "train_data.cache_limit: must be a positive size"),
+    ("1kb", "train_data.cache_limit: Cache limit (1024 bytes) is too low"),  # under four shards
+])
+def test_a_bad_cache_limit_is_one_line(shards: Path, tmp_path: Path, capsys, value: str, fragment: str):
+    status, _, err = _train([*remote(shards, tmp_path / "cache"), f"train_data.cache_limit={value}"], capsys)
+    _one_line(status, err, fragment)
 
 
 def test_shards_of_another_tokenizer_or_length_are_refused(shards: Path, tmp_path: Path, capsys):
@@ -329,12 +452,16 @@ def _equivalence_case(shards: Path) -> list[str]:
 
 
 def launched_main(spec_path: str) -> None:
-    """The two-rank side: rank 0 writes the per-step losses."""
+    """The two-rank side: rank 0 writes the per-step losses. A rank still running after ``dump_after_s`` prints
+    every thread's stack to its stderr file and exits, so a hang shows where it is."""
+    import faulthandler
+
     from composer.utils import dist
 
     from .test_multiprocess_equivalence import train
 
     spec = json.loads(Path(spec_path).read_text())
+    faulthandler.dump_traceback_later(spec["dump_after_s"], exit=True)
     recipe, *overrides = spec["case"]
     losses, _ = train(recipe, overrides)
     if dist.get_global_rank() == 0:
@@ -347,13 +474,19 @@ def test_two_ranks_follow_the_one_process_loss_curve(shards: Path, tmp_path: Pat
     from .test_multiprocess_equivalence import BATCHES, train
 
     case = _equivalence_case(shards)
-    spec = {"case": case, "out": str(tmp_path / "losses.json")}
+    timeout = 600
+    spec = {"case": case, "out": str(tmp_path / "losses.json"), "dump_after_s": timeout - 60}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     launcher = Path(sys.executable).parent / "composer"
-    result = run_launcher([str(launcher), "-n", "2", "--master_port", str(free_port()),
-                           "--stdout", str(tmp_path / "rank{rank}.out"), "--stderr", str(tmp_path / "rank{rank}.err"),
-                           "-m", "tests.test_mds", str(tmp_path / "spec.json")], timeout=600, cwd=REPO, env=env)
+    argv = [str(launcher), "-n", "2", "--master_port", str(free_port()), "--stdout", str(tmp_path / "rank{rank}.out"),
+            "--stderr", str(tmp_path / "rank{rank}.err"), "-m", "tests.test_mds", str(tmp_path / "spec.json")]
+    try:  # on a timeout run_launcher kills the launcher's process group: the launcher and both ranks
+        result = run_launcher(argv, timeout=timeout, cwd=REPO, env=env)
+    except subprocess.TimeoutExpired as err:
+        rank1 = tmp_path / "rank1.err"
+        pytest.fail(f"composer -n 2 still ran after {timeout} s; rank 1's stderr ends:\n"
+                    f"{rank1.read_text()[-3000:] if rank1.exists() else '(none)'}\n{err.stderr or ''}"[-6000:])
     logs = (result.stdout + result.stderr)[-3000:] + (tmp_path / "rank1.err").read_text()[-2000:]
     assert result.returncode == 0, logs
     two = json.loads((tmp_path / "losses.json").read_text())

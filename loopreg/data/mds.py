@@ -8,12 +8,13 @@ independently of the world size, resumed mid-epoch by Composer in seconds).
 
 The layout of a prepared folder (local or remote):
 
-- MDS shards and ``index.json`` (``streaming.MDSWriter``), one column ``tokens``: ``ndarray:uint32:<seq_len>``,
+- MDS shards and ``index.json`` (``streaming.MDSWriter``), one column ``tokens``: ``ndarray:<dtype>:<seq_len>``,
   each sample ``seq_len`` tokens of documents joined by EOS (the remainder of the stream shorter than ``seq_len``
-  is dropped, like LLM Foundry's concat-tokens dataset);
-- ``loopreg_mds.json`` (:data:`METADATA`), written LAST: the format version, ``seq_len``, the token, sequence,
-  document and shard counts, the source and the tokenizer's identity (kind, name, vocabulary size, EOS id and the
-  sha256 of its serialized form). A folder without it is an interrupted conversion and is refused.
+  is dropped, like LLM Foundry's concat-tokens dataset). The dtype is ``uint16`` when the vocabulary fits
+  (GPT-NeoX's 50277 tokens do: 2 bytes a token), else ``uint32``; streaming decodes either from ``index.json``;
+- ``loopreg_mds.json`` (:data:`METADATA`), written LAST: the format version, the token dtype, ``seq_len``, the
+  token, sequence, document and shard counts, the source and the tokenizer's identity (kind, name, vocabulary size,
+  EOS id and the sha256 of its serialized form). A folder without it is an interrupted conversion and is refused.
 
 A sample is ``{"input_ids", "labels"}`` like the ``text`` kind: ``labels`` are the next tokens (the last position
 has none: :data:`~loopreg.data.IGNORE_INDEX`), or equal to ``input_ids`` for a model that shifts them itself.
@@ -46,8 +47,8 @@ from loopreg.errors import DataError, RecipeError, UserError, under_key
 from loopreg.folders import write_folder
 
 # and MDSTokens (defined on first use, see __getattr__)
-__all__ = ["METADATA", "FORMAT_VERSION", "prepare_mds", "parse_tokenizer", "tokenizer_identity", "read_metadata",
-           "mds_dataloaders"]
+__all__ = ["METADATA", "FORMAT_VERSION", "prepare_mds", "parse_tokenizer", "tokenizer_identity", "token_dtype",
+           "read_metadata", "is_remote", "streaming_remote", "mds_dataloaders"]
 
 METADATA = "loopreg_mds.json"  # written last: its presence marks a complete conversion
 FORMAT_VERSION = 1
@@ -57,12 +58,23 @@ _DOCS_PER_CHUNK = 256  # documents per tokenization task: fixed, so the output d
 
 
 def is_remote(location: str) -> bool:
-    """Whether ``location`` is an object-store URI (s3://, gs://, oci://, ...) rather than a local folder.
+    """Whether ``location`` is read through a local cache: an object-store URI (s3://, gs://, oci://, ...), or a
+    ``file://`` folder (e.g. on a network filesystem) whose shards are copied into the cache.
 
-    >>> is_remote("s3://bucket/pile/train"), is_remote("data/pile_neox_1280/train")
-    (True, False)
+    >>> is_remote("s3://bucket/pile/train"), is_remote("file:///nfs/pile/train"), is_remote("data/pile/train")
+    (True, True, False)
     """
     return "://" in location
+
+
+def streaming_remote(location: str) -> str:
+    """``location`` as streaming names a remote: a ``file://`` URI is the plain path of its folder (streaming
+    copies from a path given as ``remote`` as it downloads from a bucket).
+
+    >>> streaming_remote("file:///nfs/pile/train"), streaming_remote("s3://bucket/pile/train")
+    ('/nfs/pile/train', 's3://bucket/pile/train')
+    """
+    return location.removeprefix("file://")
 
 
 def parse_tokenizer(spec: str) -> tuple[str, str | None]:
@@ -95,19 +107,30 @@ def _describe(identity: dict[str, Any]) -> str:
 # --- prepare -------------------------------------------------------------------------------------------------
 
 _worker_tokenizer: Tokenizer | None = None
+_worker_dtype: np.dtype = np.dtype(np.uint32)
 
 
-def _init_worker(serialized: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.from_str(serialized)
+def _init_worker(serialized: str, dtype: str) -> None:
+    global _worker_tokenizer, _worker_dtype
+    _worker_tokenizer, _worker_dtype = Tokenizer.from_str(serialized), np.dtype(dtype)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id of a ``vocab_size`` vocabulary: what shards store.
+
+    >>> token_dtype(50277), token_dtype(100277)
+    (dtype('uint16'), dtype('uint32'))
+    """
+    return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
 
 
 def _encode_chunk(docs: list[str]) -> np.ndarray:
-    """The chunk's documents tokenized, each followed by EOS, as one uint32 array."""
+    """The chunk's documents tokenized, each followed by EOS, as one array of the shards' dtype (numpy raises
+    OverflowError on an id that does not fit)."""
     assert _worker_tokenizer is not None
     eos = eos_id(_worker_tokenizer)
     ids = [token for encoding in _worker_tokenizer.encode_batch(docs) for token in (*encoding.ids, eos)]
-    return np.asarray(ids, dtype=np.uint32)
+    return np.asarray(ids, dtype=_worker_dtype)
 
 
 def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
@@ -116,15 +139,16 @@ def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def _encoded(documents: Iterable[str], serialized: str, workers: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(documents, tokens) per chunk, in document order whatever ``workers`` is. At most ``2 · workers`` chunks are
-    in flight (``Pool.imap`` would read the whole source ahead into its task queue)."""
+def _encoded(documents: Iterable[str], serialized: str, workers: int,
+             dtype: str) -> Iterator[tuple[int, np.ndarray]]:
+    """(documents, tokens of ``dtype``) per chunk, in document order whatever ``workers`` is. At most
+    ``2 · workers`` chunks are in flight (``Pool.imap`` would read the whole source ahead into its task queue)."""
     if workers == 1:
-        _init_worker(serialized)
+        _init_worker(serialized, dtype)
         for chunk in _chunks(documents):
             yield len(chunk), _encode_chunk(chunk)
         return
-    with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(serialized,)) as pool:
+    with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(serialized, dtype)) as pool:
         pending: deque[tuple[int, Any]] = deque()
         for chunk in _chunks(documents):
             pending.append((len(chunk), pool.apply_async(_encode_chunk, (chunk,))))
@@ -165,6 +189,7 @@ def prepare_mds(source: str, tokenizer: str, seq_len: int, out: str, text_field:
         raise UserError(f"--workers must be >= 1, got {workers}")
     if max_tokens is not None and max_tokens < seq_len:
         raise UserError(f"--max-tokens={max_tokens} is less than one sequence of --seq-len={seq_len} tokens")
+    out = streaming_remote(out)  # a file:// URI is a local folder here
     kind, name = parse_tokenizer(tokenizer)
     if kind not in _PREPARE_TOKENIZERS:
         raise UserError(f"--tokenizer {tokenizer}: unknown tokenizer kind '{kind}'; use byte_level, "
@@ -177,7 +202,8 @@ def prepare_mds(source: str, tokenizer: str, seq_len: int, out: str, text_field:
         raise UserError(f"--tokenizer {tokenizer}: {message}") from None
     with under_key("SRC", OSError, ValueError, error=DataError):
         documents = text_stream(source, split, subset, text_field)()
-    meta: dict[str, Any] = {"format": "loopreg-mds", "version": FORMAT_VERSION, "column": COLUMN, "dtype": "uint32",
+    dtype = token_dtype(identity["vocab_size"])
+    meta: dict[str, Any] = {"format": "loopreg-mds", "version": FORMAT_VERSION, "column": COLUMN, "dtype": dtype.name,
                             "seq_len": seq_len, "tokenizer": identity, "source": source, "split": split,
                             "subset": subset, "text_field": text_field, "compression": compression}
     show = sys.stderr.isatty() if progress is None else progress
@@ -192,13 +218,13 @@ def prepare_mds(source: str, tokenizer: str, seq_len: int, out: str, text_field:
 
     def write(target: str) -> None:  # the shards and index.json (MDSWriter uploads them to a remote target)
         with under_key("--out", OSError, ValueError):  # an unreachable bucket, missing credentials
-            writer = MDSWriter(columns={COLUMN: f"ndarray:uint32:{seq_len}"}, out=target, compression=compression,
+            writer = MDSWriter(columns={COLUMN: f"ndarray:{dtype.name}:{seq_len}"}, out=target, compression=compression,
                                hashes=["sha1"], exist_ok=False)
-        buffer = np.empty(0, dtype=np.uint32)
+        buffer = np.empty(0, dtype=dtype)
         sequences = documents_read = tokens_read = 0
         with writer, _progress(show) as bar:
             task = bar.add_task("tokenizing", total=None)
-            for count, tokens in _encoded(documents, loaded.to_str(), workers):
+            for count, tokens in _encoded(documents, loaded.to_str(), workers, dtype.name):
                 documents_read += count
                 tokens_read += len(tokens)
                 buffer = np.concatenate([buffer, tokens])
@@ -257,7 +283,8 @@ def read_metadata(source: str, local: str | None = None, where: str = "source") 
         path = Path(local) / METADATA
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            CloudDownloader.get(source).download(f"{source.rstrip('/')}/{METADATA}", str(path))
+            remote = streaming_remote(source)
+            CloudDownloader.get(remote).download(f"{remote.rstrip('/')}/{METADATA}", str(path))
         except Exception as err:  # each object store raises its own types
             raise DataError(f"{where}: cannot read '{source}/{METADATA}': {str(err).splitlines()[0]}") from None
     else:
@@ -301,6 +328,18 @@ def validate_shards(source: str, algorithm: str, where: str = "source") -> None:
             raise DataError(f"{where}: shard '{path}' is corrupt ({algorithm} does not match index.json)")
 
 
+def _download_failure(error: BaseException, remote: str, key: str | None) -> DataError:
+    """The one line for a shard that streaming could not bring into the cache. A copy that failed its hash check
+    is removed: streaming would take a cached file for a good one on the next start."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if message.startswith("Checksum failure: "):
+        cached = Path(message.removeprefix("Checksum failure: "))
+        cached.unlink(missing_ok=True)
+        return DataError(f"shard '{cached.name}' of '{remote}' is corrupt: its hash does not match index.json "
+                         f"(the copy in {cached.parent} is removed)", key=key)
+    return DataError(f"cannot bring a shard of '{remote}' into the cache: {message}", key=key)
+
+
 @functools.cache
 def mds_tokens_class() -> type:
     """:class:`MDSTokens`, defined on the first call (it imports streaming)."""
@@ -309,17 +348,53 @@ def mds_tokens_class() -> type:
     class MDSTokens(StreamingDataset):
         """The ``tokens`` samples of a prepared folder as ``{"input_ids", "labels"}`` (LongTensors of ``seq_len``).
 
-        Every keyword argument but ``model_shifts_labels`` is :class:`streaming.StreamingDataset`'s (``local``,
-        ``remote``, ``batch_size`` = the per-device batch, ``shuffle``, ``shuffle_seed``, ``num_canonical_nodes``,
-        ...).
+        Every keyword argument but ``model_shifts_labels`` and ``source_key`` is :class:`streaming.StreamingDataset`'s
+        (``local``, ``remote``, ``batch_size`` = the per-device batch, ``shuffle``, ``shuffle_seed``,
+        ``num_canonical_nodes``, ``cache_limit``, ...). A shard that fails to download or its hash check ends the
+        iteration with a one-line :class:`~loopreg.errors.DataError` under ``source_key`` (streaming itself only
+        logs it from its download thread and stops the epoch early).
 
         >>> MDSTokens(local="data/corpus_byte_64", batch_size=8)[0]["input_ids"].shape  # doctest: +SKIP
         torch.Size([64])
         """
 
-        def __init__(self, *, model_shifts_labels: bool = False, **kwargs: Any) -> None:
+        def __init__(self, *, model_shifts_labels: bool = False, source_key: str | None = None,
+                     **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.model_shifts_labels = model_shifts_labels
+            self.source_key = source_key
+            self.download_error: BaseException | None = None
+
+        def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+            try:
+                super().prepare_shard(shard_id, blocking)
+            except Exception as error:
+                from streaming.base.dataset import _ShardState
+
+                failure = _download_failure(error, self.streams[0].remote or self.streams[0].local, self.source_key)
+                # streaming leaves the shard PREPARING, and every other worker and rank waits for it forever;
+                # LOCAL without its file (removed above: not before) sends each to fetch and check it itself.
+                self._shard_states[shard_id] = _ShardState.LOCAL
+                raise failure from None
+
+        def on_exception(self, future: Any) -> None:
+            # streaming's callback re-raises its thread's error, where concurrent.futures only logs it: keep it for
+            # __iter__, and set the event that stops streaming's threads and its yield loop.
+            if (error := future.exception()) is not None:
+                self.download_error = self.download_error or error
+                self._event.set()
+
+        def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+            try:
+                yield from super().__iter__()
+            except DataError:  # prepare_shard's, in this thread: stop streaming's threads too (they would spin on)
+                self._event.set()
+                raise
+            except RuntimeError:  # "Background thread failed": streaming's word for download_error
+                if self.download_error is None:
+                    raise
+            if self.download_error is not None:  # the epoch ended early
+                raise self.download_error
 
         def __getitem__(self, index: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
             tokens = torch.from_numpy(super().__getitem__(index)[COLUMN].astype(np.int64))
@@ -351,6 +426,20 @@ def _registered(options: dict[str, Any], attempts: int = 20) -> Any:
             if attempt == attempts - 1:
                 raise
             time.sleep(0.05 * (attempt + 1))  # the winner has registered its name by then
+
+
+def _cache_limit(value: str | None, key: str) -> int | None:
+    """``cache_limit`` in bytes (streaming's notation: 10gb, 500mb, 1073741824); checked for every source, used
+    for a remote one (a local source is no cache: nothing is evicted from it)."""
+    if value is None:
+        return None
+    from streaming.base.util import bytes_to_int
+
+    with under_key(key, ValueError):
+        limit = bytes_to_int(value)
+    if limit <= 0:
+        raise RecipeError(f"must be a positive size such as 10gb, got '{value}'", key=key)
+    return limit
 
 
 def check_mds_section(section: Any, name: str) -> None:
@@ -397,15 +486,20 @@ def mds_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pr
         if section.validate_hash and not remote:
             validate_shards(section.source, section.validate_hash, f"{section_name}.source")
         epoch_size = None if train or section.eval_size >= meta["sequences"] else section.eval_size
-        options = dict(remote=section.source if remote else None, local=section.local if remote else section.source,
-                       batch_size=batch_size, shuffle=train and section.shuffle, shuffle_seed=recipe.seed,
+        cache_limit = _cache_limit(section.cache_limit, f"{section_name}.cache_limit")
+        options = dict(remote=streaming_remote(section.source) if remote else None,
+                       local=section.local if remote else section.source, batch_size=batch_size,
+                       shuffle=train and section.shuffle, shuffle_seed=recipe.seed,
                        num_canonical_nodes=section.num_canonical_nodes, predownload=section.predownload,
                        validate_hash=section.validate_hash if remote else None, epoch_size=epoch_size,
+                       cache_limit=cache_limit if remote else None, source_key=f"{section_name}.source",
                        model_shifts_labels=pretrained is not None and pretrained.shifts_labels)
         with under_key(section_name, ValueError):
             try:
                 return _registered(options)
             except ValueError as err:
+                if "cache_limit" in str(err):  # below four shards, or below the index files
+                    raise RecipeError(str(err).splitlines()[0], key=f"{section_name}.cache_limit") from None
                 if "Reused local directory" not in str(err):
                     raise
             # A remote source's cache folder is registered in shared memory that a killed run left behind (a
