@@ -5,6 +5,7 @@ A results file is the JSON one eval run writes::
     {"schema": "loopreg.eval/1", "model": "loop-12x2", "spec": "12x2", "loops": 2,
      "params_units": 12, "flops_units": 24, "perplexity": 7.90 | null,
      "exit": "kl:0.01" | null, "kv_policy": "per_application" | "shared" | null,
+     "perplexity_loops": {"mean_loops", "executed_loops"} | null  (perplexity under the exit rule),
      "tasks":  {"svamp": {"score", "stderr", "n", "metric", "group", "random_baseline", "missing",
                           "mean_loops", "executed_loops"  (only with an exit rule)}, ...},
      "groups": {"math_word": {"score", "stderr", "n_tasks", "n_defined", "missing"}, ...}}
@@ -69,6 +70,18 @@ MISSING_CELL = "—"
 
 # ---------------------------------------------------------------------------------------- results files
 @dataclass(frozen=True)
+class LoopUsage:
+    """Thinking iterations per token of one task under an exit rule (:class:`loopreg.adaptive.ExitStats`):
+    ``mean_loops`` where the tokens exited, ``executed_loops`` what the batches really computed.
+
+    Example: ``LoopUsage(mean_loops=4.2, executed_loops=6.9)``
+    """
+
+    mean_loops: float
+    executed_loops: float
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What a results file says about the model; ``params_units``/``flops_units`` are in layer units.
 
@@ -84,6 +97,7 @@ class ModelInfo:
     perplexity: float | None = None
     exit: str | None = None  # the adaptive exit rule (``kl:0.01``); None: every token runs every loop
     kv_policy: str | None = None  # None: the exact per_application cache
+    perplexity_loops: LoopUsage | None = None  # the thinking iterations of the perplexity run, with an exit rule
 
     @property
     def fixed(self) -> bool:
@@ -117,18 +131,6 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
-class LoopUsage:
-    """Thinking iterations per token of one task under an exit rule (:class:`loopreg.adaptive.ExitStats`):
-    ``mean_loops`` where the tokens exited, ``executed_loops`` what the batches really computed.
-
-    Example: ``LoopUsage(mean_loops=4.2, executed_loops=6.9)``
-    """
-
-    mean_loops: float
-    executed_loops: float
-
-
-@dataclass(frozen=True)
 class EvalResults:
     """One model's eval results; ``to_json``/``from_json`` are the ``loopreg.eval/1`` schema.
 
@@ -151,6 +153,7 @@ class EvalResults:
             "schema": RESULTS_SCHEMA, "model": info.name, "spec": info.spec, "loops": info.loops,
             "params_units": info.params_units, "flops_units": info.flops_units, "perplexity": info.perplexity,
             "exit": info.exit, "kv_policy": info.kv_policy,
+            "perplexity_loops": None if info.perplexity_loops is None else dataclasses.asdict(info.perplexity_loops),
             "tasks": {name: {"score": t.score, "stderr": t.stderr, "n": t.n, "metric": t.metric, "group": t.group,
                              "random_baseline": t.random_baseline, "missing": t.missing,
                              **(dataclasses.asdict(self.loop_usage[name]) if name in self.loop_usage else {})}
@@ -167,8 +170,10 @@ class EvalResults:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise EvalDataError(None, source, f"not a results file: schema is {found!r}, expected {RESULTS_SCHEMA!r}")
         try:
+            ppl_loops = data.get("perplexity_loops")
             info = ModelInfo(str(data["model"]), data.get("spec"), data.get("loops"), data.get("params_units"),
-                             data.get("flops_units"), data.get("perplexity"), data.get("exit"), data.get("kv_policy"))
+                             data.get("flops_units"), data.get("perplexity"), data.get("exit"), data.get("kv_policy"),
+                             None if ppl_loops is None else LoopUsage(**ppl_loops))
             usage_keys = [f.name for f in dataclasses.fields(LoopUsage)]
             tasks = {name: TaskScore(**{k: v for k, v in entry.items() if k not in usage_keys})
                      for name, entry in data["tasks"].items()}
