@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .adaptive import ExitRule, ExitStats, LoopExit, check_exit, check_kv_policy
 from .spec import LoopSpec  # relative: copied into model folders as remote code (loopreg.remote_code)
 from .update_rules import check_update_rule, iteration_hooks
 
@@ -320,6 +321,17 @@ def _run_without_graph(layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, 
         return layer(x, rope, mask, cache, slot)
 
 
+def _run_or_skip(run: Callable[..., torch.Tensor], looping: LoopExit, layer: Layer, x: torch.Tensor,
+                 rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, cache: Cache | None,
+                 slot: int) -> torch.Tensor:
+    """A thinking-block application under adaptive exit: once every token exited, its cache slot gets the stand-in
+    keys/values and the layer is not run (the compute saved)."""
+    if looping.skips(slot):
+        looping.cache.fill(slot)
+        return x
+    return run(layer, x, rope, mask, cache, slot)
+
+
 class Extras:
     """What one forward does around its layer applications besides running them, resolved once per forward:
     the seam between :meth:`LoopedLM.forward`'s plain loop and the latent-thought and training machinery.
@@ -383,6 +395,15 @@ class Extras:
             self.before[end - size + 1].append(partial(loop_input.__setitem__, "x"))
             frozen = (frozen_after < loop)[..., None]
             self.after[end].append(lambda x, frozen=frozen, start=loop_input: torch.where(frozen, start["x"], x))
+
+    def adaptive_exit(self, looping: LoopExit) -> None:
+        """Adaptive exit from the thinking block (:mod:`loopreg.adaptive`): each iteration's input and output go to
+        ``looping``, and the iterations after the first are skipped once every token exited."""
+        for start, end in zip(looping.starts, looping.loop_ends):
+            self.before[start].append(partial(looping.enter, start))
+            self.after[end].append(partial(looping.leave, end))
+        for slot in looping.later_iterations:
+            self.run[slot] = partial(_run_or_skip, self.run[slot], looping)
 
     def after_each_loop(self, spec: LoopSpec, step: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
         """Map the output of thinking iteration t with ``step(x, t)`` (soft-token feedback)."""
@@ -458,7 +479,9 @@ class LoopedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, loops: int | Sequence[int] | None = None,
                 grad_loops: int | None = None, checkpoint: bool = False,
-                output_hidden: bool | Sequence[int] = False) -> torch.Tensor | LoopedLMOutput:
+                output_hidden: bool | Sequence[int] = False, exit: ExitRule | str | None = None,
+                kv_policy: str = "per_application",
+                exit_stats: ExitStats | None = None) -> torch.Tensor | LoopedLMOutput:
         """Logits (B, T, vocab) for ``input_ids`` (B, T); a :class:`LoopedLMOutput` when ``output_hidden`` asks
         for the residual stream after every layer application (``True``) or after the listed ones.
 
@@ -467,6 +490,10 @@ class LoopedLM(nn.Module):
         Training knobs: ``grad_loops=k`` builds the autograd graph only for the last k iterations of the
         thinking block (earlier ones count as the identity in backward, Jacobian-free style, so the
         embedding and earlier layers still learn); ``checkpoint`` recomputes each layer in backward.
+        Inference knobs (:mod:`loopreg.adaptive`): ``exit`` (an :class:`~loopreg.adaptive.ExitRule` or its text,
+        ``'kl:0.01'``) lets tokens leave the thinking block early, and the forward stops iterating once all have;
+        ``kv_policy='shared'`` keeps one cache slot per stored layer (a cache from ``new_cache(kv_policy=...)``);
+        ``exit_stats`` (an :class:`~loopreg.adaptive.ExitStats`) accumulates the iterations run.
         These, the config's latent thoughts and update rule, and ``output_hidden`` are :class:`Extras`
         around the layer applications (see :meth:`_extras`); without any, the loop below is all there is.
         """
@@ -478,7 +505,10 @@ class LoopedLM(nn.Module):
             x = x + self.position_embed(positions)
         rope = rotary(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         schedule = self.schedule(loops)
-        extras = self._extras(input_ids, positions, loops, grad_loops, checkpoint, cache, output_hidden)
+        looping = self._loop_exit(exit, kv_policy, exit_stats, loops, cache, batch, length, attention_mask)
+        if looping is not None:
+            cache = looping.bind(cache)
+        extras = self._extras(input_ids, positions, loops, grad_loops, checkpoint, cache, output_hidden, looping)
         for slot, index in enumerate(schedule):
             layer = self.layers[index]
             if extras is None:
@@ -488,9 +518,29 @@ class LoopedLM(nn.Module):
         logits = self.lm_head(self.norm(x))
         return logits if output_hidden is False else LoopedLMOutput(logits, extras.hidden if extras else {})
 
+    def _loop_exit(self, exit: ExitRule | str | None, kv_policy: str, stats: ExitStats | None,
+                   loops: int | Sequence[int] | None, cache: Cache | None, batch: int, length: int,
+                   attention_mask: torch.Tensor | None) -> LoopExit | None:
+        """This forward's adaptive exit and KV policy; ``None`` for the plain path (no rule, per-application slots)
+        and for an uncached forward under ``shared``, which computes what ``per_application`` does: every
+        iteration's keys of this forward's positions are the ones attention reads either way."""
+        rule = ExitRule.parse(exit) if exit is not None else None
+        check_exit(self.spec, self.config.tied, rule, kv_policy)
+        if rule is None and (kv_policy == "per_application" or cache is None):
+            return None
+        config = self.config
+        plain = config.update == "plain" and not config.latent_mask and config.latent_feedback == "residual"
+        if rule is not None and not plain:
+            raise ValueError(f"exit={rule} needs plain looping: this model has update={config.update!r}, "
+                             f"latent_mask={config.latent_mask}, latent_feedback={config.latent_feedback!r}")
+        spec = self.spec if loops is None else self.spec.with_loops(loops)
+        return LoopExit(spec, rule, kv_policy, decode=lambda h: self.lm_head(self.norm(h)),
+                        scratch=partial(self.new_cache, batch, length, loops, kv_policy), real=attention_mask,
+                        stats=stats)
+
     def _extras(self, input_ids: torch.Tensor, positions: torch.Tensor, loops: int | Sequence[int] | None,
                 grad_loops: int | None, checkpoint: bool, cache: Cache | None,
-                output_hidden: bool | Sequence[int]) -> Extras | None:
+                output_hidden: bool | Sequence[int], looping: LoopExit | None = None) -> Extras | None:
         """This forward's machinery around its layer applications, resolved once; ``None`` when it has none
         (the plain path). Hooks after a layer run in the order they are registered here.
 
@@ -515,6 +565,8 @@ class LoopedLM(nn.Module):
             steps = self.placeholder_steps(input_ids)
             if config.latent_mask:
                 extras.latent_mask(spec, self._frozen_after(steps))
+        if looping is not None and looping.rule is not None:
+            extras.adaptive_exit(looping)
         if output_hidden is not False:
             extras.keep_hidden(range(spec.effective_depth) if output_hidden is True else output_hidden)
         if config.latent_feedback == "soft_token":
@@ -591,9 +643,19 @@ class LoopedLM(nn.Module):
         return positions, mask[:, None]  # broadcast over heads
 
     # --------------------------------------------------------------- generation
-    def new_cache(self, batch: int, max_len: int, loops: int | Sequence[int] | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, loops: int | Sequence[int] | None = None,
+                  kv_policy: str = "per_application") -> KVCache:
+        """An empty :class:`KVCache`: one slot per layer application, or per stored layer under ``kv_policy='shared'``
+        (prelude + block + coda slots instead of the effective depth).
+
+        >>> LoopedLM(LoopedLMConfig(spec="1x1+2x4", vocab_size=8, d_model=8, n_heads=2)).new_cache(
+        ...     1, 4, kv_policy="shared").keys.shape[0]
+        3
+        """
+        check_kv_policy(kv_policy)
+        slots = len(self.schedule(loops)) if kv_policy == "per_application" else self.num_distinct_layers
         param = self.embed.weight
-        return KVCache(len(self.schedule(loops)), batch, self.config.kv_heads, max_len, self.config.head_dim,
+        return KVCache(slots, batch, self.config.kv_heads, max_len, self.config.head_dim,
                        dtype=param.dtype, device=param.device)
 
     @torch.no_grad()
@@ -601,13 +663,16 @@ class LoopedLM(nn.Module):
                  temperature: float = 0.0, top_k: int | None = None, eos_token_id: int | None = None,
                  loops: int | Sequence[int] | None = None, use_cache: bool = True,
                  generator: torch.Generator | None = None,
-                 stop_when: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                 stop_when: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 exit: ExitRule | str | None = None, kv_policy: str = "per_application",
+                 exit_stats: ExitStats | None = None) -> torch.Tensor:
         """New tokens (B, max_new_tokens) after ``input_ids``; greedy when ``temperature == 0``.
 
         With the cache each step runs only the new token through every layer application; without it
         the whole sequence is recomputed (the reference the cache is tested against). Rows that emit
         ``eos_token_id`` are padded with it afterwards. ``stop_when(new_tokens) -> (B,) bool`` ends
-        generation early once every row is done (e.g. a stop string was produced).
+        generation early once every row is done (e.g. a stop string was produced). ``exit``, ``kv_policy`` and
+        ``exit_stats`` go to every forward (see :meth:`forward`).
 
         >>> LoopedLM(LoopedLMConfig(spec="1x2", vocab_size=16, d_model=8, n_heads=2)).generate(
         ...     torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4).shape
@@ -615,12 +680,13 @@ class LoopedLM(nn.Module):
         """
         batch = input_ids.shape[0]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        cache = self.new_cache(batch, input_ids.shape[1] + max_new_tokens, loops) if use_cache else None
+        cache = self.new_cache(batch, input_ids.shape[1] + max_new_tokens, loops, kv_policy) if use_cache else None
         tokens, step_input = input_ids, input_ids
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         new_tokens = []
         for _ in range(max_new_tokens):
-            logits = self(step_input if use_cache else tokens, attention_mask=mask, cache=cache, loops=loops)[:, -1]
+            logits = self(step_input if use_cache else tokens, attention_mask=mask, cache=cache, loops=loops,
+                          exit=exit, kv_policy=kv_policy, exit_stats=exit_stats)[:, -1]
             if self.config.placeholder_id is not None:  # placeholders are inputs (latent steps), never outputs
                 logits[:, self.config.placeholder_id] = float("-inf")
             next_token = self._pick(logits.float(), temperature, top_k, generator)
