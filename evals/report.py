@@ -377,7 +377,8 @@ def compute_report(results: Sequence[EvalResults], png: str | Path | None = None
 
     ``fewer`` is ``1 − iterations / max`` in percent, for the mean (where tokens exited) and the executed
     iterations (what the batches computed); ``Δ acc`` is in points against the fixed-max run of the same
-    model name. A file that is neither an exit run nor the fixed reference of one raises a one-line
+    model name. A run with several tasks gets a ``mean (N tasks)`` row (means of scores and iterations).
+    A file that is neither an exit run nor the fixed reference of one raises a one-line
     ``ValueError``: ``FILE: no mean_loops (run loopreg eval with --exit)``.
 
     Example: ``to_markdown(compute_report(load_results(["runs/adaptive/"]), png="acc_vs_loops.png"))``
@@ -397,24 +398,33 @@ def compute_report(results: Sequence[EvalResults], png: str | Path | None = None
     for r in ranked:
         base = reference.get(r.info.name)
         maximum = (base or r).info.loops
-        for task, scored in r.tasks.items():
-            if scored.score is None:
-                continue
-            usage = r.loop_usage.get(task) or LoopUsage(float(maximum), float(maximum))  # fixed: every token, all
-            base_score = base.tasks[task].score if base is not None and task in base.tasks else None
-            delta = None if base_score is None else 100.0 * (scored.score - base_score)
+        fixed = LoopUsage(float(maximum), float(maximum))  # a run without an exit rule: every token, every loop
+        scored = {task: (t.score, r.loop_usage.get(task) or fixed)
+                  for task, t in r.tasks.items() if t.score is not None}
+        base_scores = {} if base is None else {task: t.score for task, t in base.tasks.items() if t.score is not None}
+        if len(scored) > 1:  # the run as a whole: mean score and mean iterations over its tasks
+            tasks, mean = list(scored), f"mean ({len(scored)} tasks)"
+            scored[mean] = (sum(scored[t][0] for t in tasks) / len(tasks),
+                            LoopUsage(*(sum(getattr(scored[t][1], key) for t in tasks) / len(tasks)
+                                        for key in ("mean_loops", "executed_loops"))))
+            if set(tasks) <= set(base_scores):
+                base_scores[mean] = sum(base_scores[t] for t in tasks) / len(tasks)
+        for task, (score, usage) in scored.items():
+            base_score = base_scores.get(task)
+            delta = None if base_score is None else 100.0 * (score - base_score)
             fewer, fewer_executed = _fewer(usage.mean_loops, maximum), _fewer(usage.executed_loops, maximum)
             target = (r.info.exit is not None and delta is not None and fewer is not None
                       and fewer >= TARGET_FEWER and delta >= -TARGET_LOST)
             kv = r.info.kv_policy or "per_application"
-            cells = (r.info.name, r.info.exit or "fixed", kv, task, f"{100 * scored.score:.1f}",
+            cells = (r.info.name, r.info.exit or "fixed", kv, task, f"{100 * score:.1f}",
                      f"{usage.mean_loops:.2f}", f"{usage.executed_loops:.2f}",
                      MISSING_CELL if fewer is None else f"{fewer:.0f}%",
                      MISSING_CELL if fewer_executed is None else f"{fewer_executed:.0f}%",
                      MISSING_CELL if delta is None else f"{delta:+.1f}", "✓" if target else "")
-            rows.append(ReportRow("model", cells, (r.info.name, r.info.exit, kv, task, scored.score, usage.mean_loops,
+            rows.append(ReportRow("model", cells, (r.info.name, r.info.exit, kv, task, score, usage.mean_loops,
                                                    usage.executed_loops, fewer, fewer_executed, delta, target)))
-            points.append(ComputePoint(r.info.name, task, r.info.exit, kv, usage.mean_loops, scored.score))
+            if task in r.tasks:  # the plot draws tasks, not the mean row
+                points.append(ComputePoint(r.info.name, task, r.info.exit, kv, usage.mean_loops, score))
     notes = ["score: accuracy, %; loops: thinking iterations per token (mean: where each token exited; executed: "
              "what the batches computed, every row waits for its slowest token)",
              "fewer = 1 − loops / max; Δ acc: points vs the fixed-max run of the same model (exit none, "
