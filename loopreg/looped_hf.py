@@ -14,12 +14,14 @@ siblings (relatively) only; ``tests/test_remote_code_retrofit.py`` loads such fo
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .adaptive import ExitRule, ExitStats, LoopExit, check_exit, exit_options, generating_with
 from .model import batch_option  # relative: copied into model folders as remote code (loopreg.remote_code)
 from .spec import LoopSpec
 from .update_rules import check_update_rule, iteration_hooks
@@ -38,6 +40,9 @@ RETROFIT_KEYS = (SPEC_KEY, TIED_KEY, UPDATE_KEY, ANCHOR_KEY, LOOPS_KEY)
 # model_type -> where the model keeps its decoder layers (loopreg.surgery.adapters reads its paths from here).
 DECODER_LAYERS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "llama": "model.layers",
                   "mistral": "model.layers", "qwen2": "model.layers"}
+# model_type -> its final norm, before the LM head: with it, adaptive exit's `kl` criterion decodes a hidden state
+FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm", "llama": "model.norm",
+              "mistral": "model.norm", "qwen2": "model.norm"}
 
 
 def set_cache_slot(layer: nn.Module, slot: int) -> None:
@@ -54,13 +59,22 @@ class LayerApplication:
 
     ``enter``/``leave`` are the update rule's hooks (:mod:`loopreg.update_rules`) and the truncated-backprop
     bookkeeping: ``enter(h)`` sees the layer's input hidden state, ``leave(h)`` maps its output hidden state;
-    ``no_grad`` runs the layer without an autograd graph.
+    ``no_grad`` runs the layer without an autograd graph. ``looping`` is a forward's adaptive exit and KV policy
+    (:mod:`loopreg.adaptive`): the layer writes through its cache wrapper, and is skipped once every token exited.
     """
 
     def __init__(self, owner: LoopedLayers, key: str, slot: int, enter: Sequence[Callable] = (),
-                 leave: Sequence[Callable] = (), no_grad: bool = False) -> None:
+                 leave: Sequence[Callable] = (), no_grad: bool = False, looping: LoopExit | None = None) -> None:
         self._owner, self._key, self.slot = owner, key, slot
         self._enter, self._leave, self._no_grad = tuple(enter), tuple(leave), no_grad
+        self._looping = looping
+
+    def exiting(self, looping: LoopExit) -> LayerApplication:
+        """This application under ``looping``, with its hooks at the thinking iterations' first and last layers."""
+        enter = ((functools.partial(looping.enter, self.slot),) if self.slot in looping.starts else ())
+        leave = ((functools.partial(looping.leave, self.slot),) if self.slot in looping.loop_ends else ())
+        return LayerApplication(self._owner, self._key, self.slot, self._enter + enter, self._leave + leave,
+                                self._no_grad, looping)
 
     @property
     def layer(self) -> nn.Module:
@@ -70,6 +84,12 @@ class LayerApplication:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         layer = self.layer
         set_cache_slot(layer, self.slot)
+        if self._looping is not None:
+            args, kwargs = _with_cache(layer, args, kwargs, self._looping.bind)
+            if self._looping.skips(self.slot):  # every token exited: the stand-ins fill the slot, the layer rests
+                self._looping.cache.fill(self.slot)
+                hidden = args[0] if args else kwargs["hidden_states"]
+                return (hidden,) if self._owner.tuple_output else hidden
         if not (self._enter or self._leave or self._no_grad):
             return layer(*args, **kwargs)  # plain looping: nothing between the layers
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -78,6 +98,7 @@ class LayerApplication:
         with torch.no_grad() if self._no_grad else contextlib.nullcontext():
             output = layer(*args, **kwargs)
         # Decoder layers return the hidden state, or a tuple that starts with it (GPT-2, NeoX, 4.53 Llama).
+        self._owner.tuple_output = isinstance(output, tuple)
         hidden = output[0] if isinstance(output, tuple) else output
         for hook in self._leave:
             hidden = hook(hidden)
@@ -90,6 +111,21 @@ class LayerApplication:
 
     def __repr__(self) -> str:
         return f"LayerApplication(slot={self.slot}, layer={self._key})"
+
+
+@functools.cache
+def _cache_argument(layer_type: type) -> int:
+    """Where a decoder layer's forward takes its cache among the positional arguments (GPT-2 passes it so)."""
+    return list(inspect.signature(layer_type.forward).parameters).index("past_key_value") - 1
+
+
+def _with_cache(layer: nn.Module, args: tuple, kwargs: dict, wrap: Callable[[Any], Any]) -> tuple[tuple, dict]:
+    """The decoder layer's arguments with its cache (``past_key_value``, by keyword or position) wrapped."""
+    if "past_key_value" not in kwargs:
+        index = _cache_argument(type(layer))
+        if index < len(args):
+            return (*args[:index], wrap(args[index]), *args[index + 1:]), kwargs
+    return args, {**kwargs, "past_key_value": wrap(kwargs.get("past_key_value"))}
 
 
 class LoopedLayers(nn.ModuleList):
@@ -116,7 +152,9 @@ class LoopedLayers(nn.ModuleList):
         check_update_rule(update, anchor)
         self.update, self.anchor = update, float(anchor)
         self.applications = self._applications(self.spec)
+        self.running_spec = self.spec  # the spec at the loop count of the call under way
         self._loops_chosen = False  # True while a call's loops= (or the config's loop count) runs
+        self.tuple_output = True  # whether the stored layers return a tuple (learnt at each call)
 
     @property
     def schedule(self) -> tuple[int, ...]:
@@ -154,18 +192,30 @@ class LoopedLayers(nn.ModuleList):
             yield
             return
         spec = self.spec.with_loops(loops) if loops is not None else self.spec
-        saved = self.applications, self._loops_chosen, config.num_hidden_layers, getattr(config, "layer_types", None)
+        saved = (self.applications, self._loops_chosen, self.running_spec, config.num_hidden_layers,
+                 getattr(config, "layer_types", None))
         self.applications = self._applications(spec, grad_loops if torch.is_grad_enabled() else None)
-        self._loops_chosen = self._loops_chosen or loops is not None
+        self._loops_chosen, self.running_spec = self._loops_chosen or loops is not None, spec
         config.num_hidden_layers = spec.effective_depth
         if saved[-1] is not None:  # per-application attention kinds (Qwen2 sliding windows), for static caches
             config.layer_types = [application.attention_type for application in self.applications]
         try:
             yield
         finally:
-            self.applications, self._loops_chosen, config.num_hidden_layers = saved[:3]
+            self.applications, self._loops_chosen, self.running_spec, config.num_hidden_layers = saved[:4]
             if saved[-1] is not None:
                 config.layer_types = saved[-1]
+
+    @contextlib.contextmanager
+    def exiting(self, looping: LoopExit) -> Iterator[None]:
+        """Within the block the stack runs under ``looping`` (a :class:`~loopreg.adaptive.LoopExit` built for
+        :attr:`running_spec`): adaptive exit from the thinking block and the KV policy."""
+        saved = self.applications
+        self.applications = [application.exiting(looping) for application in saved]
+        try:
+            yield
+        finally:
+            self.applications = saved
 
     def __iter__(self) -> Iterator[LayerApplication]:
         return iter(self.applications)
@@ -195,7 +245,8 @@ def decoder_layers_path(config: Any) -> str:
 class LoopedCausalLM:
     """Put in front of a looped Hugging Face model's own class (the class keeps its name, so ``save_pretrained``
     records the same architecture): ``forward`` and ``generate`` take ``loops=`` (a loop override, as
-    :class:`~loopreg.model.LoopedLM` has it) and ``forward`` takes ``grad_loops=`` (truncated backprop through
+    :class:`~loopreg.model.LoopedLM` has it) and ``exit=``, ``kv_policy=``, ``exit_stats=`` (adaptive exit and
+    the KV policy, :mod:`loopreg.adaptive`), and ``forward`` takes ``grad_loops=`` (truncated backprop through
     the thinking block). Both travel per call, e.g. in a Composer batch; without them the config's
     ``loopreg_loops`` (if set) or the spec's own loop counts run.
 
@@ -228,13 +279,39 @@ class LoopedCausalLM:
                                               getattr(config, ANCHOR_KEY, 0.0)))
 
     def forward(self, *args: Any, loops: int | Sequence[int] | None = None, grad_loops: int | None = None,
-                **kwargs: Any) -> Any:
+                exit: ExitRule | str | None = None, kv_policy: str = "per_application",
+                exit_stats: ExitStats | None = None, **kwargs: Any) -> Any:
+        rule, kv_policy, exit_stats = exit_options(self, exit, kv_policy, exit_stats)
         with self._running(loops, grad_loops):
-            return super().forward(*args, **kwargs)
+            if rule is None and kv_policy == "per_application":
+                return super().forward(*args, **kwargs)
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            with self._exiting(rule, kv_policy, exit_stats, mask):
+                return super().forward(*args, **kwargs)
 
-    def generate(self, *args: Any, loops: int | Sequence[int] | None = None, **kwargs: Any) -> Any:
-        with self._running(loops, None):
+    def generate(self, *args: Any, loops: int | Sequence[int] | None = None, exit: ExitRule | str | None = None,
+                 kv_policy: str = "per_application", exit_stats: ExitStats | None = None, **kwargs: Any) -> Any:
+        rule, kv_policy, exit_stats = exit_options(self, exit, kv_policy, exit_stats)
+        with self._running(loops, None), generating_with(self, rule, kv_policy, exit_stats):
             return super().generate(*args, **kwargs)
+
+    def _exiting(self, rule: ExitRule | None, kv_policy: str, stats: ExitStats | None,
+                 mask: torch.Tensor | None) -> contextlib.AbstractContextManager:
+        """One forward's adaptive exit and KV policy (a fresh :class:`~loopreg.adaptive.LoopExit`)."""
+        from transformers import DynamicCache
+
+        layers = self.get_submodule(decoder_layers_path(self.config))
+        spec = getattr(self.config, SPEC_KEY, None)
+        if not isinstance(layers, LoopedLayers):
+            what = f"exit={rule}" if rule is not None else f"kv_policy={kv_policy!r}"
+            raise ValueError(f"{what} needs a tied looped model; this one is untied ('{spec}'): snap it first")
+        check_exit(layers.spec, True, rule, kv_policy)
+        if rule is not None and layers.update != "plain":
+            raise ValueError(f"exit={rule} needs plain looping; this model has update={layers.update!r}")
+        norm, head = self.get_submodule(FINAL_NORM[self.config.model_type]), self.get_output_embeddings()
+        looping = LoopExit(layers.running_spec, rule, kv_policy, decode=lambda h: head(norm(h)), scratch=DynamicCache,
+                           real=mask if mask is not None and mask.dim() == 2 else None, stats=stats)
+        return layers.exiting(looping)
 
     def _running(self, loops: int | Sequence[int] | torch.Tensor | None,
                  grad_loops: int | torch.Tensor | None) -> contextlib.AbstractContextManager:
@@ -281,14 +358,17 @@ def __getattr__(name: str) -> type:
 
 
 def _forward_with_signature(base: type) -> Callable:
-    """:meth:`LoopedCausalLM.forward` showing ``base.forward``'s parameters plus ``loops``/``grad_loops``:
+    """:meth:`LoopedCausalLM.forward` showing ``base.forward``'s parameters plus ``loops``/``grad_loops`` (and the
+    exit keywords):
     Composer's ``HuggingFaceModel`` passes the batch keys that the forward's signature names."""
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         return LoopedCausalLM.forward(self, *args, **kwargs)
 
     parameters = list(inspect.signature(base.forward).parameters.values())
     variadic = [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("loops", "grad_loops")]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default) for name, default in
+             (("loops", None), ("grad_loops", None), ("exit", None), ("kv_policy", "per_application"),
+              ("exit_stats", None))]
     forward.__signature__ = inspect.Signature([p for p in parameters if p not in variadic] + extra + variadic)
     forward.__doc__ = base.forward.__doc__
     return forward

@@ -13,7 +13,7 @@ siblings (relatively) only.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -21,10 +21,11 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_loopreg import LoopregConfig
-from .model import LoopedLM
 # transformers 4.53 copies only an entry module's *direct* relative imports out of a local folder into its module
 # cache, so every sibling that model.py needs is named here too (tests/test_remote_code.py checks the closure)
+from .adaptive import ExitRule, ExitStats, exit_options, generating_with
+from .configuration_loopreg import LoopregConfig
+from .model import LoopedLM
 from .spec import LoopSpec  # noqa: F401
 from .update_rules import UPDATE_RULES  # noqa: F401
 
@@ -91,10 +92,12 @@ class LoopregForCausalLM(PreTrainedModel, GenerationMixin):
                 labels: torch.LongTensor | None = None, loops: int | Sequence[int] | None = None,
                 cache_position: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 return_dict: bool | None = None, output_attentions: bool | None = None,
-                output_hidden_states: bool | None = None) -> CausalLMOutputWithPast:
+                output_hidden_states: bool | None = None, exit: ExitRule | str | None = None,
+                kv_policy: str = "per_application", exit_stats: ExitStats | None = None) -> CausalLMOutputWithPast:
         """Logits (and with ``labels`` the shifted next-token loss) of the LoopedLM at ``loops`` (else
         ``config.loops``). ``attention_mask`` (B, past + T) covers the cached positions, as in transformers;
-        the positions come from it (left padding), so ``cache_position`` is not needed."""
+        the positions come from it (left padding), so ``cache_position`` is not needed. ``exit``, ``kv_policy``
+        and ``exit_stats`` are LoopedLM's (adaptive exit, :mod:`loopreg.adaptive`), also given to ``generate``."""
         if inputs_embeds is not None or output_attentions or output_hidden_states:
             raise ValueError("LoopregForCausalLM takes input_ids only and returns no attentions or hidden states "
                              "(LoopedLM's own forward has output_hidden=)")
@@ -102,8 +105,15 @@ class LoopregForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         cache = past_key_values if use_cache else None
+        exit, kv_policy, exit_stats = exit_options(self, exit, kv_policy, exit_stats)
         logits = self.model(input_ids, attention_mask=attention_mask, cache=cache,
-                            loops=self.config.loops if loops is None else loops)
+                            loops=self.config.loops if loops is None else loops, exit=exit, kv_policy=kv_policy,
+                            exit_stats=exit_stats)
         loss = None if labels is None else self.loss_function(logits, labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
+    def generate(self, *args: Any, exit: ExitRule | str | None = None, kv_policy: str = "per_application",
+                 exit_stats: ExitStats | None = None, **kwargs: Any) -> Any:
+        """transformers' ``generate``, its forwards under ``exit``/``kv_policy`` (see :meth:`forward`)."""
+        with generating_with(self, *exit_options(self, exit, kv_policy, exit_stats)):
+            return super().generate(*args, **kwargs)
