@@ -1,6 +1,6 @@
 """Accuracy against thinking iterations under adaptive exit (issue #17), on this CPU, in one command.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/adaptive_sweep.py                 # both models, ~20 min
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/adaptive_sweep.py                 # both models, ~25 min
     .venv/bin/python benchmarks/adaptive_sweep.py --only phop --phop-limit 200      # a quick look
 
 For each model: the fixed maximum (no exit rule), ``kl`` and ``latent`` thresholds, and the ``shared`` KV policy at
@@ -34,8 +34,11 @@ from loopreg.model import LoopedLM
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = Path("/work/main")  # where the lead trains and heals the models
-KL = ("kl:0.0001", "kl:0.001", "kl:0.01", "kl:0.05", "kl:0.1")
-LATENT = ("latent:0.01", "latent:0.05", "latent:0.1", "latent:0.2")
+PHOP_RULES = ("kl:0.0001", "kl:0.001", "kl:0.01", "kl:0.05", "kl:0.1",
+              "latent:0.01", "latent:0.05", "latent:0.1", "latent:0.2", "latent:0.3", "latent:0.5")
+# the retrofit's 2 iterations barely exit below kl 0.1 / latent 0.2 (a trial at --smol-limit 2), and each of its
+# runs costs minutes on a shared 2-core CPU: the thresholds where exits happen
+SMOL_RULES = ("kl:0.1", "kl:0.5", "kl:1", "latent:0.3", "latent:0.5")
 
 
 def phop_task(recipe_path: Path) -> list:
@@ -73,17 +76,24 @@ def sweep(label: str, source: Path, specs: list, limit: int | None, batch_size: 
     folder = out / label
     runs = [(None, "per_application"), (None, "shared"), *((rule, "per_application") for rule in rules)]
     seconds = {}
-    for rule, kv_policy in runs:
+
+    def run(rule: str | None, kv_policy: str, folder: Path, batch_size: int) -> dict:
         exit_rule = None if rule is None else ExitRule.parse(rule)
-        run = ModelGenerator(generator.model, generator.tokens.raw, loops, generator.context, exit_rule, kv_policy)
-        run_info = info if not run.adaptive else dataclasses.replace(info, exit=rule, kv_policy=kv_policy)
+        generating = ModelGenerator(generator.model, generator.tokens.raw, loops, generator.context, exit_rule,
+                                    kv_policy)
+        run_info = info if not generating.adaptive else dataclasses.replace(info, exit=rule, kv_policy=kv_policy)
         name = f"{rule or 'fixed'}_{kv_policy}".replace(":", "_")
         (folder / f"{name}.predictions.jsonl").unlink(missing_ok=True)  # measure every run afresh
         start = time.perf_counter()
-        evaluate(run, specs, None, limit, batch_size, sidecar_path=folder / f"{name}.predictions.jsonl",
-                 results_path=folder / f"{name}.json", model=run_info, progress=False)
-        seconds[run_info.label] = round(time.perf_counter() - start, 1)
-        print(f"{label}: {run_info.label} done in {seconds[run_info.label]} s", flush=True)
+        results = evaluate(generating, specs, None, limit, batch_size, progress=False, model=run_info,
+                           sidecar_path=folder / f"{name}.predictions.jsonl", results_path=folder / f"{name}.json")
+        seconds[f"{run_info.label} (batch {batch_size})"] = round(time.perf_counter() - start, 1)
+        print(f"{label}: {run_info.label} at batch size {batch_size} done in {time.perf_counter() - start:.1f} s",
+              flush=True)
+        return results
+
+    for rule, kv_policy in runs:
+        run(rule, kv_policy, folder, batch_size)
     table = compute_report(load_results([folder]), png=out / f"{label}_acc_vs_loops.png")
     (out / f"{label}_compute.md").write_text(to_markdown(table), encoding="utf-8")
     exported = to_json(table)
@@ -92,9 +102,16 @@ def sweep(label: str, source: Path, specs: list, limit: int | None, batch_size: 
     mean_rows = [row for row in exported["rows"] if row["values"]["Task"].startswith("mean")] or exported["rows"]
     meeting = [row["values"] for row in mean_rows if row["values"]["Target"]]
     best = max(meeting, key=lambda row: row["Fewer"], default=None)
-    summary = {"model": str(source), "loops": loops, "limit": limit, "table": exported, "seconds": seconds,
+    alone = None
+    if best is not None and batch_size > 1:  # the batch waits for its slowest token; alone, a row waits for its own
+        tasks = run(best["Exit"], "per_application", folder / "batch1", 1)["tasks"]
+        alone = {task: {key: entry[key] for key in ("score", "mean_loops", "executed_loops")}
+                 for task, entry in tasks.items()}
+        print(f"{label}: {best['Exit']} at batch size 1: {alone}")
+    summary = {"model": str(source), "loops": loops, "limit": limit, "batch_size": batch_size, "table": exported,
+               "seconds": seconds,
                "kv_bytes": {"per_application": per_app, "shared": shared, "ratio": shared / per_app},
-               "best_meeting_target": best}
+               "best_meeting_target": best, "best_at_batch_size_1": alone}
     print(to_markdown(table))
     print(f"{label}: KV memory shared / per_application = {shared} / {per_app} bytes = {shared / per_app:.3f}")
     print(f"{label}: best threshold meeting the target: {best['Exit'] if best else 'none'}", flush=True)
@@ -107,7 +124,7 @@ def main() -> None:
     parser.add_argument("--phop-recipe", type=Path, default=REPO / "recipes/cpu_phop_random_loops.yaml")
     parser.add_argument("--phop-limit", type=int, default=None, help="p-hop examples (default: the recipe's 1000)")
     parser.add_argument("--smol", type=Path, default=MAIN / "runs/heal_keepall/model")
-    parser.add_argument("--smol-limit", type=int, default=25, help="examples per reasoning-primitives task")
+    parser.add_argument("--smol-limit", type=int, default=10, help="examples per reasoning-primitives task")
     parser.add_argument("--smol-loops", type=int, default=None, help="max thinking iterations (default: the spec's)")
     parser.add_argument("--only", choices=("phop", "smol"), default=None)
     parser.add_argument("--out", type=Path, default=REPO / "runs/adaptive")
@@ -116,10 +133,10 @@ def main() -> None:
     summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads()}
     if args.only in (None, "phop"):
         summary["phop"] = sweep("phop", args.phop, phop_task(args.phop_recipe), args.phop_limit, 250, args.out,
-                                KL + LATENT)
+                                PHOP_RULES)
     if args.only in (None, "smol"):
         specs = load_task_specs(list(load_groups()["reasoning_primitives"].tasks))
-        summary["smol"] = sweep("smol", args.smol, specs, args.smol_limit, 8, args.out, KL + LATENT, args.smol_loops)
+        summary["smol"] = sweep("smol", args.smol, specs, args.smol_limit, 10, args.out, SMOL_RULES, args.smol_loops)
     path = args.out / f"sweep_{args.only or 'all'}.json"
     path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")

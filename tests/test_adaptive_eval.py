@@ -102,3 +102,36 @@ def test_exit_on_a_model_that_does_not_loop_is_a_one_line_error(tmp_path: Path, 
     status, _, err = run_cli(["eval", str(flat), "--tasks", TASKS[0], "--exit", "kl:0.01",
                               "--out", str(tmp_path / "x.json")], capsys)
     assert status == 2 and err.count("\n") == 1 and "--exit: this LoopedLM does not loop (spec 2x1)" in err
+
+
+def test_a_tied_retrofit_generates_with_an_exit_rule() -> None:
+    """The harness's generator passes the rule to a tied HF retrofit's generate (LoopedCausalLM): threshold 0 gives
+    the fixed-loop completions and the maximum iterations; a loose one exits every token after iteration 1."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loopreg.adaptive import ExitRule, ExitStats
+    from loopreg.evals.models import ModelGenerator
+    from loopreg.surgery import loop_surgery
+
+    from .conftest import hf_byte_tokenizer
+    from .test_loop_override import KEEP_ALL, KEEP_ALL_MAP, LLAMA_LIKE
+
+    tokenizer = hf_byte_tokenizer()
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(LlamaConfig(**{**LLAMA_LIKE, "vocab_size": len(tokenizer)})).eval()
+    looped = loop_surgery(copy.deepcopy(source), KEEP_ALL, layers=KEEP_ALL_MAP)
+    prompts, stop = ["a=1, b=2, b=", "xy"], ["\n"]
+    fixed = ModelGenerator(looped, tokenizer, loops=3).generate(prompts, 6, stop)
+    for rule, kv_policy, loops in (("kl:0", "per_application", 3.0), ("latent:100", "shared", 1.0)):
+        stats = ExitStats()
+        generator = ModelGenerator(looped, tokenizer, loops=3, exit=ExitRule.parse(rule), kv_policy=kv_policy)
+        completions = generator.generate(prompts, 6, stop, exit_stats=stats)
+        assert stats.tokens > 0 and stats.mean_loops == stats.executed_loops == loops
+        if rule == "kl:0":
+            assert completions == fixed
+    with pytest.raises(ValueError, match="--exit: this LlamaForCausalLM does not loop"):
+        ModelGenerator(source, tokenizer, exit=ExitRule.parse("kl:0.1"))
