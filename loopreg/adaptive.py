@@ -200,8 +200,9 @@ class ExitCache:
 
 class LoopExit:
     """One forward's adaptive exit and KV policy, as hooks around the layer applications of the thinking block:
-    ``enter``/``leave`` at each iteration's first/last application, ``skips`` once every token exited (then
-    ``cache.fill`` stands in for the layer), and ``bind`` for the cache the layers write to.
+    ``enter``/``leave`` at each iteration's first/last application (installed with a ``rule`` only; without one
+    this is the KV policy alone), ``skips`` once every token exited (then ``cache.fill`` stands in for the layer),
+    and ``bind`` for the cache the layers write to.
 
     ``decode(h) -> logits`` is the model's final norm and head (the ``kl`` criterion); ``real`` (B, T_total) marks
     real tokens (1) and padding (0): padding neither holds the batch in the loop nor counts in ``stats``;
@@ -237,33 +238,32 @@ class LoopExit:
         return self.done and application in self.cache.thinking
 
     def enter(self, application: int, h: torch.Tensor) -> None:
-        if self.rule is not None and application in self.starts and not self.done:
+        """Before the first layer of a thinking iteration (an application in :attr:`starts`)."""
+        if not self.done:
             self._loop_input = h
 
     def leave(self, application: int, h: torch.Tensor) -> torch.Tensor:
-        """After an iteration: exited tokens take their state back, newly converged tokens exit."""
-        if application not in self.loop_ends or self.done:
+        """After the last layer of a thinking iteration (an application in :attr:`loop_ends`): exited tokens take
+        their state back, newly converged tokens exit, and the batch stops once no real token is left."""
+        if self.done:
             return h
         loop = self.loop_ends.index(application)
         self.executed = loop + 1
-        if self.rule is None:
-            return h
-        if self.exit_loops is None:
+        if self.exit_loops is None:  # the first iteration: every token is still in the loop
             self.exit_loops = torch.full(h.shape[:2], len(self.loop_ends), device=h.device)
-        active = self.cache.active
-        if active is not None:  # exited tokens keep their state: the one this iteration started from
-            h = torch.where(active[..., None], h, self._loop_input)
-        else:
+        if self.cache.active is None:
             active = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        else:  # exited tokens keep their state: the one this iteration started from
+            active = self.cache.active
+            h = torch.where(active[..., None], h, self._loop_input)
         exits = active & (self.rule.measure(h, self._loop_input, self.decode) < self.rule.threshold)
         if bool(exits.any()):
             self.exit_loops[exits] = loop + 1
-            self.cache.active = active & ~exits
+            active = self.cache.active = active & ~exits
         real = self._real(h)
-        self.done = not bool((self.cache.active & real).any()) if self.cache.active is not None else False
-        if self.done or loop == len(self.loop_ends) - 1:
-            if self.stats is not None:
-                self.stats.record(self.exit_loops[real], self.executed, len(self.loop_ends))
+        self.done = not bool((active & real).any())
+        if (self.done or loop == len(self.loop_ends) - 1) and self.stats is not None:
+            self.stats.record(self.exit_loops[real], self.executed, len(self.loop_ends))
         return h
 
     def _real(self, h: torch.Tensor) -> torch.Tensor:

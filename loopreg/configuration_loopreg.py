@@ -19,9 +19,10 @@ from typing import Any, Sequence
 
 from transformers import PretrainedConfig
 
-from .model import HF_MODEL_TYPE, LoopedLMConfig, hf_config_keys
 # transformers 4.53 copies only an entry module's *direct* relative imports out of a local folder into its module
 # cache, so every sibling that model.py needs is named here too (tests/test_remote_code.py checks the closure)
+from .adaptive import KV_POLICIES  # noqa: F401
+from .model import HF_MODEL_TYPE, LoopedLMConfig, hf_config_keys
 from .spec import LoopSpec  # noqa: F401
 from .update_rules import UPDATE_RULES  # noqa: F401
 

@@ -71,8 +71,9 @@ class LayerApplication:
 
     def exiting(self, looping: LoopExit) -> LayerApplication:
         """This application under ``looping``, with its hooks at the thinking iterations' first and last layers."""
-        enter = ((functools.partial(looping.enter, self.slot),) if self.slot in looping.starts else ())
-        leave = ((functools.partial(looping.leave, self.slot),) if self.slot in looping.loop_ends else ())
+        exits = looping.rule is not None
+        enter = (functools.partial(looping.enter, self.slot),) if exits and self.slot in looping.starts else ()
+        leave = (functools.partial(looping.leave, self.slot),) if exits and self.slot in looping.loop_ends else ()
         return LayerApplication(self._owner, self._key, self.slot, self._enter + enter, self._leave + leave,
                                 self._no_grad, looping)
 

@@ -38,7 +38,7 @@ BUILDERS = {
 }
 SPEC = "1x1+2x3+1x1"  # 4 distinct layers from the 6, the middle two looped 3 times: depth 8
 CALL_LOOPS, CONFIG_LOOPS = 2, 4
-REMOTE_FILES = {"looped_hf.py", "model.py", "spec.py", "update_rules.py"}
+REMOTE_FILES = {"adaptive.py", "looped_hf.py", "model.py", "spec.py", "update_rules.py"}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
