@@ -39,6 +39,7 @@ PHOP_RULES = ("kl:0.0001", "kl:0.001", "kl:0.01", "kl:0.05", "kl:0.1",
 # the retrofit's 2 iterations barely exit below kl 0.1 / latent 0.2 (a trial at --smol-limit 2), and each of its
 # runs costs minutes on a shared 2-core CPU: the thresholds where exits happen
 SMOL_RULES = ("kl:0.1", "kl:0.5", "kl:1", "latent:0.3", "latent:0.5")
+BATCH1_LIMIT = 200  # examples per task of the batch-size-1 rerun of the best rule (one generate call each)
 
 
 def phop_task(recipe_path: Path) -> list:
@@ -77,7 +78,7 @@ def sweep(label: str, source: Path, specs: list, limit: int | None, batch_size: 
     runs = [(None, "per_application"), (None, "shared"), *((rule, "per_application") for rule in rules)]
     seconds = {}
 
-    def run(rule: str | None, kv_policy: str, folder: Path, batch_size: int) -> dict:
+    def run(rule: str | None, kv_policy: str, folder: Path, batch_size: int, limit: int | None = limit) -> dict:
         exit_rule = None if rule is None else ExitRule.parse(rule)
         generating = ModelGenerator(generator.model, generator.tokens.raw, loops, generator.context, exit_rule,
                                     kv_policy)
@@ -104,7 +105,7 @@ def sweep(label: str, source: Path, specs: list, limit: int | None, batch_size: 
     best = max(meeting, key=lambda row: row["Fewer"], default=None)
     alone = None
     if best is not None and batch_size > 1:  # the batch waits for its slowest token; alone, a row waits for its own
-        tasks = run(best["Exit"], "per_application", folder / "batch1", 1)["tasks"]
+        tasks = run(best["Exit"], "per_application", folder / "batch1", 1, min(limit or BATCH1_LIMIT, BATCH1_LIMIT))["tasks"]
         alone = {task: {key: entry[key] for key in ("score", "mean_loops", "executed_loops")}
                  for task, entry in tasks.items()}
         print(f"{label}: {best['Exit']} at batch size 1: {alone}")
