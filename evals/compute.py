@@ -55,7 +55,7 @@ def compute_figure(points: Sequence[ComputePoint]) -> Figure:
         raise ValueError("no results to plot")
     columns = min(2, len(models))
     rows = math.ceil(len(models) / columns)
-    figure = Figure(figsize=(5.5 * columns, 4.0 * rows), layout="constrained")
+    figure = Figure(figsize=(8.0 * columns, 4.0 * rows), layout="constrained")  # room for the legend on the right
     FigureCanvasAgg(figure)  # Agg explicitly: no pyplot, no global backend, works headless
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     colors = {task: f"C{index}" for index, task in enumerate(dict.fromkeys(p.task for p in points))}
@@ -74,7 +74,7 @@ def compute_figure(points: Sequence[ComputePoint]) -> Figure:
         axis.set_xlabel("mean thinking iterations per token")
         axis.set_ylabel("accuracy (%)")
         axis.set_title(model)
-        axis.legend(fontsize="x-small")
+        axis.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines, not on them
     for axis in axes[len(models):]:  # the last row's unused cell
         figure.delaxes(axis)
     return figure
