@@ -135,3 +135,12 @@ def test_a_tied_retrofit_generates_with_an_exit_rule() -> None:
             assert completions == fixed
     with pytest.raises(ValueError, match="--exit: this LlamaForCausalLM does not loop"):
         ModelGenerator(source, tokenizer, exit=ExitRule.parse("kl:0.1"))
+
+
+def test_another_rule_never_reuses_the_sidecar(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The rule is part of each request's digest: the same --out with another rule generates again (and counts)."""
+    _eval(capsys, folder, tmp_path / "same.json", "--exit", "kl:0")
+    loose = _eval(capsys, folder, tmp_path / "same.json", "--exit", "latent:100")
+    assert all(loose["tasks"][task]["mean_loops"] == 1.0 for task in TASKS)
+    assert len(set(_predictions(tmp_path / "same.json"))) * 2 == len(
+        (tmp_path / "same.predictions.jsonl").read_text().splitlines())  # every example generated twice
