@@ -1,6 +1,6 @@
 """Accuracy against thinking iterations under adaptive exit (issue #17), on this CPU, in one command.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/adaptive_sweep.py                 # both models, ~25 min
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/adaptive_sweep.py                 # both models, ~10 min
     .venv/bin/python benchmarks/adaptive_sweep.py --only phop --phop-limit 200      # a quick look
 
 For each model: the fixed maximum (no exit rule), ``kl`` and ``latent`` thresholds, and the ``shared`` KV policy at
