@@ -105,7 +105,8 @@ def sweep(label: str, source: Path, specs: list, limit: int | None, batch_size: 
     best = max(meeting, key=lambda row: row["Fewer"], default=None)
     alone = None
     if best is not None and batch_size > 1:  # the batch waits for its slowest token; alone, a row waits for its own
-        tasks = run(best["Exit"], "per_application", folder / "batch1", 1, min(limit or BATCH1_LIMIT, BATCH1_LIMIT))["tasks"]
+        alone_limit = min(limit or BATCH1_LIMIT, BATCH1_LIMIT)
+        tasks = run(best["Exit"], "per_application", folder / "batch1", 1, alone_limit)["tasks"]
         alone = {task: {key: entry[key] for key in ("score", "mean_loops", "executed_loops")}
                  for task, entry in tasks.items()}
         print(f"{label}: {best['Exit']} at batch size 1: {alone}")
