@@ -7,6 +7,11 @@
 With several ``--loops`` values each gets its own results file (``NAME_loops4.json``) and sidecar.
 ``--ppl-text`` adds the token-weighted perplexity (:mod:`.perplexity`) to each results file (the report's
 PPL column); it may be the only thing measured.
+
+``--exit kl:0.01`` (or ``latent:0.05``) lets each token leave the thinking block early (:mod:`loopreg.adaptive`;
+each ``--loops`` value is then the maximum) and records per task the mean thinking iterations per token
+(``mean_loops``, ``executed_loops``) next to the score; ``--kv-policy shared`` keeps one KV slot per
+distinct layer. ``loopreg report --compute`` plots accuracy against mean loops.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from loopreg.adaptive import KV_POLICIES, ExitRule, ExitStats
 from loopreg.errors import UserError
 
 from .ppl import DEFAULT_MAX_TOKENS, perplexity
@@ -34,9 +40,19 @@ def _loop_list(text: str | None) -> list[int | None]:
     return loops
 
 
+def _exit_rule(text: str | None) -> ExitRule | None:
+    if text is None:
+        return None
+    try:
+        return ExitRule.parse(text)
+    except ValueError as err:  # already one line naming --exit, the value and the valid criteria
+        raise UserError(str(err)) from None
+
+
 def cli_main(argv: list[str]) -> int:
     """Entry for ``loopreg eval`` (see the module docstring); a user error raises a one-line
     :class:`~loopreg.errors.UserError`."""
+    from .report import LoopUsage
     from .runner import evaluate
     from .tasks import load_task_specs
 
@@ -54,24 +70,36 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window (default: min(512, context))")
     parser.add_argument("--ppl-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help="predicted tokens to score, in whole windows (default: %(default)s)")
+    parser.add_argument("--exit", default=None, metavar="CRITERION:THRESHOLD",
+                        help="adaptive exit from the loop, e.g. kl:0.01 or latent:0.05 (--loops is the maximum)")
+    parser.add_argument("--kv-policy", default="per_application",
+                        help=f"KV cache of the loop: {', '.join(KV_POLICIES)} (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON path")
     parser.add_argument("--allow-hub", action="store_true", help="load tasks without local data from the HF hub")
     args = parser.parse_args(argv)
     names = [n.strip() for n in f"{args.groups},{args.tasks}".split(",") if n.strip()]
     if not names and not args.ppl_text:
         raise UserError("name at least one --groups or --tasks, or give --ppl-text")
+    exit_rule = _exit_rule(args.exit)
+    if args.kv_policy not in KV_POLICIES:
+        raise UserError(f"unknown policy '{args.kv_policy}'; valid: {', '.join(KV_POLICIES)}", key="--kv-policy")
     try:
         from .models import load_generator
 
         specs = load_task_specs(names)
         for loops in _loop_list(args.loops):
-            generator, info = load_generator(args.model, loops, args.gguf_file)
+            generator, info = load_generator(args.model, loops, args.gguf_file, exit=exit_rule,
+                                             kv_policy=args.kv_policy)
             if args.ppl_text:
+                stats = None if exit_rule is None else ExitStats()
                 result = perplexity(generator.model, generator.tokens.raw, args.ppl_text, seq_len=args.ppl_seq_len,
-                                    max_tokens=args.ppl_tokens, loops=generator.loops)
-                print(f"{info.name}: perplexity {result.ppl:.3f} over {result.tokens} tokens "
-                      f"({result.windows} windows)")
-                info = dataclasses.replace(info, perplexity=result.ppl)
+                                    max_tokens=args.ppl_tokens, loops=generator.loops, exit=exit_rule,
+                                    exit_stats=stats)
+                spent = "" if stats is None else f", {stats.mean_loops:.2f} thinking iterations per token"
+                print(f"{info.label}: perplexity {result.ppl:.3f} over {result.tokens} tokens "
+                      f"({result.windows} windows{spent})")
+                info = dataclasses.replace(info, perplexity=result.ppl, perplexity_loops=None if stats is None else
+                                           LoopUsage(float(stats.mean_loops), float(stats.executed_loops)))
             out = args.out if loops is None or args.loops.count(",") == 0 else \
                 args.out.with_name(f"{args.out.stem}_loops{loops}{args.out.suffix}")
             evaluate(generator, specs, args.data_dir, args.limit, args.batch_size,

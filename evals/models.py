@@ -8,12 +8,14 @@ causal LM.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from loopreg.adaptive import ExitRule, ExitStats
 from loopreg.model import LoopedLM
 from loopreg.spec import LoopSpec
 
@@ -62,12 +64,18 @@ class ModelGenerator:
 
     Prompts are left-padded into one batch and left-truncated to fit ``context`` tokens with room for
     the answer; generation stops early once every row contains a stop sequence or end-of-text.
+    ``exit`` (an adaptive exit rule) and ``kv_policy`` go to a looped model's generate
+    (:mod:`loopreg.adaptive`); ``generate(..., exit_stats=stats)`` then counts its thinking iterations.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, loops: int | None = None, context: int | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, loops: int | None = None, context: int | None = None,
+                 exit: ExitRule | None = None, kv_policy: str = "per_application") -> None:
         self.model, self.tokens, self.loops = model.eval(), _Tokens(tokenizer), loops
+        self.exit, self.kv_policy = exit, kv_policy
         if loops is not None:
             check_loop_override(model)
+        if self.adaptive:
+            check_loop_override(model, "--exit" if exit is not None else "--kv-policy")
         config = model.config
         self.context = (context or getattr(config, "max_seq_len", None)
                         or getattr(config, "max_position_embeddings", 2048))
@@ -86,8 +94,14 @@ class ModelGenerator:
             self._stop_criteria[key] = StoppingCriteriaList([StopStringCriteria(self.tokens.raw, list(stop))])
         return self._stop_criteria[key]
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether generation leaves today's fixed-loop, per-application path (an exit rule or KV sharing)."""
+        return self.exit is not None or self.kv_policy != "per_application"
+
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str],
+                 exit_stats: ExitStats | None = None) -> list[str]:
         budget = max(1, self.context - max_new_tokens)
         rows = [self.tokens.encode(prompt)[-budget:] for prompt in prompts]
         width = max(len(row) for row in rows)
@@ -98,13 +112,15 @@ class ModelGenerator:
             mask[index, width - len(row):] = 1
         device = next(self.model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
+        # only a run that asks for them passes the keywords: a plain HF model's generate does not take them
+        adaptive = {"exit": self.exit, "kv_policy": self.kv_policy, "exit_stats": exit_stats} if self.adaptive else {}
         if isinstance(self.model, LoopedLM):
             stopped = (lambda new: torch.tensor([any(s in self.tokens.decode(r) for s in stop) for r in new.tolist()],
                                                 device=device)) if stop else None
             new = self.model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=self.tokens.eos_id,
-                                      loops=self.loops, stop_when=stopped)
+                                      loops=self.loops, stop_when=stopped, **adaptive)
         else:
-            extra = {"stopping_criteria": self._stop_strings(stop)} if stop else {}
+            extra = {"stopping_criteria": self._stop_strings(stop), **adaptive} if stop else dict(adaptive)
             if self.loops is not None:
                 extra["loops"] = self.loops  # a tied retrofit's generate takes the override (LoopedCausalLM)
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -114,18 +130,18 @@ class ModelGenerator:
         return [self.tokens.decode(row) for row in new.tolist()]
 
 
-def check_loop_override(model: nn.Module) -> None:
-    """Raise a one-line ``ValueError`` unless ``model`` can run another loop count: a tied looped
-    ``LoopedLM`` or tied surgery output."""
+def check_loop_override(model: nn.Module, flag: str = "--loops") -> None:
+    """Raise a one-line ``ValueError`` naming ``flag`` unless ``model`` can run another loop count (or exit
+    its loop early): a tied looped ``LoopedLM`` or tied surgery output."""
     from loopreg.surgery.core import LoopedLayers, get_layers, looped_spec
 
     spec = looped_spec(model)
     if spec is None or not spec.is_looped:
-        raise ValueError(f"--loops: this {type(model).__name__} does not loop (spec {spec or 'none'}); "
+        raise ValueError(f"{flag}: this {type(model).__name__} does not loop (spec {spec or 'none'}); "
                          "loop it first with `loopreg surgery`")
     tied = model.config.tied if isinstance(model, LoopedLM) else isinstance(get_layers(model), LoopedLayers)
     if not tied:
-        raise ValueError(f"--loops: this {type(model).__name__} is untied (spec {spec}): each application has its own "
+        raise ValueError(f"{flag}: this {type(model).__name__} is untied (spec {spec}): each application has its own "
                          "layer, so its loop count is fixed; snap it to a tied model first (`loopreg snap`)")
 
 
@@ -145,9 +161,10 @@ def model_info(name: str, model: nn.Module, loops: int | None = None) -> ModelIn
 
 
 def load_generator(source: str | Path, loops: int | None = None, gguf_file: str | None = None,
-                   context: int | None = None) -> tuple[ModelGenerator, ModelInfo]:
+                   context: int | None = None, exit: ExitRule | None = None,
+                   kv_policy: str = "per_application") -> tuple[ModelGenerator, ModelInfo]:
     """A generator and its :class:`ModelInfo` for a loopreg folder, a surgery output, an HF folder or a
-    GGUF file (``folder/x.gguf`` or ``folder`` + ``gguf_file``)."""
+    GGUF file (``folder/x.gguf`` or ``folder`` + ``gguf_file``); ``exit``/``kv_policy`` as :class:`ModelGenerator`."""
     from tokenizers import Tokenizer
 
     from loopreg.surgery.sources import is_loopreg_folder, load_source, load_source_tokenizer
@@ -164,4 +181,8 @@ def load_generator(source: str | Path, loops: int | None = None, gguf_file: str 
         tokenizer.padding_side = "left"
     name = path.stem if path.suffix == ".gguf" else path.name
     name = f"{name}@loops{loops}" if loops is not None else name  # a loop sweep gives one report row per count
-    return ModelGenerator(model, tokenizer, loops, context), model_info(name, model, loops)
+    generator = ModelGenerator(model, tokenizer, loops, context, exit, kv_policy)
+    info = model_info(name, model, loops)
+    if generator.adaptive:
+        info = dataclasses.replace(info, exit=None if exit is None else str(exit), kv_policy=kv_policy)
+    return generator, info

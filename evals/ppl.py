@@ -111,13 +111,15 @@ def _model_context(model: nn.Module) -> int | None:
 @torch.inference_mode()
 def perplexity(model: nn.Module, tokenizer: Any, source: str, *, seq_len: int | None = None,
                max_tokens: int | None = DEFAULT_MAX_TOKENS, loops: int | Sequence[int] | None = None,
-               batch_size: int = 4, text_field: str = "text") -> PerplexityResult:
+               batch_size: int = 4, text_field: str = "text", exit: Any = None,
+               exit_stats: Any = None) -> PerplexityResult:
     """Token-weighted perplexity of ``model`` on ``source`` read with ``tokenizer`` (module docstring).
 
     ``seq_len`` defaults to ``min(512, model context)``; ``max_tokens`` caps the predicted tokens (whole
     windows: the first ``ceil(max_tokens / (seq_len - 1))``; ``None`` reads all the text); ``loops`` is
-    passed to the forward (``model(input_ids, loops=loops)``) only when given, so plain HF models work.
-    The model is put in eval mode.
+    passed to the forward (``model(input_ids, loops=loops)``) only when given, so plain HF models work;
+    so are an adaptive ``exit`` rule and the ``exit_stats`` that count its thinking iterations
+    (:mod:`loopreg.adaptive`; uncached, so the KV policy does not matter). The model is put in eval mode.
 
     Example: ``perplexity(model, tokenizer, "heldout.jsonl", seq_len=256, loops=4).ppl``
     """
@@ -134,6 +136,8 @@ def perplexity(model: nn.Module, tokenizer: Any, source: str, *, seq_len: int | 
     model.eval()
     device = next(model.parameters()).device
     extra = {} if loops is None else {"loops": loops}
+    if exit is not None:
+        extra.update(exit=exit, exit_stats=exit_stats)
     total = 0.0
     for batch in windows.to(device).split(batch_size):
         out = model(input_ids=batch, **extra)

@@ -4,7 +4,10 @@ A results file is the JSON one eval run writes::
 
     {"schema": "loopreg.eval/1", "model": "loop-12x2", "spec": "12x2", "loops": 2,
      "params_units": 12, "flops_units": 24, "perplexity": 7.90 | null,
-     "tasks":  {"svamp": {"score", "stderr", "n", "metric", "group", "random_baseline", "missing"}, ...},
+     "exit": "kl:0.01" | null, "kv_policy": "per_application" | "shared" | null,
+     "perplexity_loops": {"mean_loops", "executed_loops"} | null  (perplexity under the exit rule),
+     "tasks":  {"svamp": {"score", "stderr", "n", "metric", "group", "random_baseline", "missing",
+                          "mean_loops", "executed_loops"  (only with an exit rule)}, ...},
      "groups": {"math_word": {"score", "stderr", "n_tasks", "n_defined", "missing"}, ...}}
 
 Scores are fractions in [0, 1]; tables print percentages. Tables recompute group averages from the
@@ -13,12 +16,14 @@ task scores with the current group YAMLs (``groups`` in a file is a convenience 
 :func:`report_main` is the ``loopreg report`` command: a table shaped like the paper's Table 3 (rows =
 models with Params/FLOPs; columns = perplexity, closed-book, open-book, math, All, primitives), ``% Gap``
 rows for ``--pair ISO_PARAM:LOOPED`` against ``--baseline ISO_FLOP``, or with ``--scaling`` the
-log-depth fits and their plot; ``--markdown`` / ``--json`` export either table.
+log-depth fits and their plot, or with ``--compute`` accuracy against mean thinking iterations for runs
+with an adaptive exit rule (``loopreg eval --exit``); ``--markdown`` / ``--json`` export any of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,9 +47,11 @@ __all__ = [
     "DEFAULT_COLUMNS",
     "RESULTS_SCHEMA",
     "EvalResults",
+    "LoopUsage",
     "ModelInfo",
     "ReportRow",
     "ReportTable",
+    "compute_report",
     "load_results",
     "report_main",
     "scaling_report",
@@ -63,6 +70,18 @@ MISSING_CELL = "—"
 
 # ---------------------------------------------------------------------------------------- results files
 @dataclass(frozen=True)
+class LoopUsage:
+    """Thinking iterations per token of one task under an exit rule (:class:`loopreg.adaptive.ExitStats`):
+    ``mean_loops`` where the tokens exited, ``executed_loops`` what the batches really computed.
+
+    Example: ``LoopUsage(mean_loops=4.2, executed_loops=6.9)``
+    """
+
+    mean_loops: float
+    executed_loops: float
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What a results file says about the model; ``params_units``/``flops_units`` are in layer units.
 
@@ -76,6 +95,25 @@ class ModelInfo:
     params_units: int | None = None
     flops_units: int | None = None
     perplexity: float | None = None
+    exit: str | None = None  # the adaptive exit rule (``kl:0.01``); None: every token runs every loop
+    kv_policy: str | None = None  # None: the exact per_application cache
+    perplexity_loops: LoopUsage | None = None  # the thinking iterations of the perplexity run, with an exit rule
+
+    @property
+    def fixed(self) -> bool:
+        """A fixed-loop run with the exact cache: the reference of the ``--compute`` report."""
+        return self.exit is None and self.kv_policy in (None, "per_application")
+
+    @property
+    def label(self) -> str:
+        """``name``, plus the exit rule and a non-default KV policy: one results file's unique row name.
+
+        >>> ModelInfo("phop@loops8", exit="kl:0.01", kv_policy="shared").label
+        'phop@loops8+exit=kl:0.01+kv=shared'
+        """
+        extras = ([f"exit={self.exit}"] if self.exit else []) + \
+            ([f"kv={self.kv_policy}"] if self.kv_policy not in (None, "per_application") else [])
+        return "+".join([self.name, *extras])
 
     @classmethod
     def from_spec(cls, name: str, spec: str, perplexity: float | None = None) -> ModelInfo:
@@ -96,12 +134,17 @@ class ModelInfo:
 class EvalResults:
     """One model's eval results; ``to_json``/``from_json`` are the ``loopreg.eval/1`` schema.
 
+    ``loop_usage`` holds the per-task iterations of a run with an exit rule; ``source`` is the file it was
+    read from (for error messages; not compared).
+
     Example: ``EvalResults(ModelInfo("base-12x1"), tasks={"svamp": TaskScore(...)}, groups={})``
     """
 
     info: ModelInfo
     tasks: Mapping[str, TaskScore]
     groups: Mapping[str, GroupScore] = field(default_factory=dict)
+    loop_usage: Mapping[str, LoopUsage] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """The results-file dict (JSON-ready)."""
@@ -109,8 +152,11 @@ class EvalResults:
         return {
             "schema": RESULTS_SCHEMA, "model": info.name, "spec": info.spec, "loops": info.loops,
             "params_units": info.params_units, "flops_units": info.flops_units, "perplexity": info.perplexity,
+            "exit": info.exit, "kv_policy": info.kv_policy,
+            "perplexity_loops": None if info.perplexity_loops is None else dataclasses.asdict(info.perplexity_loops),
             "tasks": {name: {"score": t.score, "stderr": t.stderr, "n": t.n, "metric": t.metric, "group": t.group,
-                             "random_baseline": t.random_baseline, "missing": t.missing}
+                             "random_baseline": t.random_baseline, "missing": t.missing,
+                             **(dataclasses.asdict(self.loop_usage[name]) if name in self.loop_usage else {})}
                       for name, t in self.tasks.items()},
             "groups": {name: {"score": g.score, "stderr": g.stderr, "n_tasks": g.n_tasks, "n_defined": g.n_defined,
                               "missing": list(g.missing)}
@@ -124,14 +170,20 @@ class EvalResults:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise EvalDataError(None, source, f"not a results file: schema is {found!r}, expected {RESULTS_SCHEMA!r}")
         try:
+            ppl_loops = data.get("perplexity_loops")
             info = ModelInfo(str(data["model"]), data.get("spec"), data.get("loops"), data.get("params_units"),
-                             data.get("flops_units"), data.get("perplexity"))
-            tasks = {name: TaskScore(**entry) for name, entry in data["tasks"].items()}
+                             data.get("flops_units"), data.get("perplexity"), data.get("exit"), data.get("kv_policy"),
+                             None if ppl_loops is None else LoopUsage(**ppl_loops))
+            usage_keys = [f.name for f in dataclasses.fields(LoopUsage)]
+            tasks = {name: TaskScore(**{k: v for k, v in entry.items() if k not in usage_keys})
+                     for name, entry in data["tasks"].items()}
+            loop_usage = {name: LoopUsage(**{k: float(entry[k]) for k in usage_keys})
+                          for name, entry in data["tasks"].items() if "mean_loops" in entry}
             groups = {name: GroupScore(name=name, **{**entry, "missing": tuple(entry["missing"])})
                       for name, entry in data.get("groups", {}).items()}
-        except (KeyError, TypeError, AttributeError) as err:
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise EvalDataError(None, source, f"malformed {RESULTS_SCHEMA} results: {err!r}") from err
-        return cls(info, tasks, groups)
+        return cls(info, tasks, groups, loop_usage, str(source))
 
 
 def write_results(path: str | Path, results: EvalResults) -> Path:
@@ -171,9 +223,9 @@ def load_results(paths: Sequence[str | Path]) -> list[EvalResults]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise EvalDataError(None, path, f"cannot read JSON: {err}") from err
         results = EvalResults.from_json(data, path)
-        if results.info.name in seen:
-            raise EvalDataError(None, path, f"model {results.info.name!r} is also in {seen[results.info.name]}")
-        seen[results.info.name] = path
+        if results.info.label in seen:
+            raise EvalDataError(None, path, f"model {results.info.label!r} is also in {seen[results.info.label]}")
+        seen[results.info.label] = path
         loaded.append(results)
     return loaded
 
@@ -228,7 +280,7 @@ def table3(results: Sequence[EvalResults], groups: Mapping[str, GroupSpec],
     unknown = [name for name in columns if name not in groups]
     if unknown:
         raise ValueError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(sorted(groups))}")
-    by_name = {r.info.name: r for r in results}
+    by_name = {r.info.label: r for r in results}
     for name in [baseline, *(name for pair in pairs for name in pair)]:
         if name is not None and name not in by_name:
             raise ValueError(f"no results for model {name!r}; loaded: {', '.join(by_name)}")
@@ -248,7 +300,7 @@ def table3(results: Sequence[EvalResults], groups: Mapping[str, GroupSpec],
 
     rows = []
     for r in results:
-        name = r.info.name
+        name = r.info.label
         ppl = MISSING_CELL if r.info.perplexity is None else f"{r.info.perplexity:.2f}"
         cells = [_score_cell(scores[name][group]) for group in columns]
         rows.append(ReportRow("model", (name, r.info.units, ppl, *cells), (name, r.info.units, *column_values(name))))
@@ -283,9 +335,9 @@ def scaling_report(results: Sequence[EvalResults], groups: Mapping[str, GroupSpe
     points = []
     for r in results:
         if r.info.params_units is None or r.info.flops_units is None:
-            raise ValueError(f"model {r.info.name!r} has no params_units/flops_units, so no effective depth")
+            raise ValueError(f"model {r.info.label!r} has no params_units/flops_units, so no effective depth")
         group_scores = aggregate_groups({g: groups[g] for g in columns}, r.tasks, centered)
-        points.append(DepthPoint(r.info.name, r.info.params_units, r.info.flops_units,
+        points.append(DepthPoint(r.info.label, r.info.params_units, r.info.flops_units,
                                  {g: s.score for g, s in group_scores.items() if s.score is not None}))
     fits, plotted = fit_scaling(points, columns), plotted_groups(points, columns)
     rows, exact = [], None
@@ -309,6 +361,80 @@ def scaling_report(results: Sequence[EvalResults], groups: Mapping[str, GroupSpe
         plot_scaling(points, fits, png, {g: groups[g].title for g in columns})
         notes.append(f"plot: {png} (only the groups with scores: {', '.join(plotted)})")
     return ReportTable("Depth scaling", ("Group", "Family", "α", "β", "R²", "n", "α ratio"), tuple(rows),
+                       tuple(notes))
+
+
+TARGET_FEWER, TARGET_LOST = 30.0, 1.0  # issue #17: >= 30% fewer thinking iterations at <= 1 point lost
+
+
+def _fewer(loops: float, maximum: int | None) -> float | None:
+    return None if not maximum else 100.0 * (1.0 - loops / maximum)
+
+
+def compute_report(results: Sequence[EvalResults], png: str | Path | None = None) -> ReportTable:
+    """Accuracy against mean thinking iterations per task, for runs with an exit rule (``loopreg eval --exit``)
+    and the fixed-loop runs of the same models (the reference: every token runs the maximum, ``loops``).
+
+    ``fewer`` is ``1 − iterations / max`` in percent, for the mean (where tokens exited) and the executed
+    iterations (what the batches computed); ``Δ acc`` is in points against the fixed-max run of the same
+    model name. A run with several tasks gets a ``mean (N tasks)`` row (means of scores and iterations).
+    A file that is neither an exit run nor the fixed reference of one raises a one-line
+    ``ValueError``: ``FILE: no mean_loops (run loopreg eval with --exit)``.
+
+    Example: ``to_markdown(compute_report(load_results(["runs/adaptive/"]), png="acc_vs_loops.png"))``
+    """
+    from .compute import ComputePoint, plot_compute
+
+    adaptive = {r.info.name for r in results if not r.info.fixed}
+    for r in results:
+        if (r.info.exit is not None and not r.loop_usage) or (r.info.fixed and r.info.name not in adaptive):
+            raise ValueError(f"{r.source or r.info.label}: no mean_loops (run loopreg eval with --exit)")
+    reference = {r.info.name: r for r in results if r.info.fixed}
+    order = {r.info.name: index for index, r in enumerate(results)}
+    ranked = sorted(results, key=lambda r: (order[r.info.name], not r.info.fixed, r.info.exit is not None,
+                                            r.info.kv_policy or "", (r.info.exit or "").partition(":")[0],
+                                            float((r.info.exit or ":0").partition(":")[2])))
+    rows, points = [], []
+    for r in ranked:
+        base = reference.get(r.info.name)
+        maximum = (base or r).info.loops
+        fixed = LoopUsage(float(maximum), float(maximum))  # a run without an exit rule: every token, every loop
+        scored = {task: (t.score, r.loop_usage.get(task) or fixed)
+                  for task, t in r.tasks.items() if t.score is not None}
+        base_scores = {} if base is None else {task: t.score for task, t in base.tasks.items() if t.score is not None}
+        if len(scored) > 1:  # the run as a whole: mean score and mean iterations over its tasks
+            tasks, mean = list(scored), f"mean ({len(scored)} tasks)"
+            scored[mean] = (sum(scored[t][0] for t in tasks) / len(tasks),
+                            LoopUsage(*(sum(getattr(scored[t][1], key) for t in tasks) / len(tasks)
+                                        for key in ("mean_loops", "executed_loops"))))
+            if set(tasks) <= set(base_scores):
+                base_scores[mean] = sum(base_scores[t] for t in tasks) / len(tasks)
+        for task, (score, usage) in scored.items():
+            base_score = base_scores.get(task)
+            delta = None if base_score is None else 100.0 * (score - base_score)
+            fewer, fewer_executed = _fewer(usage.mean_loops, maximum), _fewer(usage.executed_loops, maximum)
+            target = (r.info.exit is not None and delta is not None and fewer is not None
+                      and fewer >= TARGET_FEWER and delta >= -TARGET_LOST - 1e-9)  # 97 - 98 is -1.0000000000000009
+            kv = r.info.kv_policy or "per_application"
+            cells = (r.info.name, r.info.exit or "fixed", kv, task, f"{100 * score:.1f}",
+                     f"{usage.mean_loops:.2f}", f"{usage.executed_loops:.2f}",
+                     MISSING_CELL if fewer is None else f"{fewer:.0f}%",
+                     MISSING_CELL if fewer_executed is None else f"{fewer_executed:.0f}%",
+                     MISSING_CELL if delta is None else f"{delta:+.1f}", "✓" if target else "")
+            rows.append(ReportRow("model", cells, (r.info.name, r.info.exit, kv, task, score, usage.mean_loops,
+                                                   usage.executed_loops, fewer, fewer_executed, delta, target)))
+            if task in r.tasks:  # the plot draws tasks, not the mean row
+                points.append(ComputePoint(r.info.name, task, r.info.exit, kv, usage.mean_loops, score))
+    notes = ["score: accuracy, %; loops: thinking iterations per token (mean: where each token exited; executed: "
+             "what the batches computed, every row waits for its slowest token)",
+             "fewer = 1 − loops / max; Δ acc: points vs the fixed-max run of the same model (exit none, "
+             "per_application)",
+             f"target ✓: ≥ {TARGET_FEWER:.0f}% fewer mean iterations at ≤ {TARGET_LOST:.0f} point lost"]
+    if png is not None:
+        plot_compute(points, png)
+        notes.append(f"plot: {png}")
+    return ReportTable("Accuracy vs compute", ("Model", "Exit", "KV", "Task", "Score", "Mean loops", "Executed",
+                                               "Fewer", "Fewer executed", "Δ acc", "Target"), tuple(rows),
                        tuple(notes))
 
 
@@ -369,7 +495,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="comma-separated group columns (default: %(default)s)")
     parser.add_argument("--centered", action="store_true", help="centered accuracy (acc - b) / (1 - b)")
     parser.add_argument("--scaling", action="store_true", help="fit Acc = α·ln D + β instead of Table 3")
-    parser.add_argument("--png", type=Path, help="with --scaling: write the accuracy-vs-depth plot here")
+    parser.add_argument("--compute", action="store_true",
+                        help="accuracy vs mean thinking iterations of runs with an exit rule (loopreg eval --exit)")
+    parser.add_argument("--png", type=Path,
+                        help="with --scaling or --compute: write the accuracy-vs-depth or -vs-loops plot here")
     parser.add_argument("--markdown", type=Path, help="also write the table as markdown")
     parser.add_argument("--json", type=Path, help="also write the table as JSON")
     return parser
@@ -384,13 +513,18 @@ def report_main(argv: list[str]) -> int:
     try:
         args = _build_parser().parse_args(argv)
         pairs = [_parse_pair(text) for text in args.pair]
-        if args.png and not args.scaling:
-            raise UserError("--png needs --scaling")
-        if args.scaling and (pairs or args.baseline):
-            raise UserError("--pair/--baseline belong to the Table 3 report, not --scaling")
+        if args.png and not (args.scaling or args.compute):
+            raise UserError("--png needs --scaling or --compute")
+        if args.scaling and args.compute:
+            raise UserError("--scaling and --compute are two different reports; give one")
+        if (args.scaling or args.compute) and (pairs or args.baseline):
+            report = "--scaling" if args.scaling else "--compute"
+            raise UserError(f"--pair/--baseline belong to the Table 3 report, not {report}")
         columns = [name.strip() for name in args.groups.split(",") if name.strip()]
         results, groups = load_results(args.results), load_groups()
-        if args.scaling:
+        if args.compute:
+            table = compute_report(results, args.png)
+        elif args.scaling:
             table = scaling_report(results, groups, columns, args.centered, args.png)
         else:
             table = table3(results, groups, pairs, args.baseline, columns, args.centered)

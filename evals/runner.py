@@ -24,9 +24,11 @@ import numpy as np
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from loopreg.adaptive import ExitStats
+
 from .aggregate import TaskScore, aggregate_groups
 from .metrics import bootstrap_stderr, score
-from .report import EvalResults, ModelInfo, write_results
+from .report import EvalResults, LoopUsage, ModelInfo, write_results
 from .tasks import (EvalDataError, EvalExample, GroupSpec, TaskDataMissing, TaskSpec, load_groups, resolve_data_dir,
                     task_prompts)
 
@@ -53,10 +55,18 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _request_digest(prompt: str, spec: TaskSpec) -> str:
-    """Identifies what was asked, so a sidecar record is reused only for the identical request."""
-    request = json.dumps([prompt, spec.max_new_tokens, list(spec.stop)])
+def _request_digest(prompt: str, spec: TaskSpec, adaptive: tuple[str, str] | None = None) -> str:
+    """Identifies what was asked, so a sidecar record is reused only for the identical request (an exit rule
+    and KV policy, when given, are part of it: another rule's predictions are never reused)."""
+    request = json.dumps([prompt, spec.max_new_tokens, list(spec.stop), *([list(adaptive)] if adaptive else [])])
     return hashlib.sha256(request.encode("utf-8")).hexdigest()[:20]
+
+
+def _adaptive(generator: TextGenerator) -> tuple[str, str] | None:
+    """``(exit rule, KV policy)`` of a generator that leaves the fixed-loop path (:class:`.models.ModelGenerator`)."""
+    if not getattr(generator, "adaptive", False):
+        return None
+    return (str(generator.exit) if generator.exit is not None else "fixed", generator.kv_policy)
 
 
 _RECORD_KEYS = frozenset({"task", "id", "request", "prediction"})
@@ -111,9 +121,11 @@ class _Sidecar:
 
 
 def _run_task(generator: TextGenerator, spec: TaskSpec, prompted: list[tuple[EvalExample, str]], batch_size: int,
-              sidecar: _Sidecar, progress: Progress) -> list[float]:
-    """Scores of ``prompted`` in order, generating only what the sidecar does not already hold."""
-    requests = [_request_digest(prompt, spec) for _, prompt in prompted]
+              sidecar: _Sidecar, progress: Progress, exit_stats: ExitStats | None) -> list[float]:
+    """Scores of ``prompted`` in order, generating only what the sidecar does not already hold; ``exit_stats``
+    (a generator with an exit rule) counts the thinking iterations of what it generates."""
+    requests = [_request_digest(prompt, spec, _adaptive(generator)) for _, prompt in prompted]
+    counting = {} if exit_stats is None else {"exit_stats": exit_stats}
     predictions = {ex.id: sidecar.reusable(spec.name, ex, request) for (ex, _), request in zip(prompted, requests)}
     todo = [(ex, prompt, request) for (ex, prompt), request in zip(prompted, requests) if predictions[ex.id] is None]
     prompt_length = getattr(generator, "prompt_length", None)
@@ -122,7 +134,8 @@ def _run_task(generator: TextGenerator, spec: TaskSpec, prompted: list[tuple[Eva
     bar = progress.add_task(spec.name, total=len(prompted), completed=len(prompted) - len(todo))
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        completions = generator.generate([prompt for _, prompt, _ in batch], spec.max_new_tokens, list(spec.stop))
+        completions = generator.generate([prompt for _, prompt, _ in batch], spec.max_new_tokens, list(spec.stop),
+                                         **counting)
         if len(completions) != len(batch):
             raise ValueError(f"task {spec.name}: generator returned {len(completions)} completions for "
                              f"{len(batch)} prompts")
@@ -156,6 +169,8 @@ def evaluate(generator: TextGenerator, task_specs: Sequence[TaskSpec], data_dir:
     data_dir = resolve_data_dir(data_dir)
     groups = load_groups() if groups is None else groups
     tasks: dict[str, TaskScore] = {}
+    loop_usage: dict[str, LoopUsage] = {}
+    exits = getattr(generator, "exit", None) is not None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with _Sidecar(sidecar_path) as sidecar, Progress(*columns, disable=not progress) as bar:
@@ -168,11 +183,15 @@ def evaluate(generator: TextGenerator, task_specs: Sequence[TaskSpec], data_dir:
                 if progress:
                     bar.console.print(f"missing: {absent}", markup=False, style="yellow")
                 continue
-            scores = _run_task(generator, spec, prompted, batch_size, sidecar, bar)
+            stats = ExitStats() if exits else None  # one per task: each task's own mean_loops
+            scores = _run_task(generator, spec, prompted, batch_size, sidecar, bar, stats)
             tasks[spec.name] = TaskScore(float(np.mean(scores)), bootstrap_stderr(scores), len(scores),
                                          spec.metric.value, spec.group, spec.random_baseline)
+            if stats is not None and stats.tokens:  # none when every prediction came from the sidecar
+                loop_usage[spec.name] = LoopUsage(float(stats.mean_loops), float(stats.executed_loops))
     relevant = {name: group for name, group in groups.items() if set(group.tasks) & set(tasks)}
-    results = EvalResults(model or ModelInfo(type(generator).__name__), tasks, aggregate_groups(relevant, tasks))
+    results = EvalResults(model or ModelInfo(type(generator).__name__), tasks, aggregate_groups(relevant, tasks),
+                          loop_usage)
     if results_path is not None:
         write_results(results_path, results)
     return results.to_json()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -177,3 +178,82 @@ def test_percent_gap_of_equal_baselines_prints_a_dash() -> None:
     same = [paper_results("base-12x1"), paper_results("loop-12x2")]
     gap = table3(same, load_groups(), pairs=[("base-12x1", "loop-12x2")], baseline="base-12x1").rows[-1]
     assert set(gap.cells[2:]) == {"—"} and all(math.isnan(value) for value in gap.values[2:])
+
+
+# ---------------------------------------------------------------------------------------- --compute (issue #17)
+def exit_run(rule: str | None, score: float, usage: tuple[float, float] | None = None,
+             kv_policy: str = "per_application", name: str = "phop@loops8") -> EvalResults:
+    """A (1⊗8) p-hop run: fixed (``rule`` None) or with an exit rule and its (mean, executed) iterations."""
+    from loopreg.evals.report import LoopUsage
+
+    info = dataclasses.replace(ModelInfo.from_spec(name, "1x8"), exit=rule, kv_policy=kv_policy)
+    tasks = {"phop": TaskScore(score, 0.01, 200, "exact", "synthetic", 0.25)}
+    return EvalResults(info, tasks, loop_usage={} if usage is None else {"phop": LoopUsage(*usage)})
+
+
+def test_exit_fields_round_trip(tmp_path: Path) -> None:
+    run = exit_run("kl:0.01", 0.905, (5.0, 7.0), kv_policy="shared")
+    path = write_results(tmp_path / "kl.json", run)
+    data = json.loads(path.read_text())
+    assert (data["exit"], data["kv_policy"]) == ("kl:0.01", "shared")
+    assert (data["tasks"]["phop"]["mean_loops"], data["tasks"]["phop"]["executed_loops"]) == (5.0, 7.0)
+    assert load_results([path]) == [run]
+    assert load_results([path])[0].info.label == "phop@loops8+exit=kl:0.01+kv=shared"
+    fixed = json.loads(write_results(tmp_path / "fixed.json", exit_run(None, 0.91)).read_text())
+    assert "mean_loops" not in fixed["tasks"]["phop"] and fixed["exit"] is None
+
+
+def test_compute_report_rows_deltas_and_target(tmp_path: Path) -> None:
+    runs = tmp_path / "adaptive"
+    for file, run in [("fixed", exit_run(None, 0.91)), ("kl", exit_run("kl:0.01", 0.905, (5.0, 7.0))),
+                      ("latent", exit_run("latent:0.1", 0.80, (3.0, 6.0))),
+                      ("kl_small", exit_run("kl:0.001", 0.91, (7.0, 8.0))),
+                      ("shared", exit_run(None, 0.89, kv_policy="shared"))]:
+        write_results(runs / f"{file}.json", run)
+    png, out = tmp_path / "acc_vs_loops.png", tmp_path / "compute.json"
+    assert report_main([str(runs), "--compute", "--png", str(png), "--json", str(out),
+                        "--markdown", str(tmp_path / "c.md")]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    rows = [row["values"] for row in json.loads(out.read_text())["rows"]]
+    assert [(r["Exit"], r["KV"]) for r in rows] == [(None, "per_application"), (None, "shared"),
+                                                    ("kl:0.001", "per_application"), ("kl:0.01", "per_application"),
+                                                    ("latent:0.1", "per_application")]
+    fixed, shared, kl_small, kl, latent = rows
+    assert (fixed["Mean loops"], fixed["Executed"], fixed["Fewer"], fixed["Δ acc"]) == (8.0, 8.0, 0.0, 0.0)
+    assert shared["Δ acc"] == pytest.approx(-2.0) and shared["Target"] is False
+    assert kl["Fewer"] == pytest.approx(37.5) and kl["Fewer executed"] == pytest.approx(12.5)
+    assert kl["Δ acc"] == pytest.approx(-0.5) and kl["Target"] is True
+    assert kl_small["Fewer"] == pytest.approx(12.5) and kl_small["Target"] is False  # too few iterations saved
+    assert latent["Δ acc"] == pytest.approx(-11.0) and latent["Target"] is False  # too much accuracy lost
+    assert "| phop@loops8 | kl:0.01 | per_application | phop | 90.5 | 5.00 | 7.00 | 38% | 12% | -0.5 | ✓ |" \
+        in (tmp_path / "c.md").read_text()
+
+
+def test_compute_figure_one_panel_per_model() -> None:
+    from loopreg.evals.compute import ComputePoint, compute_figure
+
+    points = [ComputePoint("phop@loops8", "phop", None, "per_application", 8.0, 0.91),
+              ComputePoint("phop@loops8", "phop", "kl:0.01", "per_application", 5.0, 0.90),
+              ComputePoint("phop@loops8", "phop", "kl:0.1", "per_application", 3.0, 0.70),
+              ComputePoint("phop@loops8", "phop", "latent:0.1", "shared", 3.0, 0.80),
+              ComputePoint("smol@loops2", "primitives_math_d0", "kl:0.01", "per_application", 1.5, 0.49)]
+    figure = compute_figure(points)
+    assert [axis.get_title() for axis in figure.axes] == ["phop@loops8", "smol@loops2"]
+    lines, labels = figure.axes[0].get_legend_handles_labels()
+    assert labels == ["phop (kl)", "phop (latent, kv shared)", "phop (fixed)"]
+    assert list(lines[0].get_xdata()) == [3.0, 5.0]  # thresholds in order of iterations
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    (["lonely"], "lonely.json: no mean_loops (run loopreg eval with --exit)"),
+    (["fixed", "broken_exit"], "broken_exit.json: no mean_loops (run loopreg eval with --exit)"),
+    (["fixed", "kl", "--scaling"], "--scaling and --compute are two different reports"),
+])
+def test_compute_report_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture, files: list[str],
+                                    message: str) -> None:
+    runs = {"fixed": exit_run(None, 0.91), "kl": exit_run("kl:0.01", 0.9, (5.0, 7.0)),
+            "lonely": exit_run(None, 0.5, name="other"), "broken_exit": exit_run("kl:0.1", 0.9)}
+    argv = [arg if arg.startswith("--") else str(write_results(tmp_path / f"{arg}.json", runs[arg])) for arg in files]
+    status, out, err = run_cli(["report", *argv, "--compute"], capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: ") and message in err
