@@ -348,6 +348,35 @@ def test_a_corrupt_remote_shard_is_one_line_and_leaves_the_cache(shards: Path, t
     assert not (tmp_path / "cache" / "train" / shard.name).exists()
 
 
+def test_a_background_thread_failure_ends_the_epoch_instead_of_hanging(shards: Path, tmp_path: Path, monkeypatch):
+    """The corrupt-shard hang, made certain: streaming's download and ready threads both die by an exception (as
+    when the ready thread finds the bad copy gone). A thread that dies never counts itself out, and streaming's
+    end-of-epoch wait for two of its three threads spun forever; the epoch must end with the first error."""
+    import threading
+
+    from streaming import StreamingDataset
+
+    def fail(self, it):
+        raise OSError("the bucket went away")
+
+    monkeypatch.setattr(StreamingDataset, "_prepare_thread", fail)
+    monkeypatch.setattr(StreamingDataset, "_ready_thread", fail)
+    dataset = MDSTokens(remote=str(shards / "train"), local=str(tmp_path / "cache"), batch_size=1)
+    raised: list[BaseException] = []
+
+    def iterate() -> None:
+        try:
+            list(dataset)
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            raised.append(error)
+
+    thread = threading.Thread(target=iterate, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the epoch never ended: streaming waits for a thread that died"
+    assert len(raised) == 1 and "the bucket went away" in str(raised[0])
+
+
 def test_an_unreachable_remote_is_one_line(shards: Path, tmp_path: Path, capsys):
     status, _, err = _train(remote(tmp_path / "nowhere", tmp_path / "cache"), capsys)
     _one_line(status, err, "train_data.source", f"cannot read 'file://{tmp_path}/nowhere/train/{METADATA}'")

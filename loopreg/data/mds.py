@@ -383,6 +383,9 @@ def mds_tokens_class() -> type:
             if (error := future.exception()) is not None:
                 self.download_error = self.download_error or error
                 self._event.set()
+                # A thread that died by an exception never counts itself out (its it.on_exit() is not reached), so
+                # streaming's end-of-epoch it.exit() would wait for it forever: count it out here.
+                self._iterator.on_exit()
 
         def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
             try:
