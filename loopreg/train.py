@@ -78,14 +78,19 @@ def load_pretrained(source: str) -> Pretrained:
         return Pretrained(PretrainedLM(model, tokenizer), tokenizer)
 
 
+def check_global_batch(recipe: Recipe, world_size: int) -> None:
+    """A one-line :class:`RecipeError` unless ``global_train_batch_size`` splits evenly over ``world_size`` ranks."""
+    if recipe.global_train_batch_size % world_size:
+        raise RecipeError(f"global_train_batch_size={recipe.global_train_batch_size} is not divisible by the world "
+                          f"size {world_size}; choose a multiple of {world_size}")
+
+
 def build_dataloaders(recipe: Recipe, world_size: int, rank: int, pretrained: Pretrained | None = None) -> Data:
     """Train and eval data for this rank, built by the ``train_data.kind`` entry of ``DATA_KINDS`` (tokenized
     with ``pretrained``'s tokenizer when given)."""
     from loopreg.data.kinds import DATA_KINDS
 
-    if recipe.global_train_batch_size % world_size:
-        raise RecipeError(f"global_train_batch_size={recipe.global_train_batch_size} is not divisible by the world "
-                          f"size {world_size}; choose a multiple of {world_size}")
+    check_global_batch(recipe, world_size)
     kind = lookup(DATA_KINDS, recipe.train_data.kind, "train_data.kind")
     return kind.build(recipe, recipe.global_train_batch_size // world_size, world_size, rank, pretrained)
 
@@ -108,9 +113,12 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
         _check_checkpoints(recipe)
     reproducibility.seed_all(recipe.seed)
     pretrained = load_pretrained(recipe.model.pretrained) if recipe.model.pretrained else None
-    # The process group first, as the Trainer would: a StreamingDataset built without one makes and destroys its
-    # own on MASTER_PORT, and a rank that starts the next one before rank 0 has torn down the last hangs.
-    dist.initialize_dist(device)
+    # Under a launcher, the process group first, as the Trainer would: a StreamingDataset built without one makes
+    # and destroys its own on MASTER_PORT, and a rank that starts the next one before rank 0 has torn down the last
+    # hangs. A single process needs none (and an in-process caller keeps its torch.distributed state untouched).
+    check_global_batch(recipe, dist.get_world_size())  # before the process group: one line on every rank
+    if dist.get_world_size() > 1:
+        dist.initialize_dist(device)
     data = build_dataloaders(recipe, dist.get_world_size(), dist.get_global_rank(), pretrained)
     algorithms = [_build(ALGORITHMS, name, kwargs, f"algorithms.{name}") for name, kwargs in recipe.algorithms.items()]
     # An algorithm that trains its own kind of student (CoTDistillation) builds it, before the optimizer: its
