@@ -107,23 +107,12 @@ def test_exit_on_a_model_that_does_not_loop_is_a_one_line_error(tmp_path: Path, 
 def test_a_tied_retrofit_generates_with_an_exit_rule() -> None:
     """The harness's generator passes the rule to a tied HF retrofit's generate (LoopedCausalLM): threshold 0 gives
     the fixed-loop completions and the maximum iterations; a loose one exits every token after iteration 1."""
-    import copy
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from loopreg.adaptive import ExitRule, ExitStats
     from loopreg.evals.models import ModelGenerator
-    from loopreg.surgery import loop_surgery
 
-    from .conftest import hf_byte_tokenizer
-    from .test_loop_override import KEEP_ALL, KEEP_ALL_MAP, LLAMA_LIKE
+    from .test_loop_override import keep_all_llama_retrofit
 
-    tokenizer = hf_byte_tokenizer()
-    tokenizer.padding_side = "left"
-    torch.manual_seed(0)
-    source = LlamaForCausalLM(LlamaConfig(**{**LLAMA_LIKE, "vocab_size": len(tokenizer)})).eval()
-    looped = loop_surgery(copy.deepcopy(source), KEEP_ALL, layers=KEEP_ALL_MAP)
+    tokenizer, source, looped = keep_all_llama_retrofit()
     prompts, stop = ["a=1, b=2, b=", "xy"], ["\n"]
     fixed = ModelGenerator(looped, tokenizer, loops=3).generate(prompts, 6, stop)
     for rule, kv_policy, loops in (("kl:0", "per_application", 3.0), ("latent:100", "shared", 1.0)):

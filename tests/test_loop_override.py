@@ -249,15 +249,21 @@ def test_composer_huggingface_model_passes_loops_from_the_batch():
             assert torch.equal(out.logits, looped(ids, loops=loops).logits)
 
 
-def test_eval_generator_sweeps_a_retrofit_and_refuses_plain_models(tmp_path):
-    from loopreg.evals.models import ModelGenerator, load_generator
+def keep_all_llama_retrofit() -> tuple:
+    """(left-padding byte tokenizer, a tiny Llama sized to it, its tied keep-all retrofit): harness fixtures."""
     from .conftest import hf_byte_tokenizer
 
     tokenizer = hf_byte_tokenizer()
     tokenizer.padding_side = "left"
     torch.manual_seed(0)
     source = LlamaForCausalLM(LlamaConfig(**{**LLAMA_LIKE, "vocab_size": len(tokenizer)})).eval()
-    looped = loop_surgery(copy.deepcopy(source), KEEP_ALL, layers=KEEP_ALL_MAP)
+    return tokenizer, source, loop_surgery(copy.deepcopy(source), KEEP_ALL, layers=KEEP_ALL_MAP)
+
+
+def test_eval_generator_sweeps_a_retrofit_and_refuses_plain_models(tmp_path):
+    from loopreg.evals.models import ModelGenerator, load_generator
+
+    tokenizer, source, looped = keep_all_llama_retrofit()
     prompts, stop = ["a=1, b=2, b=", "xy"], ["\n"]
     expected = ModelGenerator(source, tokenizer).generate(prompts, 6, stop)
     assert ModelGenerator(looped, tokenizer, loops=1).generate(prompts, 6, stop) == expected

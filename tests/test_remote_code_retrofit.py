@@ -11,8 +11,7 @@ import json
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, MistralConfig, MistralForCausalLM)
 
 from loopreg.folders import write_model_folder
 from loopreg.remote_code import attach_remote_code
@@ -21,17 +20,13 @@ from loopreg.surgery.core import distinct_param_count, load_looped
 from loopreg.surgery.export import unrolled_model
 
 from .conftest import run_cli, run_without_loopreg
+from .test_loop_override import BUILDERS as LOOP_OVERRIDE_BUILDERS
+from .test_loop_override import LAYERS, LLAMA_LIKE, TOKENS, VOCAB
 
-VOCAB, LAYERS, PAD = 96, 6, 0
-TOKENS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
-LLAMA_LIKE = dict(num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                  num_key_value_heads=2, **TOKENS)
-# Qwen2 and Mistral with sliding windows shorter than the prompts; Qwen2 mixes sliding and full layers.
+PAD = TOKENS["pad_token_id"]
+# test_loop_override's tiny families plus the two whose retrofits only this file loads
 BUILDERS = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**LLAMA_LIKE)),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=LAYERS, n_embd=32, n_head=4, n_positions=64, **TOKENS)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA_LIKE, use_sliding_window=True, sliding_window=4,
-                                                  max_window_layers=3)),
+    **LOOP_OVERRIDE_BUILDERS,
     "mistral": lambda: MistralForCausalLM(MistralConfig(**LLAMA_LIKE, sliding_window=4)),
     "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=64,
                                                          num_attention_heads=4, **TOKENS)),
