@@ -30,7 +30,6 @@ from loopreg.config import load_recipe
 from loopreg.evals import evaluate, load_groups, load_task_specs, parse_task_spec, task_prompts
 from loopreg.evals.models import ModelGenerator, load_generator
 from loopreg.evals.report import compute_report, load_results, to_json, to_markdown
-from loopreg.model import LoopedLM
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = Path("/work/main")  # where the lead trains and heals the models
@@ -58,10 +57,6 @@ def phop_task(recipe_path: Path) -> list:
 def kv_bytes(model: torch.nn.Module, ids: torch.Tensor, kv_policy: str) -> int:
     """Bytes of the keys and values one cached forward of ``ids`` stores under ``kv_policy``."""
     with torch.no_grad():
-        if isinstance(model, LoopedLM):
-            cache = model.new_cache(ids.shape[0], ids.shape[1], kv_policy=kv_policy)
-            model(ids, cache=cache, kv_policy=kv_policy)
-            return cache.keys.nbytes + cache.values.nbytes
         cache = model(input_ids=ids, use_cache=True, kv_policy=kv_policy).past_key_values
         layers = getattr(cache, "layers", None)
         pairs = [(layer.keys, layer.values) for layer in layers] if layers is not None else \

@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from transformers import DynamicCache
 
 from loopreg.adaptive import ExitStats
 from loopreg.model import LoopedLM, LoopedLMConfig
@@ -27,7 +28,7 @@ def bench_decode(model: LoopedLM, ids: torch.Tensor, new: int, rule: str, repeat
     def run(exit: str | None) -> tuple[float, ExitStats]:
         stats = ExitStats()
         start = time.perf_counter()
-        model.generate(ids, new, exit=exit, exit_stats=stats)
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, exit=exit, exit_stats=stats)
         return time.perf_counter() - start, stats
 
     run(None), run(rule)  # warm-up
@@ -42,9 +43,13 @@ def bench_decode(model: LoopedLM, ids: torch.Tensor, new: int, rule: str, repeat
 
 
 def bench_kv_memory(model: LoopedLM, batch: int, length: int) -> dict:
-    sizes = {policy: sum(t.nbytes for t in (cache.keys, cache.values))
-             for policy in ("per_application", "shared")
-             for cache in [model.new_cache(batch, length, kv_policy=policy)]}
+    ids = torch.randint(0, model.config.vocab_size, (batch, length))
+    sizes = {}
+    for policy in ("per_application", "shared"):
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True, kv_policy=policy)
+        sizes[policy] = sum(keys.nbytes + values.nbytes for keys, values in cache)
     return {"kv_bytes_per_application": sizes["per_application"], "kv_bytes_shared": sizes["shared"],
             "kv_ratio_shared_over_per_application": sizes["shared"] / sizes["per_application"]}
 

@@ -21,7 +21,8 @@ import torch
 
 from loopreg.algorithms import distillation_loss
 from loopreg.data.text import PackedText, text_stream
-from loopreg.surgery import load_source, loop_surgery, smollm2_gguf
+from loopreg.loading import load
+from loopreg.surgery import loop_surgery, smollm2_gguf
 from loopreg.surgery.sources import load_source_tokenizer
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "textdata" / "wiki_passages_train.jsonl"
@@ -38,7 +39,7 @@ def main() -> None:
 
     gguf = smollm2_gguf()
     started = time.perf_counter()
-    source = load_source(gguf)
+    source = load(gguf)
     print(f"loaded {gguf.name} in {time.perf_counter() - started:.1f} s; threads {torch.get_num_threads()}")
     teacher = copy.deepcopy(source).requires_grad_(False).eval()
     student = loop_surgery(source, args.spec, layers=args.layers).train()

@@ -16,7 +16,8 @@ import torch
 
 from loopreg.surgery.analysis import LayerAnalysis, calibration_tokens, layer_analysis, token_windows
 from loopreg.surgery.layers_cli import print_analysis, write_json, write_png
-from loopreg.surgery.sources import load_source, smollm2_gguf
+from loopreg.loading import load
+from loopreg.surgery.sources import smollm2_gguf
 
 TEXT = "/work/shared/textdata/wiki_passages_train.jsonl"
 
@@ -30,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source = smollm2_gguf()
-    model = load_source(source).eval()
+    model = load(source).eval()
     batches = token_windows(model, calibration_tokens(source, args.text, args.tokens))
     with torch.no_grad():
         model(input_ids=batches[0][:1], use_cache=False)  # warm-up: first-call allocations

@@ -39,7 +39,7 @@ def bench_train_step(d_model: int, batch: int, seq: int, repeats: int) -> dict:
         ids = torch.randint(0, 512, (batch, seq))
 
         def step():
-            loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+            loss = torch.nn.functional.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten())
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -69,11 +69,13 @@ def bench_decoding(new_tokens: int, repeats: int) -> dict:
     torch.manual_seed(0)
     model = LoopedLM(LoopedLMConfig(spec="3x4", vocab_size=512, d_model=256, n_heads=8)).eval()
     prompt = torch.randint(0, 512, (1, 16))
+    greedy = lambda use_cache: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
+                                              do_sample=False, use_cache=use_cache)
     cached_times, uncached_times = [], []
     for _ in range(repeats):
-        cached_times.append(_median_time(lambda: model.generate(prompt, new_tokens), 1))
-        uncached_times.append(_median_time(lambda: model.generate(prompt, new_tokens, use_cache=False), 1))
-    same = torch.equal(model.generate(prompt, new_tokens), model.generate(prompt, new_tokens, use_cache=False))
+        cached_times.append(_median_time(lambda: greedy(True), 1))
+        uncached_times.append(_median_time(lambda: greedy(False), 1))
+    same = torch.equal(greedy(True), greedy(False))
     return {
         "decode_s_cached": statistics.median(cached_times),
         "decode_s_uncached": statistics.median(uncached_times),

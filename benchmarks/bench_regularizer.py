@@ -47,7 +47,7 @@ def make_step(args: argparse.Namespace):
 
     def step(variant: str) -> None:
         penalty = layout.regularization().penalty if variant == "reg" else 0.0
-        logits = model(tokens)
+        logits = model(tokens).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
         if variant == "reg_after_loss":
             penalty = layout.regularization().penalty

@@ -12,7 +12,8 @@ import time
 
 from loopreg.surgery import distinct_param_count, loop_surgery
 from loopreg.surgery.layer_map import INITS
-from loopreg.surgery.sources import load_source, smollm2_gguf
+from loopreg.loading import load
+from loopreg.surgery.sources import smollm2_gguf
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    model = load_source(smollm2_gguf())
+    model = load(smollm2_gguf())
     load_seconds = time.perf_counter() - started
     params_before = distinct_param_count(model)
 

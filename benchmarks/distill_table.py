@@ -71,7 +71,8 @@ def evaluate(model: LoopedLM, data: PairedData, problems: list[Problem], latent:
         width = max(map(len, prompts))
         ids = torch.tensor([[data.pad_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = model.generate(ids, max_new, attention_mask=mask, eos_token_id=data.eos_id, loops=loops).tolist()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=data.eos_id, pad_token_id=data.eos_id, loops=loops)[:, width:].tolist()
         for problem, tokens in zip(chunk, out):
             correct += data.parse_answer(tokens) == problem.answer
             generated_tokens += tokens.index(data.eos_id) + 1 if data.eos_id in tokens else len(tokens)

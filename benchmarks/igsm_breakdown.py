@@ -57,7 +57,7 @@ def main() -> None:
     for folder in args.models:
         model = LoopedLM.from_pretrained(folder).eval()
         with torch.no_grad():
-            logits = model(batch["input_ids"])
+            logits = model(batch["input_ids"]).logits
         right = ((logits.argmax(-1) == batch["labels"]) | ~batch["answer_mask"]).all(-1).tolist()
         by_label = defaultdict(list)
         for pair, ok in zip(groups, right):

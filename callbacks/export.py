@@ -4,7 +4,7 @@ A :class:`~loopreg.model.LoopedLM` becomes a loopreg folder (``config.json`` wit
 ``model.safetensors``, ``tokenizer.json``, and the remote code that loads it tied in plain transformers); a
 Hugging Face model (a retrofit: a tied or untied loop-surgery output) becomes a surgery-style Hugging Face
 folder with its tokenizer. Both go through :func:`~loopreg.folders.write_model_folder`. ``loopreg eval``,
-``loopreg export``, ``loopreg similarity`` and :func:`~loopreg.surgery.load_source` read both back (looped).
+``loopreg export``, ``loopreg similarity`` and :func:`loopreg.load` read both back (looped).
 
     >>> ExportModel("runs/loop_12x2/model", tokenizer)  # doctest: +SKIP
 """

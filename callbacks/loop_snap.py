@@ -25,10 +25,10 @@ from torch import nn
 
 from loopreg.algorithms.loop_regularizer import snap_to_looped
 from loopreg.checkpoints import run_folder
-from loopreg.errors import RecipeError
+from loopreg.errors import RecipeError, UserError
 from loopreg.folders import write_model_folder
-from loopreg.model import LoopedLM
-from loopreg.surgery.adapters import unwrap
+from loopreg.surgery.adapters import model_family, unwrap
+from loopreg.surgery.core import is_tied
 
 __all__ = ["LoopSnap", "eval_loss"]
 
@@ -87,9 +87,10 @@ class LoopSnap(Callback):
 
     def init(self, state: State, logger: Logger) -> None:
         model = unwrap(state.model)
-        if not isinstance(model, LoopedLM) or model.config.tied:
-            raise ValueError(f"LoopSnap needs an untied LoopedLM; got {type(model).__name__}"
-                             f"{' (tied: already looped)' if isinstance(model, LoopedLM) else ''}")
+        loopreg = model_family(model) == "loopreg"
+        if not loopreg or is_tied(model):
+            raise UserError(f"LoopSnap needs an untied LoopedLM; got {type(model).__name__}"
+                            f"{' (tied: already looped)' if loopreg else ''}")
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self.at is not None and not self.snapped and _reached(state, self.at):
@@ -105,6 +106,7 @@ class LoopSnap(Callback):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from loopreg.composer_model import ComposerLoopedLM
+        from loopreg.model import LoopedLM
 
         self.snapped = True
         # Full weights on rank 0 only (a collective under FSDP): once per run, so gathering is fine here.

@@ -21,7 +21,7 @@ import dataclasses
 from pathlib import Path
 
 from loopreg.adaptive import KV_POLICIES, ExitRule, ExitStats
-from loopreg.errors import UserError
+from loopreg.errors import UserError, writing
 
 from .ppl import DEFAULT_MAX_TOKENS, perplexity
 
@@ -83,31 +83,27 @@ def cli_main(argv: list[str]) -> int:
     exit_rule = _exit_rule(args.exit)
     if args.kv_policy not in KV_POLICIES:
         raise UserError(f"unknown policy '{args.kv_policy}'; valid: {', '.join(KV_POLICIES)}", key="--kv-policy")
-    try:
-        from .models import load_generator
+    from .models import load_generator
 
-        specs = load_task_specs(names)
-        for loops in _loop_list(args.loops):
-            generator, info = load_generator(args.model, loops, args.gguf_file, exit=exit_rule,
-                                             kv_policy=args.kv_policy)
-            if args.ppl_text:
-                stats = None if exit_rule is None else ExitStats()
-                result = perplexity(generator.model, generator.tokens.raw, args.ppl_text, seq_len=args.ppl_seq_len,
-                                    max_tokens=args.ppl_tokens, loops=generator.loops, exit=exit_rule,
-                                    exit_stats=stats)
-                spent = "" if stats is None else f", {stats.mean_loops:.2f} thinking iterations per token"
-                print(f"{info.label}: perplexity {result.ppl:.3f} over {result.tokens} tokens "
-                      f"({result.windows} windows{spent})")
-                info = dataclasses.replace(info, perplexity=result.ppl, perplexity_loops=None if stats is None else
-                                           LoopUsage(float(stats.mean_loops), float(stats.executed_loops)))
-            out = args.out if loops is None or args.loops.count(",") == 0 else \
-                args.out.with_name(f"{args.out.stem}_loops{loops}{args.out.suffix}")
-            evaluate(generator, specs, args.data_dir, args.limit, args.batch_size,
-                     sidecar_path=out.with_suffix(".predictions.jsonl"), results_path=out, model=info,
-                     allow_hub=args.allow_hub)
-            print(f"wrote {out}")
-    except UserError:  # the evals' own one-line errors (task YAML, eval data), --loops
-        raise
-    except (OSError, ValueError) as err:  # a missing model or text file; a model that cannot loop or encode
-        raise UserError(str(err) or type(err).__name__) from None
+    specs = load_task_specs(names)
+    loop_counts = _loop_list(args.loops)
+    with writing(args.out):  # an unwritable --out fails before the (slow) load, not after the first task
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    for loops in loop_counts:
+        generator, info = load_generator(args.model, loops, args.gguf_file, exit=exit_rule, kv_policy=args.kv_policy)
+        if args.ppl_text:
+            stats = None if exit_rule is None else ExitStats()
+            result = perplexity(generator.model, generator.tokens.raw, args.ppl_text, seq_len=args.ppl_seq_len,
+                                max_tokens=args.ppl_tokens, loops=generator.loops, exit=exit_rule, exit_stats=stats)
+            spent = "" if stats is None else f", {stats.mean_loops:.2f} thinking iterations per token"
+            print(f"{info.label}: perplexity {result.ppl:.3f} over {result.tokens} tokens "
+                  f"({result.windows} windows{spent})")
+            info = dataclasses.replace(info, perplexity=result.ppl, perplexity_loops=None if stats is None else
+                                       LoopUsage(float(stats.mean_loops), float(stats.executed_loops)))
+        out = args.out if loops is None or args.loops.count(",") == 0 else \
+            args.out.with_name(f"{args.out.stem}_loops{loops}{args.out.suffix}")
+        evaluate(generator, specs, args.data_dir, args.limit, args.batch_size,
+                 sidecar_path=out.with_suffix(".predictions.jsonl"), results_path=out, model=info,
+                 allow_hub=args.allow_hub)
+        print(f"wrote {out}")
     return 0

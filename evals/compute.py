@@ -19,6 +19,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from loopreg.errors import UserError
+
 __all__ = ["ComputePoint", "compute_figure", "plot_compute"]
 
 
@@ -52,7 +54,7 @@ def compute_figure(points: Sequence[ComputePoint]) -> Figure:
     """
     models = list(dict.fromkeys(p.model for p in points))
     if not models:
-        raise ValueError("no results to plot")
+        raise UserError("no results to plot")
     columns = min(2, len(models))
     rows = math.ceil(len(models) / columns)
     figure = Figure(figsize=(8.0 * columns, 4.0 * rows), layout="constrained")  # room for the legend on the right

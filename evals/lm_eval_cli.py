@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from loopreg.errors import UserError, did_you_mean
+from loopreg.errors import UserError, did_you_mean, writing
 from loopreg.tables import print_table
 
 from .cli import _loop_list
@@ -139,14 +139,12 @@ def cli_main(argv: list[str]) -> int:
 
     task_manager = _task_manager(str(args.include_path) if args.include_path else None)
     _check_tasks(tasks, task_manager.all_tasks)
-    try:  # every loop count is checked before the first runs
-        model, tokenizer = load_model(args.model)
-        lms = [LoopregLM(model, loops=loops, tokenizer=tokenizer, device=args.device, dtype=args.dtype,
-                         batch_size=args.batch_size, max_batch_size=args.max_batch_size) for loops in loop_counts]
-    except (OSError, ValueError, ImportError) as err:  # a missing model or tokenizer; loops on a plain or untied
-        # model; a LoopedLM without its Hugging Face wrapper
-        raise UserError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
-    args.out.mkdir(parents=True, exist_ok=True)
+    # every loop count is checked (a plain or untied model cannot take one) before the first runs
+    model, tokenizer = load_model(args.model)
+    lms = [LoopregLM(model, loops=loops, tokenizer=tokenizer, device=args.device, dtype=args.dtype,
+                     batch_size=args.batch_size, max_batch_size=args.max_batch_size) for loops in loop_counts]
+    with writing(args.out):
+        args.out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {}
     for lm in lms:
         results = lm_eval.simple_evaluate(

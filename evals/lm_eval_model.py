@@ -24,26 +24,11 @@ from lm_eval.models.utils_hf import get_dtype
 from torch import nn
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from loopreg.model import LoopedLM
 from loopreg.surgery.core import distinct_param_count
 
 from .models import check_loop_override, load_generator, model_info
 
-__all__ = ["LoopregLM", "as_hf_model", "hf_tokenizer", "load_model"]
-
-
-def as_hf_model(model: nn.Module) -> nn.Module:
-    """``model`` as a Hugging Face causal LM (``forward(...).logits``, ``generate``, both with ``loops=``): a
-    :class:`~loopreg.model.LoopedLM` wrapped in ``LoopregForCausalLM``, any other model as it is.
-
-    >>> as_hf_model(retrofit) is retrofit  # doctest: +SKIP
-    True
-    """
-    if not isinstance(model, LoopedLM):
-        return model
-    from loopreg.modeling_loopreg import LoopregForCausalLM
-
-    return LoopregForCausalLM.from_looped(model)
+__all__ = ["LoopregLM", "hf_tokenizer", "load_model"]
 
 
 def hf_tokenizer(tokens: Any) -> PreTrainedTokenizerBase:
@@ -68,7 +53,7 @@ def hf_tokenizer(tokens: Any) -> PreTrainedTokenizerBase:
 
 
 def load_model(source: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The model at ``source`` (anything :func:`~loopreg.surgery.sources.load_source` accepts: a GGUF file, a
+    """The model at ``source`` (anything :func:`loopreg.load` accepts: a GGUF file, a
     loopreg or HF folder, a hub id) in eval mode, and its tokenizer as a Hugging Face one. A missing model or
     tokenizer raises a one-line ``FileNotFoundError``.
 
@@ -103,7 +88,7 @@ class LoopregLM(HFLM):
         if tokenizer is None:
             raise ValueError("LoopregLM: a loaded model needs its tokenizer (tokenizer=...)")
         if loops is not None:
-            check_loop_override(model)
+            check_loop_override(model, loops=loops)
         self.loops = loops
         self.info = model_info(str(pretrained) if isinstance(pretrained, (str, Path)) else type(model).__name__,
                                model, loops)
@@ -111,9 +96,7 @@ class LoopregLM(HFLM):
             # as HFLM runs: no device, or lm-eval's CLI default cuda:0 without CUDA, is the best one there is
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = get_dtype(dtype) if dtype not in (None, "auto") else None
-        if isinstance(model, LoopedLM):  # its context, which HFLM would not find in the config (2048 otherwise)
-            kwargs.setdefault("max_length", model.config.max_seq_len)
-        model = as_hf_model(model).to(device=device, dtype=dtype)
+        model = model.to(device=device, dtype=dtype)
         hf_logger = logging.getLogger(HFLM.__module__)
         level = hf_logger.level
         hf_logger.setLevel(logging.ERROR)  # not its warnings that a loaded model ignores device/dtype: placed above

@@ -14,10 +14,10 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria
 
 from loopreg.adaptive import ExitRule, ExitStats
-from loopreg.model import LoopedLM
-from loopreg.spec import LoopSpec
+from loopreg.errors import UserError
 
 from .report import ModelInfo
 
@@ -47,7 +47,7 @@ class _Tokens:
             ids = self.raw.encode(text, add_special_tokens=False).ids
         except Exception as err:  # tokenizers raises a bare Exception for out-of-vocabulary characters
             unknown = sorted({c for c in text if self.raw.token_to_id(c) is None})
-            raise ValueError(f"the model's tokenizer cannot encode characters {unknown} of a prompt: {err}") from None
+            raise UserError(f"the model's tokenizer cannot encode characters {unknown} of a prompt: {err}") from None
         return [self.bos_id] + ids if self.bos_id is not None else ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -57,6 +57,20 @@ class _Tokens:
         if self.is_hf:
             return self.raw.decode(ids, skip_special_tokens=True)
         return self.raw.decode(ids, skip_special_tokens=False)
+
+
+class _DecodedStop(StoppingCriteria):
+    """transformers' stopping criterion for a row whose decoded new text (after the ``width`` prompt columns)
+    contains a stop string."""
+
+    def __init__(self, tokens: _Tokens, stop: list[str], width: int) -> None:
+        super().__init__()
+        self.tokens, self.stop, self.width = tokens, stop, width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        rows = input_ids[:, self.width:].tolist()
+        return torch.tensor([any(s in self.tokens.decode(row) for s in self.stop) for row in rows],
+                            device=input_ids.device)
 
 
 class ModelGenerator:
@@ -73,9 +87,9 @@ class ModelGenerator:
         self.model, self.tokens, self.loops = model.eval(), _Tokens(tokenizer), loops
         self.exit, self.kv_policy = exit, kv_policy
         if loops is not None:
-            check_loop_override(model)
+            check_loop_override(model, loops=loops)
         if self.adaptive:
-            check_loop_override(model, "--exit" if exit is not None else "--kv-policy")
+            check_loop_override(model, "--exit" if exit is not None else "--kv-policy", exit=exit, kv_policy=kv_policy)
         config = model.config
         self.context = (context or getattr(config, "max_seq_len", None)
                         or getattr(config, "max_position_embeddings", 2048))
@@ -85,10 +99,12 @@ class ModelGenerator:
         """The prompt's token count (before truncation), by which the runner orders its batches."""
         return len(self.tokens.encode(prompt))
 
-    def _stop_strings(self, stop: list[str]) -> Any:
-        # Built once per stop list: StopStringCriteria scans the whole vocabulary (0.4 s for SmolLM2's 49k tokens).
-        from transformers import StoppingCriteriaList, StopStringCriteria  # only Hugging Face models need it
+    def _stop_strings(self, stop: list[str], width: int) -> Any:
+        from transformers import StoppingCriteriaList, StopStringCriteria
 
+        if not self.tokens.is_hf:  # a loopreg folder's tokenizers.Tokenizer, which StopStringCriteria cannot read
+            return StoppingCriteriaList([_DecodedStop(self.tokens, stop, width)])
+        # Built once per stop list: StopStringCriteria scans the whole vocabulary (0.4 s for SmolLM2's 49k tokens).
         key = tuple(stop)
         if key not in self._stop_criteria:
             self._stop_criteria[key] = StoppingCriteriaList([StopStringCriteria(self.tokens.raw, list(stop))])
@@ -113,51 +129,45 @@ class ModelGenerator:
         device = next(self.model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
         # only a run that asks for them passes the keywords: a plain HF model's generate does not take them
-        adaptive = {"exit": self.exit, "kv_policy": self.kv_policy, "exit_stats": exit_stats} if self.adaptive else {}
-        if isinstance(self.model, LoopedLM):
-            stopped = (lambda new: torch.tensor([any(s in self.tokens.decode(r) for s in stop) for r in new.tolist()],
-                                                device=device)) if stop else None
-            new = self.model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=self.tokens.eos_id,
-                                      loops=self.loops, stop_when=stopped, **adaptive)
-        else:
-            extra = {"stopping_criteria": self._stop_strings(stop), **adaptive} if stop else dict(adaptive)
-            if self.loops is not None:
-                extra["loops"] = self.loops  # a tied retrofit's generate takes the override (LoopedCausalLM)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      do_sample=False, pad_token_id=self.tokens.pad_id,
-                                      eos_token_id=self.tokens.eos_id, **extra)
-            new = out[:, width:]
+        extra = {"exit": self.exit, "kv_policy": self.kv_policy, "exit_stats": exit_stats} if self.adaptive else {}
+        if self.loops is not None:
+            extra["loops"] = self.loops
+        if stop:
+            extra["stopping_criteria"] = self._stop_strings(stop, width)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokens.pad_id, eos_token_id=self.tokens.eos_id, **extra)
+        new = out[:, width:]
         return [self.tokens.decode(row) for row in new.tolist()]
 
 
-def check_loop_override(model: nn.Module, flag: str = "--loops") -> None:
-    """Raise a one-line ``ValueError`` naming ``flag`` unless ``model`` can run another loop count (or exit
-    its loop early): a tied looped ``LoopedLM`` or tied surgery output."""
-    from loopreg.surgery.core import LoopedLayers, get_layers, looped_spec
+def check_loop_override(model: nn.Module, flag: str = "--loops", **options: Any) -> None:
+    """Raise a one-line :class:`~loopreg.errors.UserError` naming ``flag`` unless ``model`` loops and can run
+    ``options`` (``loops``, ``exit``, ``kv_policy``: :func:`~loopreg.looping.check_loop_options`)."""
+    from loopreg.looping import check_loop_options
+    from loopreg.surgery.core import is_tied, looped_spec
 
     spec = looped_spec(model)
     if spec is None or not spec.is_looped:
-        raise ValueError(f"{flag}: this {type(model).__name__} does not loop (spec {spec or 'none'}); "
-                         "loop it first with `loopreg surgery`")
-    tied = model.config.tied if isinstance(model, LoopedLM) else isinstance(get_layers(model), LoopedLayers)
-    if not tied:
-        raise ValueError(f"{flag}: this {type(model).__name__} is untied (spec {spec}): each application has its own "
-                         "layer, so its loop count is fixed; snap it to a tied model first (`loopreg snap`)")
+        raise UserError(f"{flag}: this {type(model).__name__} does not loop (spec {spec or 'none'}); "
+                        "loop it first with `loopreg surgery`")
+    try:
+        check_loop_options(spec, is_tied(model), **options)
+    except UserError as err:
+        raise UserError(f"{flag}: {err}") from None
 
 
 def model_info(name: str, model: nn.Module, loops: int | None = None) -> ModelInfo:
     """Spec and Params/FLOPs in layer units for a results file (a plain HF model is ``(N⊗1)``)."""
-    if isinstance(model, LoopedLM):
-        spec = model.spec.with_loops(loops) if loops is not None else model.spec
-        if not model.config.tied:  # an untied model owns a layer per application
-            return ModelInfo(name, str(spec), 1, spec.effective_depth, spec.effective_depth)
-        return ModelInfo.from_spec(name, str(spec))
-    spec = getattr(model.config, "loopreg_spec", None)
-    if spec is not None:
-        spec = LoopSpec.parse(spec)
-        return ModelInfo.from_spec(name, str(spec.with_loops(loops) if loops is not None else spec))
-    depth = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    return ModelInfo.from_spec(name, f"{depth}x1")
+    from loopreg.surgery.core import is_tied, looped_spec
+
+    spec = looped_spec(model)
+    if spec is None:
+        depth = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+        return ModelInfo.from_spec(name, f"{depth}x1")
+    spec = spec.with_loops(loops) if loops is not None else spec
+    if not is_tied(model):  # an untied model owns a layer per application
+        return ModelInfo(name, str(spec), 1, spec.effective_depth, spec.effective_depth)
+    return ModelInfo.from_spec(name, str(spec))
 
 
 def load_generator(source: str | Path, loops: int | None = None, gguf_file: str | None = None,
@@ -167,16 +177,17 @@ def load_generator(source: str | Path, loops: int | None = None, gguf_file: str 
     GGUF file (``folder/x.gguf`` or ``folder`` + ``gguf_file``); ``exit``/``kv_policy`` as :class:`ModelGenerator`."""
     from tokenizers import Tokenizer
 
-    from loopreg.surgery.sources import is_loopreg_folder, load_source, load_source_tokenizer
+    from loopreg.loading import load
+    from loopreg.surgery.sources import is_loopreg_folder, load_source_tokenizer
 
     path = Path(source) / gguf_file if gguf_file else Path(source)
-    model = load_source(path)
+    model = load(path)
     tokenizer = load_source_tokenizer(path)
     if tokenizer is None and is_loopreg_folder(path):
-        raise FileNotFoundError(f"{path / 'tokenizer.json'}: not found; a loopreg model folder needs its "
+        raise UserError(f"{path / 'tokenizer.json'}: not found; a loopreg model folder needs its "
                                 "tokenizer.json (training with export_folder set writes it)")
     if tokenizer is None:
-        raise FileNotFoundError(f"{path}: no tokenizer files next to the model")
+        raise UserError(f"{path}: no tokenizer files next to the model")
     if not isinstance(tokenizer, Tokenizer):  # a Hugging Face tokenizer (a loopreg folder's is a Tokenizer)
         tokenizer.padding_side = "left"
     name = path.stem if path.suffix == ".gguf" else path.name

@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from loopreg.errors import UserError
+
 __all__ = ["DEFAULT_MAX_TOKENS", "PerplexityResult", "perplexity", "text_windows"]
 
 DEFAULT_MAX_TOKENS = 32768  # 64 windows of 512: a stable estimate that a 135M model scores in a minute on CPU
@@ -51,7 +53,7 @@ def _special_ids(tokenizer: Any) -> tuple[int, int | None]:
     """``(eos, bos)`` of an HF tokenizer or a ``tokenizers.Tokenizer``; ``bos`` only if it prefixes inputs."""
     if hasattr(tokenizer, "convert_tokens_to_ids"):  # Hugging Face
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no EOS token to join documents with")
+            raise UserError(f"the tokenizer ({type(tokenizer).__name__}) has no EOS token to join documents with")
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
         return tokenizer.eos_token_id, bos if adds_bos else None
@@ -85,19 +87,19 @@ def text_windows(tokenizer: Any, source: str, seq_len: int, max_windows: int | N
                  text_field: str = "text") -> torch.Tensor:
     """The ``(windows, seq_len)`` token ids :func:`perplexity` scores (see the module docstring).
 
-    A source shorter than one window raises a one-line ``ValueError`` naming it.
+    A source shorter than one window raises a one-line :class:`~loopreg.errors.UserError` naming it.
 
     Example: ``text_windows(tokenizer, "heldout.jsonl", seq_len=512, max_windows=8).shape`` -> ``(8, 512)``
     """
     if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2 (one context and one predicted token), got {seq_len}")
+        raise UserError(f"seq_len must be >= 2 (one context and one predicted token), got {seq_len}")
     rows: list[list[int]] = []
     for window in _windows(tokenizer, source, seq_len, text_field):
         if max_windows is not None and len(rows) >= max_windows:
             break
         rows.append(window)
     if not rows:
-        raise ValueError(f"{source}: the text is shorter than one window of {seq_len} tokens; "
+        raise UserError(f"{source}: the text is shorter than one window of {seq_len} tokens; "
                          "give more text or a smaller sequence length")
     return torch.tensor(rows, dtype=torch.long)
 
@@ -126,11 +128,11 @@ def perplexity(model: nn.Module, tokenizer: Any, source: str, *, seq_len: int | 
     context = _model_context(model)
     seq_len = seq_len if seq_len is not None else min(512, context or 512)
     if context is not None and seq_len > context:
-        raise ValueError(f"sequence length {seq_len} exceeds the model's context of {context} tokens")
+        raise UserError(f"sequence length {seq_len} exceeds the model's context of {context} tokens")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
     max_windows = None if max_tokens is None else math.ceil(max_tokens / (seq_len - 1))
     windows = text_windows(tokenizer, source, seq_len, max_windows, text_field)
     model.eval()
@@ -140,8 +142,7 @@ def perplexity(model: nn.Module, tokenizer: Any, source: str, *, seq_len: int | 
         extra.update(exit=exit, exit_stats=exit_stats)
     total = 0.0
     for batch in windows.to(device).split(batch_size):
-        out = model(input_ids=batch, **extra)
-        logits = out if isinstance(out, torch.Tensor) else out.logits
+        logits = model(input_ids=batch, **extra).logits
         total += nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
                                              reduction="sum").item()
     tokens = windows.shape[0] * (seq_len - 1)

@@ -36,7 +36,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from loopreg.errors import UserError
+from loopreg.errors import UserError, writing
 from loopreg.spec import LoopSpec
 
 from .aggregate import GroupScore, TaskScore, aggregate_groups, percent_gap
@@ -279,13 +279,13 @@ def table3(results: Sequence[EvalResults], groups: Mapping[str, GroupSpec],
     """
     unknown = [name for name in columns if name not in groups]
     if unknown:
-        raise ValueError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(sorted(groups))}")
+        raise UserError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(sorted(groups))}")
     by_name = {r.info.label: r for r in results}
     for name in [baseline, *(name for pair in pairs for name in pair)]:
         if name is not None and name not in by_name:
-            raise ValueError(f"no results for model {name!r}; loaded: {', '.join(by_name)}")
+            raise UserError(f"no results for model {name!r}; loaded: {', '.join(by_name)}")
     if pairs and baseline is None:
-        raise ValueError("--pair needs --baseline (the iso-FLOP model)")
+        raise UserError("--pair needs --baseline (the iso-FLOP model)")
     scores = {name: aggregate_groups(groups, r.tasks, centered) for name, r in by_name.items()}
 
     def column_values(name: str) -> list[float | None]:
@@ -331,11 +331,11 @@ def scaling_report(results: Sequence[EvalResults], groups: Mapping[str, GroupSpe
     """
     unknown = [name for name in columns if name not in groups]
     if unknown:
-        raise ValueError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(sorted(groups))}")
+        raise UserError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(sorted(groups))}")
     points = []
     for r in results:
         if r.info.params_units is None or r.info.flops_units is None:
-            raise ValueError(f"model {r.info.label!r} has no params_units/flops_units, so no effective depth")
+            raise UserError(f"model {r.info.label!r} has no params_units/flops_units, so no effective depth")
         group_scores = aggregate_groups({g: groups[g] for g in columns}, r.tasks, centered)
         points.append(DepthPoint(r.info.label, r.info.params_units, r.info.flops_units,
                                  {g: s.score for g, s in group_scores.items() if s.score is not None}))
@@ -379,7 +379,7 @@ def compute_report(results: Sequence[EvalResults], png: str | Path | None = None
     iterations (what the batches computed); ``Δ acc`` is in points against the fixed-max run of the same
     model name. A run with several tasks gets a ``mean (N tasks)`` row (means of scores and iterations).
     A file that is neither an exit run nor the fixed reference of one raises a one-line
-    ``ValueError``: ``FILE: no mean_loops (run loopreg eval with --exit)``.
+    :class:`~loopreg.errors.UserError`: ``FILE: no mean_loops (run loopreg eval with --exit)``.
 
     Example: ``to_markdown(compute_report(load_results(["runs/adaptive/"]), png="acc_vs_loops.png"))``
     """
@@ -388,7 +388,7 @@ def compute_report(results: Sequence[EvalResults], png: str | Path | None = None
     adaptive = {r.info.name for r in results if not r.info.fixed}
     for r in results:
         if (r.info.exit is not None and not r.loop_usage) or (r.info.fixed and r.info.name not in adaptive):
-            raise ValueError(f"{r.source or r.info.label}: no mean_loops (run loopreg eval with --exit)")
+            raise UserError(f"{r.source or r.info.label}: no mean_loops (run loopreg eval with --exit)")
     reference = {r.info.name: r for r in results if r.info.fixed}
     order = {r.info.name: index for index, r in enumerate(results)}
     ranked = sorted(results, key=lambda r: (order[r.info.name], not r.info.fixed, r.info.exit is not None,
@@ -512,32 +512,30 @@ def report_main(argv: list[str]) -> int:
     """
     try:
         args = _build_parser().parse_args(argv)
-        pairs = [_parse_pair(text) for text in args.pair]
-        if args.png and not (args.scaling or args.compute):
-            raise UserError("--png needs --scaling or --compute")
-        if args.scaling and args.compute:
-            raise UserError("--scaling and --compute are two different reports; give one")
-        if (args.scaling or args.compute) and (pairs or args.baseline):
-            report = "--scaling" if args.scaling else "--compute"
-            raise UserError(f"--pair/--baseline belong to the Table 3 report, not {report}")
-        columns = [name.strip() for name in args.groups.split(",") if name.strip()]
-        results, groups = load_results(args.results), load_groups()
-        if args.compute:
-            table = compute_report(results, args.png)
-        elif args.scaling:
-            table = scaling_report(results, groups, columns, args.centered, args.png)
-        else:
-            table = table3(results, groups, pairs, args.baseline, columns, args.centered)
-        if args.markdown:
-            args.markdown.write_text(to_markdown(table), encoding="utf-8")
-        if args.json:
-            args.json.write_text(json.dumps(to_json(table), indent=2) + "\n", encoding="utf-8")
     except SystemExit as done:  # --help
         return int(done.code or 0)
-    except UserError:  # bad arguments; EvalDataError/EvalConfigError (a missing or malformed results file)
-        raise
-    except (ValueError, OSError) as err:  # e.g. an unknown group, a --pair model without results, an unwritable --json
-        raise UserError(" ".join(str(err).split()) or type(err).__name__) from None
+    pairs = [_parse_pair(text) for text in args.pair]
+    if args.png and not (args.scaling or args.compute):
+        raise UserError("--png needs --scaling or --compute")
+    if args.scaling and args.compute:
+        raise UserError("--scaling and --compute are two different reports; give one")
+    if (args.scaling or args.compute) and (pairs or args.baseline):
+        report = "--scaling" if args.scaling else "--compute"
+        raise UserError(f"--pair/--baseline belong to the Table 3 report, not {report}")
+    columns = [name.strip() for name in args.groups.split(",") if name.strip()]
+    results, groups = load_results(args.results), load_groups()
+    if args.compute or args.scaling:
+        with writing(args.png):  # the --png plot is drawn as the report is built
+            table = (compute_report(results, args.png) if args.compute else
+                     scaling_report(results, groups, columns, args.centered, args.png))
+    else:
+        table = table3(results, groups, pairs, args.baseline, columns, args.centered)
+    if args.markdown:
+        with writing(args.markdown):
+            args.markdown.write_text(to_markdown(table), encoding="utf-8")
+    if args.json:
+        with writing(args.json):
+            args.json.write_text(json.dumps(to_json(table), indent=2) + "\n", encoding="utf-8")
     console = Console()
     # a pipe or file has no width; rich would assume 80 columns and squeeze the table
     (console if console.is_terminal else Console(width=200)).print(to_rich(table))

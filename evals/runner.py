@@ -25,6 +25,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from loopreg.adaptive import ExitStats
+from loopreg.errors import UserError
 
 from .aggregate import TaskScore, aggregate_groups
 from .metrics import bootstrap_stderr, score
@@ -165,7 +166,7 @@ def evaluate(generator: TextGenerator, task_specs: Sequence[TaskSpec], data_dir:
     Example: ``evaluate(gen, load_task_specs(["svamp"]), limit=50, sidecar_path="preds.jsonl")["tasks"]["svamp"]``
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     data_dir = resolve_data_dir(data_dir)
     groups = load_groups() if groups is None else groups
     tasks: dict[str, TaskScore] = {}

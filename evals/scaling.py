@@ -23,6 +23,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from loopreg.errors import UserError
+
 __all__ = ["MIN_R2_DEPTHS", "NON_LOOPED", "DepthPoint", "LogDepthFit", "alpha_ratios", "families", "fit_log_depth",
            "fit_scaling", "plot_scaling", "plotted_groups", "scaling_figure"]
 
@@ -152,7 +154,7 @@ def scaling_figure(points: Sequence[DepthPoint], fits: Mapping[str, Mapping[str,
     titles = titles or {}
     groups = plotted_groups(points, list(fits))
     if not groups:
-        raise ValueError(f"no model has a score in any of the groups {', '.join(fits)}: nothing to plot")
+        raise UserError(f"no model has a score in any of the groups {', '.join(fits)}: nothing to plot")
     columns = min(3, len(groups))
     rows = math.ceil(len(groups) / columns)
     figure = Figure(figsize=(4.5 * columns, 3.6 * rows), layout="constrained")

@@ -5,8 +5,9 @@
     '12x / 24x'
 """
 
+from loopreg.loading import load
 from loopreg.model import LoopedLM, LoopedLMConfig
 from loopreg.spec import LoopSpec
 
-__all__ = ["LoopSpec", "LoopedLM", "LoopedLMConfig"]
+__all__ = ["LoopSpec", "LoopedLM", "LoopedLMConfig", "load"]
 __version__ = "0.1.0"

@@ -28,17 +28,16 @@ Portable like model.py: copied into model folders as remote code (torch, stdlib 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from .spec import LoopSpec  # relative: copied into model folders as remote code (loopreg.remote_code)
 
-__all__ = ["EXIT_CRITERIA", "KV_POLICIES", "ExitRule", "ExitStats", "ExitCache", "LoopExit", "check_exit",
-           "generating_with", "exit_options"]
+__all__ = ["EXIT_CRITERIA", "KV_POLICIES", "ExitRule", "ExitStats", "ExitCache", "LoopExit", "check_kv_policy"]
 
 EXIT_CRITERIA = ("kl", "latent")
 KV_POLICIES = ("per_application", "shared")
@@ -57,26 +56,26 @@ class ExitRule:
 
     def __post_init__(self) -> None:
         if self.criterion not in EXIT_CRITERIA:
-            raise ValueError(f"--exit: unknown criterion {self.criterion!r} in '{self.criterion}:{self.threshold}'; "
+            raise UserError(f"--exit: unknown criterion {self.criterion!r} in '{self.criterion}:{self.threshold}'; "
                              f"valid: {', '.join(EXIT_CRITERIA)}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not 0.0 <= float(self.threshold) < float("inf"):
-            raise ValueError(f"--exit: threshold {self.threshold!r} in '{self.criterion}:{self.threshold}' "
+            raise UserError(f"--exit: threshold {self.threshold!r} in '{self.criterion}:{self.threshold}' "
                              "must be a finite number >= 0")
 
     @classmethod
     def parse(cls, text: str | ExitRule) -> ExitRule:
-        """``'kl:0.01'`` or ``'latent:0.05'``; a malformed rule raises a one-line ``ValueError``."""
+        """``'kl:0.01'`` or ``'latent:0.05'``; a malformed rule raises a one-line ``UserError``."""
         if isinstance(text, ExitRule):
             return text
         criterion, sep, threshold = str(text).strip().partition(":")
         if not sep:
-            raise ValueError(f"--exit: {text!r} is not CRITERION:THRESHOLD (e.g. kl:0.01); "
+            raise UserError(f"--exit: {text!r} is not CRITERION:THRESHOLD (e.g. kl:0.01); "
                              f"valid criteria: {', '.join(EXIT_CRITERIA)}")
         try:
             value = float(threshold)
         except ValueError:
-            raise ValueError(f"--exit: threshold {threshold.strip()!r} in {text!r} is not a number") from None
+            raise UserError(f"--exit: threshold {threshold.strip()!r} in {text!r} is not a number") from None
         return cls(criterion.strip(), value)
 
     def __str__(self) -> str:
@@ -92,25 +91,12 @@ class ExitRule:
 
 
 def check_kv_policy(kv_policy: str) -> None:
-    """Raise a one-line ``ValueError`` for an unknown KV policy.
+    """Raise a one-line ``UserError`` for an unknown KV policy.
 
     >>> check_kv_policy("shared")
     """
     if kv_policy not in KV_POLICIES:
-        raise ValueError(f"unknown kv_policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
-
-
-def check_exit(spec: LoopSpec, tied: bool, exit: ExitRule | None, kv_policy: str) -> None:
-    """One-line ``ValueError`` unless the options fit the model: an exit rule or the shared policy needs a tied
-    model with a looped block."""
-    check_kv_policy(kv_policy)
-    if exit is None and kv_policy == "per_application":
-        return
-    what = f"exit={exit}" if exit is not None else f"kv_policy={kv_policy!r}"
-    if not tied:
-        raise ValueError(f"{what} needs a tied looped model; this one is untied ('{spec}'): snap it first")
-    if not spec.is_looped:
-        raise ValueError(f"{what} needs a looped block; loop spec '{spec}' has none")
+        raise UserError(f"unknown kv_policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
 
 
 class ExitStats:
@@ -158,7 +144,7 @@ class ExitCache:
     """The cache protocol (``update``/``get_seq_length``) over a model's own cache, for one forward: maps a layer
     application to its slot (``slots``: per application, or the stored layer under ``shared``), puts the stand-in
     keys/values of exited tokens in place, and under ``shared`` overwrites this forward's entries when a slot is
-    written again. One wrapper serves LoopedLM's :class:`~loopreg.model.KVCache` and transformers' caches."""
+    written again. One wrapper serves LoopedLM and the retrofits, over transformers' caches."""
 
     def __init__(self, cache: Any, slots: Sequence[int], thinking: range, block_size: int, shared: bool) -> None:
         self.cache, self.slots, self.thinking, self.block_size, self.shared = cache, slots, thinking, block_size, shared
@@ -169,8 +155,8 @@ class ExitCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.cache.get_seq_length(self.slots[layer_idx])
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx in self.thinking:
             layer = (layer_idx - self.thinking.start) % self.block_size
             if self.active is not None:  # exited tokens: the keys/values of their exit iteration stand in
@@ -185,8 +171,8 @@ class ExitCache:
             keys[:, :, -key_states.shape[2]:] = key_states
             values[:, :, -value_states.shape[2]:] = value_states
             return keys, values
-        extra = () if cache_kwargs is None else (cache_kwargs,)  # transformers' caches take them; KVCache does not
-        keys, values = self.cache.update(key_states, value_states, slot, *extra)
+        # the layer's own extra arguments (4.x `cache_kwargs`, 5.x `kwargs=`) go through to the cache
+        keys, values = self.cache.update(key_states, value_states, slot, *args, **kwargs)
         if self.shared:
             self.written[slot] = keys, values
         return keys, values
@@ -270,26 +256,3 @@ class LoopExit:
         if self.real is None:
             return torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         return self.real[:, -h.shape[1]:].bool()
-
-
-@contextlib.contextmanager
-def generating_with(model: Any, exit: ExitRule | str | None, kv_policy: str,
-                    stats: ExitStats | None) -> Iterator[None]:
-    """For one ``generate`` call: the exit keywords that its forwards (called by transformers' generation loop,
-    which passes only the model inputs on) read through :func:`exit_options`."""
-    saved = model.__dict__.get("_generate_exit")
-    model.__dict__["_generate_exit"] = (exit, kv_policy, stats)
-    try:
-        yield
-    finally:
-        model.__dict__["_generate_exit"] = saved
-
-
-def exit_options(model: Any, exit: ExitRule | str | None, kv_policy: str,
-                 stats: ExitStats | None) -> tuple[ExitRule | None, str, ExitStats | None]:
-    """A forward's exit keywords: its own, else those of the ``generate`` call around it (:func:`generating_with`)."""
-    outer = model.__dict__.get("_generate_exit")
-    if outer is not None and exit is None and kv_policy == "per_application" and stats is None:
-        exit, kv_policy, stats = outer
-    check_kv_policy(kv_policy)
-    return (ExitRule.parse(exit) if exit is not None else None), kv_policy, stats

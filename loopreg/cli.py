@@ -4,7 +4,8 @@
     loopreg demo --out runs/demo
 
 A user error (:class:`~loopreg.errors.UserError`, raised by any command) is caught here, in one place: it prints
-one line to stderr and exits 2 (no traceback).
+one line to stderr and exits 2 (no traceback unless ``LOOPREG_DEBUG=1``). Any other exception is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from loopreg.errors import UserError
+from loopreg.errors import UserError, report_user_error
 
 # subcommand -> (module, one-line help); each module exposes `cli_main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,8 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         status = module.cli_main(rest)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        status = 2
+        status = report_user_error(err)
     sys.exit(status)
 
 

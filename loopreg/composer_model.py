@@ -17,18 +17,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
 from composer.models import ComposerModel, HuggingFaceModel
 from torchmetrics import Metric
 
 from loopreg.data import IGNORE_INDEX
-from loopreg.model import LoopedLM, LoopedLMConfig, batch_option
+from loopreg.looping import batch_option
+from loopreg.model import LoopedLM, LoopedLMConfig
 
 __all__ = ["ComposerLoopedLM", "PretrainedLM"]
 
 
 class ComposerLoopedLM(ComposerModel):
-    """A :class:`LoopedLM` as a Composer model; ``self.model`` is the plain ``nn.Module``.
+    """A :class:`LoopedLM` as a Composer model; ``self.model`` is the LoopedLM (a transformers model).
 
     ``extra_eval_metrics`` adds task metrics (e.g. answer exact match) next to cross entropy,
     perplexity and token accuracy. Per-batch loop options (``loops``, ``grad_loops``; see
@@ -37,7 +39,7 @@ class ComposerLoopedLM(ComposerModel):
 
     def __init__(self, config: LoopedLMConfig | LoopedLM, extra_eval_metrics: dict[str, Metric] | None = None) -> None:
         super().__init__()
-        self.model = config if isinstance(config, LoopedLM) else LoopedLM(config)
+        self.model = config if isinstance(config, nn.Module) else LoopedLM(config)
         self.train_metrics = self._lm_metrics()
         self.eval_metrics = {**self._lm_metrics(), **(extra_eval_metrics or {})}
 
@@ -61,7 +63,7 @@ class ComposerLoopedLM(ComposerModel):
         return 3.0 * (matmul + attention)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch["input_ids"], **self.loop_options(batch))
+        return self.model(batch["input_ids"], **self.loop_options(batch)).logits
 
     @staticmethod
     def loop_options(batch: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -93,7 +95,7 @@ class PretrainedLM(HuggingFaceModel):
     entropy (train and eval) and perplexity (eval); ``self.model`` is the Hugging Face module. (Loop surgery
     at ``INIT`` refreshes the batch keys the wrapper passes: see ``apply_loop_surgery``.)
 
-    >>> # PretrainedLM(load_source(smollm2_gguf()), load_source_tokenizer(smollm2_gguf()))
+    >>> # PretrainedLM(load(smollm2_gguf()), load_source_tokenizer(smollm2_gguf()))
     """
 
     def __init__(self, model: Any, tokenizer: Any | None = None) -> None:

@@ -2,7 +2,9 @@
 file or a value), reported as one line that names the key path, file or value at fault exactly once.
 
 It is caught in one place for the CLI (:func:`loopreg.cli.main`) and one for the recipe entry
-(:func:`loopreg.train.main`); both print ``error: <line>`` and exit 2, without a traceback.
+(:func:`loopreg.train.main`); both print ``error: <line>`` and exit 2, without a traceback
+(:func:`report_user_error`; ``LOOPREG_DEBUG=1`` prints the traceback too). Nothing else is caught: an internal
+error keeps its traceback.
 
     >>> str(RecipeError("must be >= 0, got -1", key="algorithms.loop_regularizer.lam"))
     'algorithms.loop_regularizer.lam: must be >= 0, got -1'
@@ -11,10 +13,15 @@ It is caught in one place for the CLI (:func:`loopreg.cli.main`) and one for the
 from __future__ import annotations
 
 import difflib
+import os
+import sys
+import traceback
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
-__all__ = ["UserError", "RecipeError", "DataError", "CheckpointError", "did_you_mean", "under_key"]
+__all__ = ["UserError", "RecipeError", "DataError", "CheckpointError", "did_you_mean", "under_key", "writing",
+           "report_user_error"]
 
 
 class UserError(ValueError):
@@ -72,8 +79,9 @@ def did_you_mean(name: str, valid: list[str], parent: str = "") -> str:
 @contextmanager
 def under_key(key: str, *wrapped: type[Exception], error: type[UserError] = RecipeError) -> Iterator[None]:
     """Report what fails inside under the recipe key ``key``: a :class:`UserError` gets the key unless it names
-    its own (:meth:`UserError.at`), and an exception of a ``wrapped`` type (a component's own ``ValueError``,
-    a missing file's ``OSError``) becomes an ``error`` whose line is its first line.
+    its own (:meth:`UserError.at`), a plain one becoming an ``error`` (a ``DataError`` stays one), and an exception
+    of a ``wrapped`` type (a component's own ``ValueError``, a missing file's ``OSError``) becomes an ``error``
+    whose line is its first line.
 
     >>> with under_key("optimizer", ValueError):  # doctest: +SKIP
     ...     torch.optim.AdamW(params, lr=-1)
@@ -82,6 +90,32 @@ def under_key(key: str, *wrapped: type[Exception], error: type[UserError] = Reci
     try:
         yield
     except UserError as err:
-        raise err.at(key) from None
+        raise (error(err.message, err.key) if type(err) is UserError else err).at(key) from None
     except wrapped as err:
         raise error(str(err), key=key) from None
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Report an ``OSError`` raised inside, while writing the output ``path`` the user named (a folder without
+    write permission, a full disk), as a one-line :class:`UserError` naming it.
+
+    >>> with writing("/proc/report.md"):  # doctest: +SKIP
+    ...     Path("/proc/report.md").write_text("...")
+    UserError: cannot write /proc/report.md: No such file or directory
+    """
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def report_user_error(err: UserError) -> int:
+    """Print ``err`` as its one ``error:`` line on stderr and return the exit status, 2. With ``LOOPREG_DEBUG=1``
+    in the environment its traceback comes first, with the library error it replaced (``raise ... from None``
+    hides it otherwise)."""
+    if os.environ.get("LOOPREG_DEBUG") == "1":
+        err.__suppress_context__ = False
+        traceback.print_exception(err)
+    print(f"error: {err}", file=sys.stderr)
+    return 2

@@ -19,18 +19,17 @@ __all__ = ["write_folder", "write_model_folder", "save_tokenizer"]
 
 
 def write_model_folder(model: nn.Module, out_dir: str | Path, tokenizer: Any | None = None) -> Path:
-    """``model.save_pretrained``, the remote code a looped model needs to load in plain transformers
-    (:func:`~loopreg.remote_code.attach_remote_code`) and the tokenizer into ``out_dir``, through
+    """``model.save_pretrained`` (a looped model's writes the remote code it needs to load in plain transformers,
+    :mod:`loopreg.remote_code`) and the tokenizer into ``out_dir``, through
     :func:`write_folder`: an interrupted or failed write never leaves a half-written ``out_dir`` and never
     loses an existing one. ``tokenizer`` is a Hugging Face tokenizer or a ``tokenizers.Tokenizer``.
 
     >>> # write_model_folder(looped_model, "runs/smollm2_middle", tokenizer)
     """
-    from loopreg.remote_code import attach_remote_code
+    from loopreg.surgery.adapters import unwrap
 
     def save(staging: Path) -> None:
-        model.save_pretrained(staging)
-        attach_remote_code(staging, model)
+        unwrap(model).save_pretrained(staging)
         if tokenizer is not None:
             save_tokenizer(tokenizer, staging)
 

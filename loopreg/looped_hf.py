@@ -1,30 +1,35 @@
-"""The runtime of tied looped Hugging Face models (loop surgery's retrofits): the layer list that stores each
-distinct layer once and runs it at every application, and the looped variant of the model's own class.
+"""The runtime of looped Hugging Face models (loop surgery's retrofits): the layer list that stores each layer once
+and reads as the forward's layer applications, and the looped variant of the model's own class.
 
-Surgery (:mod:`loopreg.surgery.core`) builds these in place. A saved retrofit folder carries this module and its
+Surgery (:mod:`loopreg.surgery.core`) builds these in place. A saved tied retrofit carries this module and its
 relative imports as remote code (:mod:`loopreg.remote_code`), its ``auto_map`` naming ``looped_hf.<Class>``, so
 plain transformers rebuilds it tied from the config alone, with no loopreg installed:
 
     >>> # AutoModelForCausalLM.from_pretrained("runs/smollm2_middle", trust_remote_code=True).generate(ids, loops=3)
 
-This module is copied into model folders: it imports torch, transformers, the standard library and its
-siblings (relatively) only; ``tests/test_remote_code_retrofit.py`` loads such folders with loopreg unimportable.
+The family's own decoder forward runs unchanged: it iterates over the layer list, and each item it gets is one
+application of the forward's :class:`~loopreg.looping.LoopPlan`, which runs the stored layer between the plan's
+hooks with its own KV-cache slot. Portable: torch, transformers, the standard library and its siblings only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .adaptive import ExitRule, ExitStats, LoopExit, check_exit, exit_options, generating_with
-from .model import batch_option  # relative: copied into model folders as remote code (loopreg.remote_code)
+# Every sibling the remote code needs is imported here directly: transformers 4.53 copies only an entry module's
+# direct relative imports into its module cache.
+from .adaptive import ExitRule, ExitStats
+from .errors import UserError
+from .hf_compat import CACHE_KEY, cache_of, cache_parameter, lazy_cache
+from .looping import LoopPlan
+from .remote_code import attach_remote_code
 from .spec import LoopSpec
-from .update_rules import check_update_rule, iteration_hooks
+from .update_rules import check_update_rule
 
 __all__ = ["SPEC_KEY", "TIED_KEY", "UPDATE_KEY", "ANCHOR_KEY", "LOOPS_KEY", "RETROFIT_KEYS", "DECODER_LAYERS",
            "decoder_layers_path", "set_cache_slot", "LayerApplication", "LoopedLayers", "LoopedCausalLM",
@@ -54,28 +59,12 @@ def set_cache_slot(layer: nn.Module, slot: int) -> None:
 
 
 class LayerApplication:
-    """One application of a stored layer: calling it runs that layer with the KV-cache slot
-    (``layer_idx``) of its position in the stack. Attribute reads go to the layer.
+    """One application of a stored layer in the running plan: calling it runs that layer at the KV-cache slot of
+    its position in the stack, between the plan's hooks (:meth:`~loopreg.looping.LoopPlan.apply`). Attribute reads
+    go to the layer."""
 
-    ``enter``/``leave`` are the update rule's hooks (:mod:`loopreg.update_rules`) and the truncated-backprop
-    bookkeeping: ``enter(h)`` sees the layer's input hidden state, ``leave(h)`` maps its output hidden state;
-    ``no_grad`` runs the layer without an autograd graph. ``looping`` is a forward's adaptive exit and KV policy
-    (:mod:`loopreg.adaptive`): the layer writes through its cache wrapper, and is skipped once every token exited.
-    """
-
-    def __init__(self, owner: LoopedLayers, key: str, slot: int, enter: Sequence[Callable] = (),
-                 leave: Sequence[Callable] = (), no_grad: bool = False, looping: LoopExit | None = None) -> None:
+    def __init__(self, owner: LoopedLayers, key: str, slot: int) -> None:
         self._owner, self._key, self.slot = owner, key, slot
-        self._enter, self._leave, self._no_grad = tuple(enter), tuple(leave), no_grad
-        self._looping = looping
-
-    def exiting(self, looping: LoopExit) -> LayerApplication:
-        """This application under ``looping``, with its hooks at the thinking iterations' first and last layers."""
-        exits = looping.rule is not None
-        enter = (functools.partial(looping.enter, self.slot),) if exits and self.slot in looping.starts else ()
-        leave = (functools.partial(looping.leave, self.slot),) if exits and self.slot in looping.loop_ends else ()
-        return LayerApplication(self._owner, self._key, self.slot, self._enter + enter, self._leave + leave,
-                                self._no_grad, looping)
 
     @property
     def layer(self) -> nn.Module:
@@ -83,27 +72,23 @@ class LayerApplication:
         return self._owner._modules[self._key]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        layer = self.layer
+        layer, plan, owner = self.layer, self._owner.plan, self._owner
         set_cache_slot(layer, self.slot)
-        if self._looping is not None:
-            args, kwargs = _with_cache(layer, args, kwargs, self._looping.bind)
-            if self._looping.skips(self.slot):  # every token exited: the stand-ins fill the slot, the layer rests
-                self._looping.cache.fill(self.slot)
-                hidden = args[0] if args else kwargs["hidden_states"]
-                return (hidden,) if self._owner.tuple_output else hidden
-        if not (self._enter or self._leave or self._no_grad):
-            return layer(*args, **kwargs)  # plain looping: nothing between the layers
-        hidden = args[0] if args else kwargs["hidden_states"]
-        for hook in self._enter:
-            hook(hidden)
-        with torch.no_grad() if self._no_grad else contextlib.nullcontext():
-            output = layer(*args, **kwargs)
-        # Decoder layers return the hidden state, or a tuple that starts with it (GPT-2, NeoX, 4.53 Llama).
-        self._owner.tuple_output = isinstance(output, tuple)
-        hidden = output[0] if isinstance(output, tuple) else output
-        for hook in self._leave:
-            hidden = hook(hidden)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        if plan is None or plan.plain:
+            return layer(*args, **kwargs)
+        if plan.looping is not None:  # the layer writes through the plan's cache wrapper
+            args, kwargs = _with_cache(layer, args, kwargs, plan.cache)
+        tail: list[Any] = []
+
+        def run(hidden: torch.Tensor) -> torch.Tensor:
+            output = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})
+            # Decoder layers return the hidden state, or a tuple that starts with it (GPT-2, NeoX, 4.x Llama).
+            owner.tuple_output = isinstance(output, tuple)
+            tail[:] = output[1:] if owner.tuple_output else ()
+            return output[0] if owner.tuple_output else output
+
+        hidden = plan.apply(self.slot, args[0] if args else kwargs["hidden_states"], run)
+        return (hidden, *tail) if owner.tuple_output else hidden
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # private names (and unpickling, before __init__ ran) never forward
@@ -114,132 +99,94 @@ class LayerApplication:
         return f"LayerApplication(slot={self.slot}, layer={self._key})"
 
 
-@functools.cache
-def _cache_argument(layer_type: type) -> int:
-    """Where a decoder layer's forward takes its cache among the positional arguments (GPT-2 passes it so)."""
-    return list(inspect.signature(layer_type.forward).parameters).index("past_key_value") - 1
-
-
 def _with_cache(layer: nn.Module, args: tuple, kwargs: dict, wrap: Callable[[Any], Any]) -> tuple[tuple, dict]:
-    """The decoder layer's arguments with its cache (``past_key_value``, by keyword or position) wrapped."""
-    if "past_key_value" not in kwargs:
-        index = _cache_argument(type(layer))
-        if index < len(args):
-            return (*args[:index], wrap(args[index]), *args[index + 1:]), kwargs
-    return args, {**kwargs, "past_key_value": wrap(kwargs.get("past_key_value"))}
+    """The decoder layer's arguments with its KV cache (by keyword or position) wrapped."""
+    name, index = cache_parameter(type(layer))
+    if name not in kwargs and index < len(args):
+        return (*args[:index], wrap(args[index]), *args[index + 1:]), kwargs
+    return args, {**kwargs, name: wrap(kwargs.get(name))}
 
 
 class LoopedLayers(nn.ModuleList):
-    """The layer list of a tied looped Hugging Face model: it *stores* the distinct layers (module tree,
-    ``state_dict``, FSDP units, parameter count) and *reads* as the unrolled stack (iteration, ``len`` and
-    indexing give one :class:`LayerApplication` per application), which is all a decoder's forward uses.
-
-    :meth:`running` swaps in another loop count (or truncated backprop) for the length of one call.
+    """The layer list of a looped Hugging Face model: it *stores* its layers (module tree, ``state_dict``, FSDP
+    units, parameter count: the spec's distinct layers when tied, one per application when untied) and *reads* as
+    the running forward's layer applications (iteration, ``len`` and indexing give one :class:`LayerApplication`
+    each), which is all a decoder's forward uses.
 
     >>> layers = LoopedLayers([nn.Identity(), nn.Identity()], spec="1x1+1x3")
     >>> len(layers), len(list(layers.children())), layers[3]
     (4, 2, LayerApplication(slot=3, layer=1))
     """
 
-    def __init__(self, layers: Sequence[nn.Module], spec: LoopSpec | str, update: str = "plain",
-                 anchor: float = 0.0) -> None:
+    def __init__(self, layers: Sequence[nn.Module], spec: LoopSpec | str, tied: bool = True, update: str = "plain",
+                 anchor: float = 0.0, layer_types: Sequence[str] | None = None) -> None:
         super().__init__()
         for index, layer in enumerate(layers):
             self.add_module(str(index), layer)
-        self.spec = LoopSpec.parse(spec)
-        if self.spec.distinct_layers != len(layers):
-            raise ValueError(f"loop spec '{self.spec}' has {self.spec.distinct_layers} distinct layers, "
-                             f"got {len(layers)} layers")
+        self.spec, self.tied = LoopSpec.parse(spec), tied
+        expected = self.spec.distinct_layers if tied else self.spec.effective_depth
+        if expected != len(layers):
+            raise UserError(f"loop spec '{self.spec}' ({'tied' if tied else 'untied'}) has {expected} stored layers, "
+                            f"got {len(layers)} layers")
         check_update_rule(update, anchor)
         self.update, self.anchor = update, float(anchor)
-        self.applications = self._applications(self.spec)
-        self.running_spec = self.spec  # the spec at the loop count of the call under way
-        self._loops_chosen = False  # True while a call's loops= (or the config's loop count) runs
+        self.layer_types = None if layer_types is None else list(layer_types)  # per stored layer (Qwen2's kinds)
+        self.plan: LoopPlan | None = None  # the plan of the forward under way (LoopedCausalLM.forward)
         self.tuple_output = True  # whether the stored layers return a tuple (learnt at each call)
+        self._applications = self._read(LoopPlan(self.spec, tied))
 
-    @property
-    def schedule(self) -> tuple[int, ...]:
-        return self.spec.schedule
+    def _read(self, plan: LoopPlan) -> list[LayerApplication]:
+        return [LayerApplication(self, str(step.layer), step.slot) for step in plan.steps]
 
-    def _applications(self, spec: LoopSpec, grad_loops: int | None = None) -> list[LayerApplication]:
-        enter, leave = iteration_hooks(spec, self.update, self.anchor)
-        hooks: dict[int, tuple[list[Callable], list[Callable]]] = {}
-        for slot, hook in enter.items():
-            hooks.setdefault(slot, ([], []))[0].append(hook)
-        for slot, hook in leave.items():
-            hooks.setdefault(slot, ([], []))[1].append(hook)
-        skipped = spec.truncated_applications(grad_loops)
-        if skipped:
-            # Jacobian-free through the skipped iterations (as LoopedLM.forward): their output carries the
-            # gradient of their input unchanged, so earlier layers and the embedding still learn.
-            start: dict[str, torch.Tensor] = {}
-            hooks.setdefault(skipped.start, ([], []))[0].insert(0, lambda h: start.__setitem__("h", h))
-            hooks.setdefault(skipped.stop - 1, ([], []))[1].append(
-                lambda out: out.detach() + (start["h"] - start["h"].detach()))
-        return [LayerApplication(self, str(index), slot, *hooks.get(slot, ((), ())), no_grad=slot in skipped)
-                for slot, index in enumerate(spec.schedule)]
+    def applied_types(self, plan: LoopPlan) -> list[str] | None:
+        """The attention kind of each of ``plan``'s applications (a config's ``layer_types``), if the family has
+        kinds."""
+        return None if self.layer_types is None else [self.layer_types[step.layer] for step in plan.steps]
 
     @contextlib.contextmanager
-    def running(self, config: Any, loops: int | Sequence[int] | None = None,
-                grad_loops: int | None = None) -> Iterator[None]:
-        """Within the block the stack runs ``loops`` (see :meth:`LoopSpec.with_loops`; ``None``: the config's
-        ``loopreg_loops``, if set) and, while autograd records, builds the graph of only the last ``grad_loops``
-        thinking iterations; ``config`` (the HF config, whose ``num_hidden_layers`` bounds the decoder's loop and
-        sizes its caches) follows. A call nested in one that chose its loops (a forward inside
-        ``generate(loops=...)``) keeps them."""
-        if loops is None and not self._loops_chosen:
-            loops = getattr(config, LOOPS_KEY, None)
-        if loops is None and (grad_loops is None or not torch.is_grad_enabled()):
-            yield
-            return
-        spec = self.spec.with_loops(loops) if loops is not None else self.spec
-        saved = (self.applications, self._loops_chosen, self.running_spec, config.num_hidden_layers,
-                 getattr(config, "layer_types", None))
-        self.applications = self._applications(spec, grad_loops if torch.is_grad_enabled() else None)
-        self._loops_chosen, self.running_spec = self._loops_chosen or loops is not None, spec
-        config.num_hidden_layers = spec.effective_depth
-        if saved[-1] is not None:  # per-application attention kinds (Qwen2 sliding windows), for static caches
-            config.layer_types = [application.attention_type for application in self.applications]
+    def running(self, plan: LoopPlan, config: Any) -> Iterator[None]:
+        """Within the block the stack reads as ``plan``'s applications. A call at another depth than the config's
+        (a loop override) shows the family its depth for the call: the decoders read it from the config, as
+        ``layers[:config.num_hidden_layers]``, GPT-2's per-layer ``head_mask``, transformers 5's
+        ``config.layer_types[i]`` (Qwen2)."""
+        saved = self.plan, self._applications, config.num_hidden_layers, getattr(config, "layer_types", None)
+        self.plan, self._applications = plan, self._read(plan)
+        other_depth = len(plan.steps) != saved[2]
+        if other_depth:
+            config.num_hidden_layers = len(plan.steps)
+            if saved[3] is not None:
+                config.layer_types = self.applied_types(plan)
         try:
             yield
         finally:
-            self.applications, self._loops_chosen, self.running_spec, config.num_hidden_layers = saved[:4]
-            if saved[-1] is not None:
-                config.layer_types = saved[-1]
-
-    @contextlib.contextmanager
-    def exiting(self, looping: LoopExit) -> Iterator[None]:
-        """Within the block the stack runs under ``looping`` (a :class:`~loopreg.adaptive.LoopExit` built for
-        :attr:`running_spec`): adaptive exit from the thinking block and the KV policy."""
-        saved = self.applications
-        self.applications = [application.exiting(looping) for application in saved]
-        try:
-            yield
-        finally:
-            self.applications = saved
+            self.plan, self._applications = saved[:2]
+            if other_depth:
+                config.num_hidden_layers = saved[2]
+                if saved[3] is not None:
+                    config.layer_types = saved[3]
 
     def __iter__(self) -> Iterator[LayerApplication]:
-        return iter(self.applications)
+        return iter(self._applications)
 
     def __len__(self) -> int:
-        return len(self.applications)
+        return len(self._applications)
 
     def __getitem__(self, index: int | slice) -> Any:
-        return self.applications[index]
+        return self._applications[index]
 
     def __repr__(self) -> str:
         return nn.Module.__repr__(self)  # the stored layers, not D application lines
 
     def extra_repr(self) -> str:
         update = f", update={self.update}, anchor={self.anchor}" if self.update != "plain" else ""
-        return f"spec={self.spec}{update}"
+        return f"spec={self.spec}, tied={self.tied}{update}"
 
 
 def decoder_layers_path(config: Any) -> str:
     """Where a model of ``config``'s family keeps its decoder layers, e.g. ``model.layers``."""
     if config.model_type not in DECODER_LAYERS:
-        raise ValueError(f"looped Hugging Face models support model types {', '.join(sorted(DECODER_LAYERS))}; "
-                         f"got '{config.model_type}'")
+        raise UserError(f"looped Hugging Face models support model types {', '.join(sorted(DECODER_LAYERS))}; "
+                        f"got '{config.model_type}'")
     return DECODER_LAYERS[config.model_type]
 
 
@@ -252,80 +199,111 @@ class LoopedCausalLM:
     ``loopreg_loops`` (if set) or the spec's own loop counts run.
 
     Built from a config (``from_pretrained``, ``from_config``), a tied retrofit gets the stored layers only (the
-    spec's distinct layers, under the checkpoint's names) in a :class:`LoopedLayers`; a plain or untied config
-    (one layer per application) builds the base model as it is.
+    spec's distinct layers, under the checkpoint's names); an untied one one layer per application. Either way the
+    layer list is a :class:`LoopedLayers`.
 
     >>> # retrofit.generate(input_ids, max_new_tokens=8, loops=3)
     """
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         spec_text = getattr(config, SPEC_KEY, None)
-        if spec_text is None or not getattr(config, TIED_KEY, True):
+        if spec_text is None:  # a plain checkpoint: the base model as it is
             super().__init__(config, *args, **kwargs)
             return
-        spec = LoopSpec.parse(spec_text)
+        spec, tied = LoopSpec.parse(spec_text), getattr(config, TIED_KEY, True)
+        stored = spec.distinct_layers if tied else spec.effective_depth
         depth, layer_types = config.num_hidden_layers, getattr(config, "layer_types", None)
-        config.num_hidden_layers = spec.distinct_layers  # what the checkpoint stores (GPT-2 maps it to n_layer)
-        if layer_types is not None:  # a stored layer's attention kind is that of its first application
-            config.layer_types = [layer_types[group[0]] for group in spec.tie_groups]
+        if layer_types is not None:  # the saved kinds are per application of the plan the folder was saved at
+            saved_at = next(plan for plan in (LoopPlan(spec, tied, getattr(config, LOOPS_KEY, None)),
+                                              LoopPlan(spec, tied)) if len(plan.steps) == len(layer_types))
+            kinds = {step.layer: layer_types[step.slot] for step in reversed(saved_at.steps)}  # first application's
+            layer_types = [kinds[index] for index in range(stored)]
+        config.num_hidden_layers = stored  # what the checkpoint stores (GPT-2 maps it to n_layer)
+        saved_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            config.layer_types = layer_types
         try:
             super().__init__(config, *args, **kwargs)
         finally:
             config.num_hidden_layers = depth
             if layer_types is not None:
-                config.layer_types = layer_types
+                config.layer_types = saved_types
         path = decoder_layers_path(config)
-        stored = list(self.get_submodule(path))
-        self.set_submodule(path, LoopedLayers(stored, spec, getattr(config, UPDATE_KEY, "plain"),
-                                              getattr(config, ANCHOR_KEY, 0.0)))
+        layers = list(self.get_submodule(path))
+        for slot, layer in enumerate(layers):
+            set_cache_slot(layer, slot)
+        update, anchor = getattr(config, UPDATE_KEY, "plain"), getattr(config, ANCHOR_KEY, 0.0)
+        looped = LoopedLayers(layers, spec, tied, update, anchor, layer_types)
+        self.set_submodule(path, looped)
+        # the applications at the config's loop count (a loop count the model cannot run fails here): what the
+        # family sizes its caches by, also after from_pretrained(..., loopreg_loops=L) set it
+        plan = LoopPlan(spec, tied, getattr(config, LOOPS_KEY, None))
+        config.num_hidden_layers = len(plan.steps)
+        if layer_types is not None:
+            config.layer_types = looped.applied_types(plan)
 
-    def forward(self, *args: Any, loops: int | Sequence[int] | None = None, grad_loops: int | None = None,
-                exit: ExitRule | str | None = None, kv_policy: str = "per_application",
-                exit_stats: ExitStats | None = None, **kwargs: Any) -> Any:
-        rule, kv_policy, exit_stats = exit_options(self, exit, kv_policy, exit_stats)
-        with self._running(loops, grad_loops):
-            if rule is None and kv_policy == "per_application":
-                return super().forward(*args, **kwargs)
-            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            with self._exiting(rule, kv_policy, exit_stats, mask):
-                return super().forward(*args, **kwargs)
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers 5 skips a family's checkpoint conversions (GPT-NeoX's `embed_out` -> `lm_head`) for custom
+        # code; the looped class runs the family's own modules on its checkpoints, so they apply to it too
+        return False
 
-    def generate(self, *args: Any, loops: int | Sequence[int] | None = None, exit: ExitRule | str | None = None,
-                 kv_policy: str = "per_application", exit_stats: ExitStats | None = None, **kwargs: Any) -> Any:
-        rule, kv_policy, exit_stats = exit_options(self, exit, kv_policy, exit_stats)
-        with self._running(loops, None), generating_with(self, rule, kv_policy, exit_stats):
-            return super().generate(*args, **kwargs)
-
-    def _exiting(self, rule: ExitRule | None, kv_policy: str, stats: ExitStats | None,
-                 mask: torch.Tensor | None) -> contextlib.AbstractContextManager:
-        """One forward's adaptive exit and KV policy (a fresh :class:`~loopreg.adaptive.LoopExit`)."""
-        from transformers import DynamicCache
-
+    @property
+    def loop_spec(self) -> LoopSpec | None:
+        """The loop spec this model runs; ``None`` for a plain checkpoint (the protocol it shares with LoopedLM)."""
         layers = self.get_submodule(decoder_layers_path(self.config))
-        spec = getattr(self.config, SPEC_KEY, None)
-        if not isinstance(layers, LoopedLayers):
-            what = f"exit={rule}" if rule is not None else f"kv_policy={kv_policy!r}"
-            raise ValueError(f"{what} needs a tied looped model; this one is untied ('{spec}'): snap it first")
-        check_exit(layers.spec, True, rule, kv_policy)
-        if rule is not None and layers.update != "plain":
-            raise ValueError(f"exit={rule} needs plain looping; this model has update={layers.update!r}")
+        return layers.spec if isinstance(layers, LoopedLayers) else None
+
+    @property
+    def tied(self) -> bool:
+        layers = self.get_submodule(decoder_layers_path(self.config))
+        return isinstance(layers, LoopedLayers) and layers.tied
+
+    def forward(self, *args: Any, loops: int | Sequence[int] | torch.Tensor | None = None,
+                grad_loops: int | torch.Tensor | None = None, exit: ExitRule | str | None = None,
+                kv_policy: str = "per_application", exit_stats: ExitStats | None = None, **kwargs: Any) -> Any:
+        layers = self.get_submodule(decoder_layers_path(self.config))
+        if not isinstance(layers, LoopedLayers):  # a plain checkpoint: loop options do not apply
+            LoopPlan(LoopSpec.parse(f"{self.config.num_hidden_layers}x1"), False, loops, grad_loops, exit=exit,
+                     kv_policy=kv_policy)
+            return super().forward(*args, **kwargs)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         norm, head = self.get_submodule(FINAL_NORM[self.config.model_type]), self.get_output_embeddings()
-        looping = LoopExit(layers.running_spec, rule, kv_policy, decode=lambda h: head(norm(h)), scratch=DynamicCache,
-                           real=mask if mask is not None and mask.dim() == 2 else None, stats=stats)
-        return layers.exiting(looping)
+        plan = LoopPlan(layers.spec, layers.tied, getattr(self.config, LOOPS_KEY, None) if loops is None else loops,
+                        grad_loops, layers.update, layers.anchor, exit=exit, kv_policy=kv_policy,
+                        decode=lambda h: head(norm(h)), scratch=lazy_cache,
+                        real=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+                        exit_stats=exit_stats)
+        use_cache = kwargs.get("use_cache")
+        if (self.config.use_cache if use_cache is None else use_cache) and cache_of(kwargs) is None \
+                and len(args) <= 2:  # (a cache given positionally stays)
+            kwargs[CACHE_KEY] = lazy_cache()  # the family would size one by the config, which a loop override outgrows
+        with layers.running(plan, self.config):
+            return super().forward(*args, **kwargs)
 
-    def _running(self, loops: int | Sequence[int] | torch.Tensor | None,
-                 grad_loops: int | torch.Tensor | None) -> contextlib.AbstractContextManager:
-        loops, grad_loops = batch_option(loops), batch_option(grad_loops)  # as RandomLoops puts them in a batch
-        layers = self.get_submodule(decoder_layers_path(self.config))
-        if isinstance(layers, LoopedLayers):
-            return layers.running(self.config, loops, grad_loops)
-        config_loops = getattr(self.config, LOOPS_KEY, None)
-        if loops is not None or grad_loops is not None or config_loops is not None:
-            raise ValueError(f"loop override loops={loops if loops is not None else config_loops!r}, "
-                             f"grad_loops={grad_loops!r} needs a tied looped model; this one is untied "
-                             f"('{getattr(self.config, SPEC_KEY, None)}'): snap it first")
-        return contextlib.nullcontext()
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate``; ``loops=``, ``exit=``, ``kv_policy=`` and ``exit_stats=`` reach every forward.
+        A preallocated cache (``cache_implementation``) is laid out by the config: it runs at the config's loop count
+        (load the model at ``loops=L`` for another)."""
+        if kwargs.get("cache_implementation") or self.generation_config.cache_implementation:
+            layers = self.get_submodule(decoder_layers_path(self.config))
+            loops = kwargs.get("loops")
+            depth = len(LoopPlan(layers.spec, layers.tied, loops).steps) if loops is not None else None
+            if depth not in (None, self.config.num_hidden_layers):
+                raise UserError(f"loops={loops!r} runs {depth} layer applications; a preallocated cache is laid out "
+                                f"for the config's {self.config.num_hidden_layers}: load the model at that loop count "
+                                f"(loopreg.load(..., loops={loops!r})) to use one")
+        elif kwargs.get("use_cache", True) and cache_of(kwargs) is None:
+            kwargs[CACHE_KEY] = lazy_cache()  # a loop override outgrows a cache sized by the config
+        return super().generate(*args, **kwargs)
+
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> None:
+        """transformers' ``save_pretrained``; a looped model's folder also gets this runtime as remote code and the
+        ``auto_map`` naming its class, so plain transformers loads it looped: tied with its stored layers only, untied
+        (its weights those of a plain model) refusing a loop override as loopreg does."""
+        super().save_pretrained(save_directory, **kwargs)
+        if isinstance(self.get_submodule(decoder_layers_path(self.config)), LoopedLayers):
+            attach_remote_code(save_directory, __file__, {"AutoModelForCausalLM": f"looped_hf.{type(self).__name__}"})
 
 
 _LOOPED_BY_BASE: dict[type, type] = {}
@@ -359,9 +337,8 @@ def __getattr__(name: str) -> type:
 
 
 def _forward_with_signature(base: type) -> Callable:
-    """:meth:`LoopedCausalLM.forward` showing ``base.forward``'s parameters plus ``loops``/``grad_loops`` (and the
-    exit keywords):
-    Composer's ``HuggingFaceModel`` passes the batch keys that the forward's signature names."""
+    """:meth:`LoopedCausalLM.forward` showing ``base.forward``'s parameters plus the loop options: Composer's
+    ``HuggingFaceModel`` and transformers' ``generate`` pass the keys that the forward's signature names."""
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         return LoopedCausalLM.forward(self, *args, **kwargs)
 

@@ -16,51 +16,20 @@ from pathlib import Path
 
 from torch import nn
 
-from loopreg.errors import UserError
+from loopreg.errors import writing
 
 __all__ = ["cli_main", "load_model", "parse_blocks", "add_model_arguments"]
 
 
 def load_model(path: str | Path, recipe: str | Path | None = None) -> nn.Module:
-    """A loopreg model folder (``LoopedLM.save_pretrained``), a Hugging Face folder, or — with the recipe
-    that trained it — a Composer checkpoint file; one-line errors otherwise.
+    """A model folder (loopreg, retrofit or Hugging Face), or — with the recipe that trained it — a Composer
+    checkpoint file, through :func:`loopreg.load`; one-line errors otherwise.
 
     >>> # load_model("runs/reg_loop_4x6/checkpoints/latest-rank0.pt", recipe="recipes/reg_loop_4x6.yaml")
     """
-    from loopreg.model import CONFIG_NAME, LoopedLM
+    from loopreg.loading import load
 
-    path = Path(path)
-    if path.is_file():
-        return _load_composer_checkpoint(path, recipe)
-    config = path / CONFIG_NAME
-    if not config.is_file():
-        raise FileNotFoundError(f"{path}: expected a model folder with {CONFIG_NAME} (loopreg or Hugging Face) or a "
-                                "Composer checkpoint file")
-    if "loopreg" in json.loads(config.read_text()):
-        return LoopedLM.from_pretrained(path)
-    from loopreg.surgery.core import load_looped
-
-    return load_looped(path, torch_dtype="auto")
-
-
-def _load_composer_checkpoint(path: Path, recipe: str | Path | None) -> nn.Module:
-    import torch
-
-    from loopreg.checkpoints import check_checkpoint
-    from loopreg.config import load_recipe, model_config
-    from loopreg.model import LoopedLM
-
-    if recipe is None:
-        raise ValueError(f"{path}: a Composer checkpoint does not record the model's shape; pass --recipe RECIPE.yaml")
-    check_checkpoint(path)  # torch.load would load a flipped byte silently, or fail with a zip-reader traceback
-    model = LoopedLM(model_config(load_recipe(recipe).model))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # a local file the user trained
-    try:
-        weights = checkpoint["state"]["model"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{path}: not a Composer checkpoint (no state.model)") from None
-    model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in weights.items()})
-    return model
+    return load(path, recipe=recipe) if Path(path).is_file() else load(path, torch_dtype="auto")
 
 
 def parse_blocks(text: str) -> list[list[int]]:
@@ -101,20 +70,16 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--heatmaps", help="also write a block × block heatmap PNG per group into this folder")
     args = parser.parse_args(argv)
-    try:
-        model = load_model(args.model, args.recipe)
-        layout = dict(block_size=args.block_size, blocks=args.blocks)
-        target = loop_target(model, **layout)
-        similarity = loop_similarity(model, **layout, include_norms=args.include_norms)
-        if args.heatmaps:
-            from loopreg.callbacks.similarity_monitor import plot_block_similarity
+    model = load_model(args.model, args.recipe)
+    layout = dict(block_size=args.block_size, blocks=args.blocks)
+    target = loop_target(model, **layout)
+    similarity = loop_similarity(model, **layout, include_norms=args.include_norms)
+    if args.heatmaps:
+        from loopreg.callbacks.similarity_monitor import plot_block_similarity
 
-            plot_block_similarity(block_similarity(model, **layout, include_norms=args.include_norms), args.heatmaps,
-                                  title=Path(args.model).name)
-    except UserError:
-        raise
-    except (ValueError, OSError) as err:  # a missing or unreadable model, a layout that does not fit it
-        raise UserError(str(err) or type(err).__name__) from None
+        matrices = block_similarity(model, **layout, include_norms=args.include_norms)
+        with writing(args.heatmaps):
+            plot_block_similarity(matrices, args.heatmaps, title=Path(args.model).name)
     if args.json:
         groups = {group: value for group, value in similarity.items() if group != "mean"}
         print(json.dumps({"model": args.model, "class": type(model).__name__, "target": str(target),

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from torch import nn
 
-from loopreg.errors import UserError
+from loopreg.errors import writing
 from loopreg.spec import LoopSpec
 
 __all__ = ["cli_main", "snap_model", "application_ranges"]
@@ -44,7 +44,7 @@ def snap_model(model: nn.Module, block_size: int | None = None,
     ``init="average"`` over each block's applications (exact when the copies are still identical).
     The layout is :func:`~loopreg.algorithms.loop_target`'s (the model's own spec by default).
 
-    >>> # snap_model(load_source("runs/x/model")).config.loopreg_tied  ->  True
+    >>> # snap_model(load("runs/x/model")).config.loopreg_tied  ->  True
     """
     from loopreg.algorithms import loop_target, snap_to_looped
     from loopreg.model import LoopedLM
@@ -71,18 +71,14 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="folder for the looped model")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        untied = load_model(args.checkpoint, args.recipe)
-        untied_layers = len(stored_layers(untied))
-        layout = dict(block_size=args.block_size, blocks=args.blocks)
-        similarity = loop_similarity(untied, **layout)["mean"]
-        looped = snap_model(untied, **layout)
-        tokenizer = None if args.recipe else load_source_tokenizer(args.checkpoint)
+    untied = load_model(args.checkpoint, args.recipe)
+    untied_layers = len(stored_layers(untied))
+    layout = dict(block_size=args.block_size, blocks=args.blocks)
+    similarity = loop_similarity(untied, **layout)["mean"]
+    looped = snap_model(untied, **layout)
+    tokenizer = None if args.recipe else load_source_tokenizer(args.checkpoint)
+    with writing(args.out):
         write_model_folder(looped, args.out, tokenizer)  # staged and renamed: an existing --out survives a failure
-    except UserError:
-        raise
-    except (ValueError, OSError) as err:  # a missing or unreadable model, a layout that does not fit it
-        raise UserError(str(err) or type(err).__name__) from None
     spec = looped_spec(looped)
     print(f"snapped {untied_layers} untied layers (mean block cosine {similarity:.4f}) to the looped "
           f"{spec.paper_label}, distinct layers: {len(stored_layers(looped))}; saved {args.out}")

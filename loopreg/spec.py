@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from .errors import UserError  # relative: copied into model folders as remote code
+
 __all__ = ["Block", "LoopSpec"]
 
 _STAGE = re.compile(r"^(?P<size>[0-9]*)\s*[x⊗X]\s*(?P<loops>.*)$")
@@ -59,7 +61,7 @@ class LoopSpec:
     # ---------------------------------------------------------------- parsing
     @classmethod
     def parse(cls, text: str | LoopSpec) -> LoopSpec:
-        """Parse ``text``; a malformed spec raises ``ValueError`` naming the bad part.
+        """Parse ``text``; a malformed spec raises ``UserError`` naming the bad part.
 
         >>> LoopSpec.parse("2x1+4x3+2x1").effective_depth
         16
@@ -67,13 +69,13 @@ class LoopSpec:
         if isinstance(text, LoopSpec):
             return text
         if not isinstance(text, str):
-            raise ValueError(f"loop spec must be a string like '12x2', got {type(text).__name__} {text!r}")
+            raise UserError(f"loop spec must be a string like '12x2', got {type(text).__name__} {text!r}")
         body = text.strip()
         # "(2⊗6)" as printed in the paper's tables: one pair of outer parentheses is allowed.
         if body.startswith("(") and body.endswith(")") and body.count("(") == 1:
             body = body[1:-1].strip()
         if not body:
-            raise ValueError(f"empty loop spec {text!r}; expected e.g. '12x2', '4x(1,4,1)' or '2x1+4x3+2x1'")
+            raise UserError(f"empty loop spec {text!r}; expected e.g. '12x2', '4x(1,4,1)' or '2x1+4x3+2x1'")
         stages = tuple(cls._parse_stage(part, text) for part in body.split("+"))
         return cls(stages)
 
@@ -81,16 +83,16 @@ class LoopSpec:
     def _parse_stage(part: str, text: str) -> Stage:
         part = part.strip()
         if not part:
-            raise ValueError(f"empty stage in loop spec {text!r} (a stray '+')")
+            raise UserError(f"empty stage in loop spec {text!r} (a stray '+')")
         match = _STAGE.match(part)
         if match is None:
-            raise ValueError(f"stage {part!r} of loop spec {text!r} is not of the form 'KxL' or 'Kx(L1,L2,...)'")
+            raise UserError(f"stage {part!r} of loop spec {text!r} is not of the form 'KxL' or 'Kx(L1,L2,...)'")
         size_text, loops_text = match["size"], match["loops"].strip()
         if not size_text:
-            raise ValueError(f"stage {part!r} of loop spec {text!r} is missing the block size before 'x'")
+            raise UserError(f"stage {part!r} of loop spec {text!r} is missing the block size before 'x'")
         size = int(size_text)
         if size < 1:
-            raise ValueError(f"block size {size} in stage {part!r} of loop spec {text!r} must be >= 1")
+            raise UserError(f"block size {size} in stage {part!r} of loop spec {text!r} must be >= 1")
         if loops_text.startswith("(") and loops_text.endswith(")"):
             items = loops_text[1:-1].split(",")
         elif "," in loops_text and "(" not in loops_text and ")" not in loops_text:
@@ -98,17 +100,17 @@ class LoopSpec:
         elif _NUMBER.fullmatch(loops_text):
             items = [loops_text]
         else:
-            raise ValueError(f"loop count {loops_text!r} in stage {part!r} of loop spec {text!r} "
+            raise UserError(f"loop count {loops_text!r} in stage {part!r} of loop spec {text!r} "
                              "must be a number or a parenthesised list like (1,4,1)")
         loops = []
         for item in items:
             item = item.strip()
             if not item:
-                raise ValueError(f"empty loop count in stage {part!r} of loop spec {text!r}")
+                raise UserError(f"empty loop count in stage {part!r} of loop spec {text!r}")
             if not _NUMBER.fullmatch(item):
-                raise ValueError(f"loop count {item!r} in stage {part!r} of loop spec {text!r} is not a number")
+                raise UserError(f"loop count {item!r} in stage {part!r} of loop spec {text!r} is not a number")
             if int(item) < 1:
-                raise ValueError(f"loop count {int(item)} in stage {part!r} of loop spec {text!r} must be >= 1")
+                raise UserError(f"loop count {int(item)} in stage {part!r} of loop spec {text!r} must be >= 1")
             loops.append(int(item))
         return Stage(size, tuple(loops))
 
@@ -183,7 +185,7 @@ class LoopSpec:
         if grad_loops is None or grad_loops >= block.loops:
             return range(0)
         if grad_loops < 1:
-            raise ValueError(f"grad_loops must be >= 1, got {grad_loops}")
+            raise UserError(f"grad_loops must be >= 1, got {grad_loops}")
         first = self.loop_ends[0] - block.size + 1
         return range(first, self.loop_ends[block.loops - grad_loops - 1] + 1)
 
@@ -220,16 +222,16 @@ class LoopSpec:
         if isinstance(loops, int):
             looped = [b.loops > 1 for b in blocks] if len(blocks) > 1 else [True]
             if not any(looped):
-                raise ValueError(f"loop spec '{self}' has no looped block to override; give one count per block "
+                raise UserError(f"loop spec '{self}' has no looped block to override; give one count per block "
                                  f"({len(blocks)} blocks)")
             counts = [loops if is_looped else b.loops for b, is_looped in zip(blocks, looped)]
         else:
             counts = list(loops)
             if len(counts) != len(blocks):
-                raise ValueError(f"loop override {tuple(counts)} has {len(counts)} counts but loop spec '{self}' "
+                raise UserError(f"loop override {tuple(counts)} has {len(counts)} counts but loop spec '{self}' "
                                  f"has {len(blocks)} blocks")
         if any(not isinstance(c, int) or c < 1 for c in counts):
-            raise ValueError(f"loop override {loops!r} for loop spec '{self}': every count must be an int >= 1")
+            raise UserError(f"loop override {loops!r} for loop spec '{self}': every count must be an int >= 1")
         stages, index = [], 0
         for stage in self.stages:
             stages.append(Stage(stage.size, tuple(counts[index:index + len(stage.loops)])))
@@ -245,11 +247,11 @@ class LoopSpec:
         return LoopSpec((Stage(self.distinct_layers, (1,)),))
 
     def check_layer_count(self, num_layers: int, source: str = "source") -> None:
-        """Raise ``ValueError`` unless the spec's D layer applications match ``num_layers`` one to one.
+        """Raise ``UserError`` unless the spec's D layer applications match ``num_layers`` one to one.
 
         Used wherever existing layers are regrouped into this spec's blocks (untied grouping,
         averaging surgery, snapping).
         """
         if self.effective_depth != num_layers:
-            raise ValueError(f"loop spec '{self}' has {self.effective_depth} layer applications but the "
+            raise UserError(f"loop spec '{self}' has {self.effective_depth} layer applications but the "
                              f"{num_layers}-layer {source} has {num_layers}; their counts must match")

@@ -24,7 +24,7 @@ from composer.core import Callback
 from loopreg.composer_model import ComposerLoopedLM, PretrainedLM
 from loopreg.config import Recipe, check_kwargs, load_recipe, lookup, model_config
 from loopreg.data import Data
-from loopreg.errors import RecipeError, UserError, under_key
+from loopreg.errors import RecipeError, UserError, report_user_error, under_key
 
 __all__ = ["main", "cli_main", "run", "build_trainer", "build_dataloaders", "load_pretrained", "Pretrained"]
 
@@ -65,15 +65,16 @@ def load_pretrained(source: str) -> Pretrained:
 
     >>> # load_pretrained(str(smollm2_gguf())).model.model.config.num_hidden_layers  ->  30
     """
-    from loopreg.model import LoopedLM
-    from loopreg.surgery.sources import load_source, load_source_tokenizer
+    from loopreg.loading import load
+    from loopreg.surgery.adapters import model_family
+    from loopreg.surgery.sources import load_source_tokenizer
 
     with under_key("model.pretrained", OSError, ValueError):  # missing files, unreadable weights, no such hub id
-        model = load_source(source)
+        model = load(source)
         tokenizer = load_source_tokenizer(source)
         if tokenizer is None:
             raise FileNotFoundError(f"{source}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
-        if isinstance(model, LoopedLM):
+        if model_family(model) == "loopreg":  # a LoopedLM keeps its own Composer wrapper (loss, metrics, FLOPs)
             return Pretrained(ComposerLoopedLM(model), tokenizer)
         return Pretrained(PretrainedLM(model, tokenizer), tokenizer)
 
@@ -258,8 +259,7 @@ def main(recipe_path: str | None = None) -> NoReturn:
     try:
         status = cli_main(argv)
     except UserError as err:  # also a DataError from a DataLoader worker: UserError keeps its one line
-        print(f"error: {err}", file=sys.stderr)
-        status = 2
+        status = report_user_error(err)
     sys.exit(status)
 
 

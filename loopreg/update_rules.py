@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .errors import UserError
 from .spec import LoopSpec  # relative: copied into model folders as remote code (loopreg.remote_code)
 
 __all__ = ["UPDATE_RULES", "check_update_rule", "iteration_hooks", "DampedBlock"]
@@ -31,14 +32,14 @@ Leave = Callable[[torch.Tensor], torch.Tensor]
 
 
 def check_update_rule(update: str, anchor: float) -> None:
-    """Raise a one-line ``ValueError`` for an unknown rule or an anchor outside [0, 1].
+    """Raise a one-line ``UserError`` for an unknown rule or an anchor outside [0, 1].
 
     >>> check_update_rule("damped", 0.25)
     """
     if update not in UPDATE_RULES:
-        raise ValueError(f"unknown update rule '{update}'; valid: {', '.join(UPDATE_RULES)}")
+        raise UserError(f"unknown update rule '{update}'; valid: {', '.join(UPDATE_RULES)}")
     if not isinstance(anchor, (int, float)) or not 0.0 <= float(anchor) <= 1.0:
-        raise ValueError(f"anchor must be in [0, 1], got {anchor!r}")
+        raise UserError(f"anchor must be in [0, 1], got {anchor!r}")
 
 
 class DampedBlock:

@@ -12,7 +12,6 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from loopreg.adaptive import ExitRule, ExitStats
 from loopreg.model import LoopedLM, LoopedLMConfig
-from loopreg.modeling_loopreg import LoopregForCausalLM
 from loopreg.surgery import loop_surgery
 
 SPEC, LOOPS = "1x1+2x4+1x1", 4  # the thinking block: stored layers 1-2, applied 4 times
@@ -46,18 +45,12 @@ def prompt(batch: int = 2, length: int = 7) -> torch.Tensor:
 def logits(model: torch.nn.Module, ids: torch.Tensor, cached: bool = False, **options) -> torch.Tensor:
     """One forward's logits; ``cached`` writes through a (fresh) KV cache, as a prefill does."""
     with torch.no_grad():
-        if isinstance(model, LoopedLM):
-            cache = model.new_cache(ids.shape[0], ids.shape[1], options.get("loops"),
-                                    options.get("kv_policy", "per_application")) if cached else None
-            return model(ids, cache=cache, **options)
         return model(ids, use_cache=cached, **options).logits
 
 
 def generate(model: torch.nn.Module, ids: torch.Tensor, use_cache: bool = True, new: int = 6,
              **options) -> torch.Tensor:
     """Greedy new tokens (B, new)."""
-    if isinstance(model, LoopedLM):
-        return model.generate(ids, new, use_cache=use_cache, **options)
     return model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0, use_cache=use_cache,
                           **options)[:, ids.shape[1]:]
 
@@ -162,15 +155,10 @@ def test_cached_decoding_equals_recomputation(kind, which):
     # The last step's cached logits equal a forward over the whole sequence: allclose, not equal, since the
     # cached step multiplies one query row where the full forward multiplies all of them (other kernel blocking).
     full = torch.cat([ids, cached], 1)
-    if isinstance(model, LoopedLM):
-        cache = model.new_cache(2, full.shape[1])
-        with torch.no_grad():
-            model(full[:, :-1], cache=cache, exit=rule)
-            stepped = model(full[:, -1:], cache=cache, exit=rule)[:, -1]
-    else:
-        with torch.no_grad():
-            prefill = model(full[:, :-1], exit=rule)
-            stepped = model(full[:, -1:], past_key_values=prefill.past_key_values, exit=rule).logits[:, -1]
+    with torch.no_grad():
+        cache = DynamicCache()
+        model(full[:, :-1], past_key_values=cache, use_cache=True, exit=rule)
+        stepped = model(full[:, -1:], past_key_values=cache, use_cache=True, exit=rule).logits[:, -1]
     assert torch.allclose(stepped, logits(model, full, exit=rule)[:, -1], atol=1e-5)
 
 
@@ -197,13 +185,21 @@ def test_left_padding_neither_holds_the_batch_nor_counts():
     assert stats.as_dict() == {"tokens": 11, "mean_loops": 1.0, "executed_loops": 1.0, "max_loops": LOOPS}
 
 
-def test_the_transformers_wrapper_passes_the_exit_keywords_through():
-    model, ids, rule = looped_lm(), prompt(), PARTIAL["looped"][0]
-    wrapper = LoopregForCausalLM.from_looped(model).eval()
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_generate_passes_the_exit_keywords_to_every_forward(kind):
+    """transformers' generate equals a hand-written cached greedy loop of forwards with the same keywords."""
+    model, ids, rule = MODELS[kind](), prompt(), PARTIAL[kind][0]
     ours, theirs = ExitStats(), ExitStats()
     for kv_policy in ("per_application", "shared"):
-        expected = model.generate(ids, 6, exit=rule, kv_policy=kv_policy, exit_stats=ours)
-        assert torch.equal(generate(wrapper, ids, exit=rule, kv_policy=kv_policy, exit_stats=theirs), expected)
+        cache, step, expected = DynamicCache(), ids, []
+        with torch.no_grad():
+            for _ in range(6):
+                out = model(step, past_key_values=cache, use_cache=True, exit=rule, kv_policy=kv_policy,
+                            exit_stats=ours)
+                step = out.logits[:, -1].argmax(-1, keepdim=True)
+                expected.append(step)
+        found = generate(model, ids, exit=rule, kv_policy=kv_policy, exit_stats=theirs)
+        assert torch.equal(found, torch.cat(expected, 1)), kv_policy
     assert theirs.as_dict() == ours.as_dict() and ours.mean_loops < LOOPS
 
 
@@ -218,11 +214,16 @@ def test_early_exit_skips_the_remaining_layer_applications():
 
 
 # ------------------------------------------------------------------ KV policies
-def test_shared_policy_keeps_one_slot_per_stored_layer():
-    model = looped_lm()
-    per_application, shared = model.new_cache(2, 16), model.new_cache(2, 16, kv_policy="shared")
-    assert shared.keys.shape[0] == model.num_distinct_layers == 4 and per_application.keys.shape[0] == 10
-    assert shared.keys.nbytes / per_application.keys.nbytes == 4 / 10
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_shared_policy_keeps_one_slot_per_stored_layer(kind):
+    model, ids = MODELS[kind](), prompt()
+    caches = {policy: DynamicCache() for policy in ("per_application", "shared")}
+    with torch.no_grad():
+        for policy, cache in caches.items():
+            model(ids, past_key_values=cache, use_cache=True, kv_policy=policy)
+    sizes = {policy: sum(keys.nbytes for keys, _ in cache) for policy, cache in caches.items()}
+    assert len(caches["shared"]) == 4 and len(caches["per_application"]) == 10  # prelude + block + coda vs depth
+    assert sizes["shared"] / sizes["per_application"] == 4 / 10
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -240,11 +241,6 @@ def test_shared_policy_decodes_with_exit(kind):
     assert out.shape == (2, 6) and stats.mean_loops < LOOPS
     # one forward over a prompt computes what per_application does: each iteration reads its own keys
     assert torch.allclose(logits(model, ids, True, kv_policy="shared"), logits(model, ids, True), atol=1e-6)
-    if kind == "llama":
-        cache = DynamicCache()
-        with torch.no_grad():
-            model(ids, past_key_values=cache, kv_policy="shared")
-        assert len(cache.key_cache) == 4  # prelude + block + coda, not the effective depth 10
 
 
 # ------------------------------------------------------------------ options and errors

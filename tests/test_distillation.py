@@ -146,14 +146,15 @@ def test_soft_token_forward_matches_reference_and_cache(per_step, learned, mask)
     model.config.latent_mask = mask
     batch = pad_collate([data.render(p, 4, per_step) for p in data.test_set(3, seed=0)])
     with torch.no_grad():
-        torch.testing.assert_close(model(batch["input_ids"]), reference_forward(model, batch["input_ids"]),
+        torch.testing.assert_close(model(batch["input_ids"]).logits, reference_forward(model, batch["input_ids"]),
                                    rtol=1e-5, atol=1e-5)
         residual = copy.deepcopy(model)
         residual.config.latent_feedback, residual.config.latent_mask = "residual", False
-        assert not torch.allclose(residual(batch["input_ids"]), model(batch["input_ids"]))  # feedback matters
+        assert not torch.allclose(residual(batch["input_ids"]).logits, model(batch["input_ids"]).logits)  # it matters
         prompt = torch.tensor([data.prompt_ids(p, latent=True, per_step=per_step) for p in data.test_set(3, seed=0)])
-        cached = model.generate(prompt, 4, use_cache=True)
-        uncached = model.generate(prompt, 4, use_cache=False)
+        run = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        cached = model.generate(prompt, use_cache=True, **run)
+        uncached = model.generate(prompt, use_cache=False, **run)
     assert torch.equal(cached, uncached)
 
 
@@ -164,7 +165,7 @@ def test_grad_loops_and_checkpoint():
 
     def grads(**options):
         model.zero_grad()
-        out = model(ids, **options)
+        out = model(ids, **options).logits
         out.square().mean().backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -412,7 +413,7 @@ def test_student_forward_reads_what_the_loss_needs_and_eval_runs_plain():
     assert student.layout(6) is layout  # resolved once per loop count
     out = student(batch)
     assert isinstance(out, LoopedLMOutput) and sorted(out.hidden_states) == list(layout.student_reads)
-    torch.testing.assert_close(out.logits, student.model(batch["input_ids"], loops=6), rtol=0, atol=0)
+    torch.testing.assert_close(out.logits, student.model(batch["input_ids"], loops=6).logits, rtol=0, atol=0)
     assert torch.equal(student.eval_forward(batch, out), out.logits)
     assert torch.equal(student.eval_forward(batch), out.logits)  # the metrics get plain logits
 

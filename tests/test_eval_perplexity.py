@@ -18,7 +18,7 @@ from loopreg.evals.cli import cli_main as eval_cli
 from loopreg.model import LoopedLM, LoopedLMConfig
 from loopreg.surgery import loop_surgery
 from loopreg.surgery.cli import cli_main as surgery_cli
-from loopreg.surgery.sources import load_source
+from loopreg.loading import load
 
 from .conftest import hf_byte_tokenizer, run_cli
 
@@ -101,8 +101,8 @@ def test_looped_lm_perplexity_with_loop_override(text_file: Path) -> None:
     windows = text_windows(tokenizer, str(text_file), seq_len=32)  # default: min(512, max_seq_len)
     assert result.windows == len(windows) >= 2
     with torch.no_grad():
-        hand = hand_nll(lambda ids: model(ids, loops=3), windows)
-        stored = hand_nll(model, windows)
+        hand = hand_nll(lambda ids: model(ids, loops=3).logits, windows)
+        stored = hand_nll(lambda ids: model(ids).logits, windows)
     assert result.nll == pytest.approx(hand, rel=1e-5) and abs(hand - stored) > 1e-4  # the override is used
 
 
@@ -159,7 +159,7 @@ def test_eval_cli_loop_sweep_of_a_retrofit_stores_each_perplexity(llama_folder: 
     out = tmp_path / "eval" / "retrofit.json"
     assert eval_cli([str(retrofit), "--ppl-text", str(text_file), "--ppl-seq-len", "16", "--loops", "1,3",
                      "--out", str(out)]) == 0
-    model, tokenizer, stored = load_source(retrofit), hf_byte_tokenizer(), []
+    model, tokenizer, stored = load(retrofit), hf_byte_tokenizer(), []
     for loops, depth in ((1, 2), (3, 4)):
         data = json.loads((tmp_path / "eval" / f"retrofit_loops{loops}.json").read_text())
         expected = perplexity(model, tokenizer, str(text_file), seq_len=16, loops=loops).ppl

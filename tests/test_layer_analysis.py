@@ -15,7 +15,7 @@ from loopreg.model import LoopedLM, LoopedLMConfig
 from loopreg.surgery import (Split, calibration_tokens, find_adapter, layer_analysis, loop_surgery,
                              plan_surgery, propose_split, token_windows)
 from loopreg.surgery.core import stored_layers
-from loopreg.surgery.sources import load_source
+from loopreg.loading import load
 
 from .conftest import hf_byte_tokenizer
 from .test_error_audit import _error_line
@@ -181,7 +181,7 @@ def test_layers_cli_writes_json_and_png(llama_folder, tmp_path, capsys):
     assert exit_info.value.code == 0
     assert "1x1+4x3+1x1" in out and "0,1-4,5" in out and "thinking" in out
     data = json.loads((tmp_path / "a.json").read_text())
-    model = load_source(source)
+    model = load(source)
     expected = layer_analysis(model, token_windows(model, calibration_tokens(source, text, 1100)))
     assert data == {"source": str(source), **expected.to_json(loops=3)}
     assert {"angular_distance", "block_influence", "spec", "layer_map"} <= set(data) and data["tokens"] == 1100
@@ -203,7 +203,7 @@ def test_layers_cli_on_a_loopreg_folder(llama_folder, tmp_path, capsys):
         loopreg_main(["layers", str(tmp_path / "m"), "--text", str(llama_folder / "calib.jsonl"), "--tokens", "500",
                       "--json", str(tmp_path / "m.json")])
     capsys.readouterr()
-    model = load_source(tmp_path / "m")
+    model = load(tmp_path / "m")
     assert exit_info.value.code == 0
     assert json.loads((tmp_path / "m.json").read_text())["angular_distance"] == list(
         layer_analysis(model, token_windows(model, ids)).angular_distance)
@@ -218,7 +218,7 @@ def test_surgery_spec_auto(llama_folder, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert exit_info.value.code == 0
     assert "--spec 1x1+4x3+1x1 --layers 0,1-4,5" in printed and "damped, anchor β = 0.25" in printed
-    looped = load_source(out)
+    looped = load(out)
     assert (looped.config.loopreg_spec, looped.config.loopreg_update, looped.config.loopreg_anchor) == (
         "1x1+4x3+1x1", "damped", 0.25)
     assert len(stored_layers(looped)) == LAYERS

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loopreg.surgery.sources import load_source
+from loopreg.loading import load
 
 from .conftest import REPO, run_cli
 
@@ -183,7 +183,7 @@ REQUESTS = [("Q: 1+1=", "2"), ("The color of item 4 is", " green"), ("a", " long
 def test_loglikelihood_equals_the_forward_reference(keepall):
     from lm_eval.api.instance import Instance
 
-    model = load_source(keepall).eval()
+    model = load(keepall).eval()
     requests = [Instance("loglikelihood", {}, pair, index) for index, pair in enumerate(REQUESTS)]
     # loops=2, not the model's own 3: an override that did not reach the model would fail
     single, batched = _lm(keepall, 2), _lm(keepall, 2, batch_size=3)
@@ -201,7 +201,7 @@ def test_loglikelihood_equals_the_forward_reference(keepall):
 def test_loglikelihood_rolling_equals_the_forward_reference(keepall):
     from lm_eval.api.instance import Instance
 
-    model, lm = load_source(keepall).eval(), _lm(keepall, 2)
+    model, lm = load(keepall).eval(), _lm(keepall, 2)
     text = "the looped model thinks over latent thoughts"
     got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
     ids = [lm.prefix_token_id] + lm.tokenizer(text)["input_ids"]  # one window: the prefix token, then every token
@@ -226,7 +226,7 @@ def _reference_generation(model, tokenizer, prompt: str, loops: int, max_new_tok
 def test_generate_until_left_padded_batch_equals_single_and_the_reference(keepall):
     from lm_eval.api.instance import Instance
 
-    model = load_source(keepall).eval()
+    model = load(keepall).eval()
     prompts = ["Q: 100+5=", "hi", "The color of item 4 is", "a b"]  # different lengths: left padding in a batch
     requests = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 6}), i)
                 for i, p in enumerate(prompts)]
@@ -277,9 +277,9 @@ def untied(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("loops_zero", "--loops: every loop count must be >= 1"),
     ("unknown_task", "--tasks: unknown lm-eval task 'loopreg_gn' (did you mean 'loopreg_gen'?)"),
     ("include_path", "--include-path: "),
-    ("missing_model", "not a model folder, a .gguf file or a hub id"),
+    ("missing_model", "not a model folder, a .gguf file, a Composer checkpoint or a hub id"),
     ("plain_model", "--loops: this LlamaForCausalLM does not loop"),
-    ("untied_model", "--loops: this LlamaForCausalLM is untied"),
+    ("untied_model", "--loops: loops=2 needs a tied looped model; this one is untied"),
 ])
 def test_user_errors_are_one_line(case, expected, source, keepall, untied, tasks, tmp_path, capsys):
     model, loops, task = keepall, "2", "loopreg_gen"
@@ -344,12 +344,12 @@ def test_a_loopreg_folder_tokenizer_encodes_as_the_harness(tmp_path):
 
 
 def test_looped_lm_folder_loglikelihood_equals_its_forward(tmp_path):
-    """Through ``LoopregForCausalLM`` (HF cache and mask handling, which may take other kernels than LoopedLM's own
-    forward): equal to float32 rounding."""
+    """Through lm-eval's HFLM (its batching and padding, which may take other kernels than one plain forward):
+    equal to float32 rounding."""
     from lm_eval.api.instance import Instance
 
     folder = _looped_lm_folder(tmp_path / "model")
-    lm, model = _lm(folder, 2), load_source(folder).eval()
+    lm, model = _lm(folder, 2), load(folder).eval()
     pairs = [("a=1, a=?", " 1"), ("q: 2+3=", "5")]
     got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)], disable_tqdm=True)
     reference = [_reference_loglikelihood(model, lm.tokenizer, *pair, loops=2) for pair in pairs]

@@ -15,7 +15,7 @@ from loopreg.model import LoopedLM, LoopedLMConfig
 from loopreg.spec import LoopSpec
 from loopreg.surgery import get_layers, loop_surgery
 from loopreg.surgery.core import looped_spec, stored_layers
-from loopreg.surgery.sources import load_source
+from loopreg.loading import load
 
 VOCAB, LAYERS = 96, 6
 TOKENS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -157,7 +157,7 @@ def test_damped_matches_a_hand_computation(loops):
 def test_update_rule_is_saved_and_reloaded(tmp_path):
     _, damped = retrofit("llama", update="damped", anchor=0.25)
     damped.save_pretrained(tmp_path / "retrofit")
-    reloaded = load_source(tmp_path / "retrofit").eval()
+    reloaded = load(tmp_path / "retrofit").eval()
     layers = get_layers(reloaded)
     assert (layers.update, layers.anchor) == ("damped", 0.25)
     assert reloaded.config.architectures == ["LlamaForCausalLM"]  # plain tools see the family's class
@@ -221,17 +221,17 @@ def test_looped_lm_damped_rule():
     damped.eval()
     ids = prompt()
     with torch.no_grad():
-        one_pass = plain(ids, loops=1)
-        assert torch.equal(damped(ids, loops=1), one_pass)
+        one_pass = plain(ids, loops=1).logits
+        assert torch.equal(damped(ids, loops=1).logits, one_pass)
         anchored = LoopedLM(LoopedLMConfig(**{**config.__dict__, "update": "damped", "anchor": 1.0}))
         anchored.load_state_dict(plain.state_dict())
-        assert torch.equal(anchored.eval()(ids, loops=4), one_pass)
+        assert torch.equal(anchored.eval()(ids, loops=4).logits, one_pass)
         # cached greedy decoding equals uncached under the damped rule, at several loop counts
         for loops in (2, 3):
-            cached = damped.generate(ids, max_new_tokens=5, loops=loops)
-            uncached = damped.generate(ids, max_new_tokens=5, loops=loops, use_cache=False)
+            cached = damped.generate(ids, max_new_tokens=5, do_sample=False, loops=loops)
+            uncached = damped.generate(ids, max_new_tokens=5, do_sample=False, loops=loops, use_cache=False)
             assert torch.equal(cached, uncached)
-        assert not torch.equal(damped(ids, loops=3), plain(ids, loops=3))
+        assert not torch.equal(damped(ids, loops=3).logits, plain(ids, loops=3).logits)
     with pytest.raises(ValueError, match="model.update/model.anchor: anchor must be in"):
         LoopedLMConfig(spec="2x2", update="damped", anchor=2.0)
 
@@ -271,7 +271,7 @@ def test_eval_generator_sweeps_a_retrofit_and_refuses_plain_models(tmp_path):
     with pytest.raises(ValueError, match="--loops: this LlamaForCausalLM does not loop"):
         ModelGenerator(source, tokenizer, loops=2)
     untied = loop_surgery(copy.deepcopy(source), KEEP_ALL, layers=KEEP_ALL_MAP, tied=False)
-    with pytest.raises(ValueError, match="--loops: this LlamaForCausalLM is untied"):
+    with pytest.raises(ValueError, match="--loops: loops=2 needs a tied looped model; this one is untied"):
         ModelGenerator(untied, tokenizer, loops=2)
     looped.save_pretrained(tmp_path / "retrofit")
     tokenizer.save_pretrained(tmp_path / "retrofit")

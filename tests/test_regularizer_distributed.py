@@ -37,7 +37,7 @@ def _batch() -> torch.Tensor:
 def _step(model: torch.nn.Module, tokens: torch.Tensor, case: dict) -> float:
     """One training-style backward of CE + λ·penalty; returns the penalty."""
     penalty = loop_regularization(model, **case).penalty
-    logits = model(tokens)
+    logits = model(tokens).logits
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
     (ce + LAMBDA * penalty).backward()
     return float(penalty)
@@ -68,7 +68,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     initial = float(layout.regularization().penalty)
     optimizer = torch.optim.SGD(fsdp.parameters(), lr=0.5)
     for _ in range(2):
-        logits = fsdp(tokens)
+        logits = fsdp(tokens).logits
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
         (ce + LAMBDA * layout.regularization().penalty).backward()
         optimizer.step()

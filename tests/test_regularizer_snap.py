@@ -40,7 +40,7 @@ def test_snap_of_identical_blocks_changes_no_logit(spec: str, layout: dict, targ
     make_blocks_identical(model, LoopSpec.parse(target))
     snapped = snap_to_looped(model, **layout)
     assert snapped.config.tied and str(snapped.spec) == target
-    assert torch.equal(snapped(TOKENS), model(TOKENS))
+    assert torch.equal(snapped(TOKENS).logits, model(TOKENS).logits)
 
 
 def test_snap_averages_block_positions_and_saves_a_tied_looped_model(tmp_path):
@@ -56,7 +56,7 @@ def test_snap_averages_block_positions_and_saves_a_tied_looped_model(tmp_path):
     per_layer = sum(p.numel() for p in loaded.layers[0].parameters())
     others = sum(p.numel() for name, p in loaded.named_parameters() if not name.startswith("layers."))
     assert sum(p.numel() for p in loaded.parameters()) == 2 * per_layer + others
-    assert torch.equal(loaded(TOKENS), snapped(TOKENS))
+    assert torch.equal(loaded(TOKENS).logits, snapped(TOKENS).logits)
 
 
 def test_snap_rejects_models_it_cannot_tie():
@@ -102,12 +102,12 @@ def test_snap_cli_writes_a_loadable_looped_model(tmp_path, capsys):
     assert snap_main([str(tmp_path / "untied"), "--out", str(tmp_path / "looped")]) == 0
     assert "looped (2⊗3), distinct layers: 2" in capsys.readouterr().out
     loaded = LoopedLM.from_pretrained(tmp_path / "looped")
-    assert loaded.config.tied and torch.equal(loaded(TOKENS), model(TOKENS))
+    assert loaded.config.tied and torch.equal(loaded(TOKENS).logits, model(TOKENS).logits)
 
 
 @pytest.mark.parametrize("command, args, fragment", [
     ("similarity", ["{m}", "--block-size", "4"], "block_size=4 does not divide the 6 layers of LoopedLM"),
-    ("similarity", ["{tmp}/missing"], "expected a model folder"),
+    ("similarity", ["{tmp}/missing"], "not a model folder"),
     ("snap", ["{m}", "--out", "{tmp}/o", "--block-size", "5"], "block_size=5 does not divide"),
     ("snap", ["{tmp}/ckpt.pt", "--out", "{tmp}/o"], "pass --recipe"),
 ])

@@ -1,6 +1,7 @@
-"""LoopedLM folders load tied in plain transformers (issue #16): ``AutoModelForCausalLM.from_pretrained(folder,
+"""LoopedLM folders load tied in plain transformers: ``AutoModelForCausalLM.from_pretrained(folder,
 trust_remote_code=True)`` with loopreg unimportable gives loopreg's own logits and tokens, with the distinct
-parameter count, through GenerationMixin and its DynamicCache (one cache layer per layer application)."""
+parameter count, through GenerationMixin and its DynamicCache (one cache layer per layer application). LoopedLM is
+itself the transformers model. (Other transformers versions: tests/test_consumers.py.)"""
 
 from __future__ import annotations
 
@@ -10,29 +11,36 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
+import loopreg.configuration_loopreg
+import loopreg.looped_hf
+import loopreg.model
 from loopreg.callbacks.export import ExportModel
-from loopreg.configuration_loopreg import LoopregConfig
+from loopreg.configuration_loopreg import LoopregConfig, load_config
 from loopreg.data.text import byte_level_tokenizer
 from loopreg.folders import write_model_folder
-from loopreg.model import KVCache, LoopedLM, LoopedLMConfig, load_config
-from loopreg.modeling_loopreg import LoopregForCausalLM
-from loopreg.remote_code import LOOPEDLM_ENTRY, remote_code_files
+from loopreg.model import AUTO_MAP, LoopedLM, LoopedLMConfig
+from loopreg.remote_code import remote_code_files
 from loopreg.snap import cli_main as snap_main
 
 from .conftest import run_without_loopreg
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-REMOTE_FILES = {"adaptive.py", "configuration_loopreg.py", "modeling_loopreg.py", "model.py", "spec.py",
-                "update_rules.py"}
+REMOTE_FILES = {"adaptive.py", "configuration_loopreg.py", "errors.py", "hf_compat.py", "latent.py", "looping.py",
+                "model.py", "remote_code.py", "spec.py", "update_rules.py"}
 NEW = 6  # generated tokens
 LOOPS = {"tied": [None, 5, 3], "untied": [None], "snapped": [None]}  # loop counts generated at, per folder
 # init_std 0.3: a random tiny model whose greedy tokens vary (the default 0.02 repeats one token)
 TIED = dict(spec="1x1+2x3+1x1", vocab_size=257, d_model=32, n_heads=4, n_kv_heads=2, tie_word_embeddings=True,
             init_std=0.3)
 UNTIED = dict(spec="2x2", tied=False, vocab_size=257, d_model=32, n_heads=4, init_std=0.3)
+
+
+def greedy(model: LoopedLM, ids: torch.Tensor, mask: torch.Tensor, loops: int | None = None) -> torch.Tensor:
+    """loopreg's own greedy tokens (transformers' generate on the LoopedLM)."""
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, loops=loops)
+    return tokens[:, ids.shape[1]:]
 
 
 def inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,14 +129,13 @@ def test_folders_carry_their_remote_code_and_an_hf_config(folders):
         assert REMOTE_FILES <= files and {"config.json", "model.safetensors"} <= files, name
         config = json.loads((folder / "config.json").read_text())
         looped = load_config(folder)  # loopreg's own reader still finds its object
-        assert config["model_type"] == "loopreg" and config["architectures"] == ["LoopregForCausalLM"], name
-        assert config["auto_map"] == {"AutoConfig": "configuration_loopreg.LoopregConfig",
-                                      "AutoModelForCausalLM": "modeling_loopreg.LoopregForCausalLM"}, name
+        assert config["model_type"] == "loopreg" and config["architectures"] == ["LoopedLM"], name
+        assert config["auto_map"] == AUTO_MAP, name
         assert (config["vocab_size"], config["hidden_size"], config["tie_word_embeddings"], config["torch_dtype"]) == (
             looped.vocab_size, looped.d_model, looped.tie_word_embeddings, "float32"), name
     assert json.loads((folders["tied"] / "config.json").read_text())["num_hidden_layers"] == 8  # applications
     # the copied files are loopreg's own modules, byte for byte (one source of truth)
-    for source in remote_code_files(LOOPEDLM_ENTRY):
+    for source in remote_code_files(loopreg.model.__file__):
         assert (folders["tied"] / source.name).read_bytes() == source.read_bytes()
     assert (folders["snapped"] / "tokenizer.json").is_file()  # snap now carries a loopreg folder's tokenizer
 
@@ -137,16 +144,16 @@ def test_hf_load_matches_loopreg_without_loopreg(folders, loaded):
     ids, mask = inputs()
     for name, folder in folders.items():
         model, found = LoopedLM.from_pretrained(folder), loaded[name]
-        assert found["class"].startswith("transformers_modules.") and found["class"].endswith("LoopregForCausalLM")
+        assert found["class"].startswith("transformers_modules.") and found["class"].endswith("model.LoopedLM")
         assert found["params"] == sum(p.numel() for p in model.parameters()), name  # distinct, not unrolled
         assert found["tied_head"] == model.config.tie_word_embeddings, name
         with torch.no_grad():
-            assert torch.equal(found["logits"], model(ids)), name
-            assert torch.equal(found["masked_logits"], model(ids, attention_mask=mask)), name
+            assert torch.equal(found["logits"], model(ids).logits), name
+            assert torch.equal(found["masked_logits"], model(ids, attention_mask=mask).logits), name
         applications = len(model.schedule())
         assert found["cache"] == ["DynamicCache", applications, applications], name
         for loops in LOOPS[name]:
-            reference = model.generate(ids, NEW, attention_mask=mask, loops=loops)
+            reference = greedy(model, ids, mask, loops)
             assert torch.equal(found[f"cached_{loops}"], reference), (name, loops)
             assert torch.equal(found[f"uncached_{loops}"], reference), (name, loops)
         assert len(set(found["cached_None"].flatten().tolist())) > 2, name  # the tokens vary: a real comparison
@@ -155,13 +162,13 @@ def test_hf_load_matches_loopreg_without_loopreg(folders, loaded):
 def test_loop_count_per_call_and_by_config(folders, loaded):
     ids, mask = inputs()
     model, found = LoopedLM.from_pretrained(folders["tied"]), loaded["tied"]
-    at = {loops: model.generate(ids, NEW, attention_mask=mask, loops=loops) for loops in (None, 3, 5)}
+    at = {loops: greedy(model, ids, mask, loops) for loops in (None, 3, 5)}
     assert not torch.equal(at[5], at[None]) and not torch.equal(at[3], at[5])  # the loop count matters here
     assert torch.equal(found["config_5"], at[5])
     assert torch.equal(found["config_5_call_3"], at[3])  # per call wins over the config
     assert found["config_5_cache"] == [12, 12]  # 1 + 2·5 + 1 applications
     untied = loaded["untied"]["errors"]
-    message = "loop override 3 needs a tied model; this one is untied ('2x2', 4 separate layers)"
+    message = "loops=3 needs a tied looped model; this one is untied ('2x2', 4 separate layers)"
     assert all(error is not None and error.startswith(message) and "\n" not in error for error in untied), untied
 
 
@@ -171,55 +178,31 @@ def test_sampling_and_tokenizer_without_loopreg(loaded):
     assert loaded["tied"]["tokenized"] == byte_level_tokenizer().encode("hi!").ids
 
 
-def test_remote_entries_import_their_whole_closure_directly():
+@pytest.mark.parametrize("entry", [loopreg.model.__file__, loopreg.configuration_loopreg.__file__,
+                                   loopreg.looped_hf.__file__], ids=lambda path: Path(path).name)
+def test_remote_entries_import_their_whole_closure_directly(entry):
     """transformers 4.53 copies only an entry's direct relative imports out of a local folder: each entry must
-    name every sibling that it needs, directly."""
+    name every sibling that it needs, directly. A retrofit's entry needs no model.py."""
     from transformers.dynamic_module_utils import get_relative_imports
 
-    closure = {path.stem for path in remote_code_files(LOOPEDLM_ENTRY)}
-    for entry in ("configuration_loopreg", "modeling_loopreg"):
-        direct = set(get_relative_imports(str(Path(__file__).parents[1] / "loopreg" / f"{entry}.py")))
-        assert closure - {entry, "modeling_loopreg"} <= direct, entry
+    closure = {path.stem for path in remote_code_files(entry)} - {Path(entry).stem}
+    assert closure <= set(get_relative_imports(entry))
+    if Path(entry).name == "looped_hf.py":
+        assert "model" not in closure and "configuration_loopreg" not in closure
 
 
-def test_from_looped_wraps_an_in_memory_model():
+def test_labels_give_transformers_shifted_loss():
     torch.manual_seed(0)
-    model = LoopedLM(LoopedLMConfig(**TIED))
-    wrapped = LoopregForCausalLM.from_looped(model, loops=3)
-    assert wrapped.model is model and wrapped.config.num_hidden_layers == 1 + 2 * 3 + 1
-    ids, mask = inputs()
+    model = LoopedLM(LoopregConfig(loopreg=TIED, loops=3))
+    assert model.config.num_hidden_layers == 1 + 2 * 3 + 1
+    ids, _ = inputs()
+    loss = model(ids, labels=ids).loss  # allclose: it reduces over one more, ignored, position
     with torch.no_grad():
-        assert torch.equal(wrapped(ids).logits, model(ids, loops=3))
-        assert torch.equal(wrapped(ids, loops=2).logits, model(ids, loops=2))
-    tokens = wrapped.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    assert torch.equal(tokens[:, 7:], model.generate(ids, NEW, attention_mask=mask, loops=3))
-    # labels: transformers' shifted next-token loss (allclose: it reduces over one more, ignored, position)
-    loss = wrapped(ids, labels=ids).loss
-    with torch.no_grad():
-        reference = F.cross_entropy(model(ids, loops=3)[:, :-1].reshape(-1, 257), ids[:, 1:].reshape(-1))
+        reference = F.cross_entropy(model(ids).logits[:, :-1].reshape(-1, 257), ids[:, 1:].reshape(-1))
+        assert torch.equal(model(ids).logits, model(ids, loops=3).logits)  # the config's loop count by default
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="loop override 3 needs a tied model"):
-        LoopregForCausalLM.from_looped(LoopedLM(LoopedLMConfig(**UNTIED)), loops=3)
-
-
-@pytest.mark.parametrize("loops", [None, 4])
-def test_loopreg_cache_and_dynamic_cache_agree(loops):
-    """LoopedLM's attention speaks transformers' cache protocol: its preallocated KVCache and a DynamicCache
-    give the same step-by-step logits, one cache layer (slot) per layer application."""
-    torch.manual_seed(0)
-    model = LoopedLM(LoopedLMConfig(**TIED))
-    ids = torch.randint(0, 257, (2, 9))
-    slots = len(model.schedule(loops))
-    preallocated, dynamic = model.new_cache(2, 9, loops), DynamicCache()
-    logits = {}
-    with torch.no_grad():
-        for name, cache in (("preallocated", preallocated), ("dynamic", dynamic)):
-            steps = [model(ids[:, :5], cache=cache, loops=loops)]
-            steps += [model(ids[:, t:t + 1], cache=cache, loops=loops) for t in range(5, 9)]
-            logits[name] = torch.cat(steps, 1)
-    assert torch.equal(logits["preallocated"], logits["dynamic"])
-    assert isinstance(preallocated, KVCache) and len(dynamic) == slots == preallocated.keys.shape[0]
-    assert preallocated.lengths == [9] * slots and dynamic.get_seq_length(slots - 1) == 9
+    with pytest.raises(ValueError, match="loops=3 needs a tied looped model"):
+        LoopedLM(LoopregConfig(loopreg=UNTIED, loops=3))
 
 
 def test_old_folders_and_config_conflicts(tmp_path):
@@ -231,21 +214,20 @@ def test_old_folders_and_config_conflicts(tmp_path):
     config_path.write_text(json.dumps({"loopreg": config["loopreg"]}))  # a folder written before model_type
     ids, _ = inputs()
     with torch.no_grad():
-        assert torch.equal(LoopedLM.from_pretrained(tmp_path / "old")(ids), model(ids))
+        assert torch.equal(LoopedLM.from_pretrained(tmp_path / "old")(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match=r"config.json: vocab_size=300 disagrees with its 'loopreg' object"):
         LoopregConfig(loopreg=config["loopreg"], vocab_size=300)
     assert not LoopregConfig(loopreg={**config["loopreg"], "tie_word_embeddings": False}).tie_word_embeddings
 
 
-def test_a_transformers_save_loads_back_in_both(folders, tmp_path):
-    """LoopregForCausalLM.save_pretrained strips the ``model.`` prefix and keeps the ``loopreg`` object: the folder
-    it writes is a LoopedLM folder again (and the tied head is stored once)."""
-    hf = LoopregForCausalLM.from_pretrained(folders["tied"])
+def test_a_folder_loaded_by_transformers_saves_itself_again(folders, tmp_path):
+    """A LoopedLM loaded from a folder writes a folder with its remote code again (the tied head stored once)."""
+    hf = LoopedLM.from_pretrained(folders["tied"])
     hf.save_pretrained(tmp_path / "resaved")
     ids, mask = inputs()
+    assert REMOTE_FILES <= {path.name for path in (tmp_path / "resaved").iterdir()}
     with torch.no_grad():
-        reference = LoopedLM.from_pretrained(folders["tied"])(ids, attention_mask=mask)
-        assert torch.equal(LoopedLM.from_pretrained(tmp_path / "resaved")(ids, attention_mask=mask), reference)
-        again = LoopregForCausalLM.from_pretrained(tmp_path / "resaved")
+        reference = hf(ids, attention_mask=mask).logits
+        again = LoopedLM.from_pretrained(tmp_path / "resaved")
         assert torch.equal(again(ids, attention_mask=mask).logits, reference)
-    assert again.model.lm_head.weight is again.model.embed.weight
+    assert again.lm_head.weight is again.embed.weight

@@ -14,9 +14,9 @@ import torch
 from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, MistralConfig, MistralForCausalLM)
 
 from loopreg.folders import write_model_folder
-from loopreg.remote_code import attach_remote_code
 from loopreg.surgery import loop_surgery
-from loopreg.surgery.core import distinct_param_count, load_looped
+from loopreg.loading import load
+from loopreg.surgery.core import distinct_param_count
 from loopreg.surgery.export import unrolled_model
 
 from .conftest import run_cli, run_without_loopreg
@@ -33,7 +33,8 @@ BUILDERS = {
 }
 SPEC = "1x1+2x3+1x1"  # 4 distinct layers from the 6, the middle two looped 3 times: depth 8
 CALL_LOOPS, CONFIG_LOOPS = 2, 4
-REMOTE_FILES = {"adaptive.py", "looped_hf.py", "model.py", "spec.py", "update_rules.py"}
+REMOTE_FILES = {"adaptive.py", "errors.py", "hf_compat.py", "looped_hf.py", "looping.py", "remote_code.py", "spec.py",
+                "update_rules.py"}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -47,7 +48,7 @@ def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def save_retrofit(model: torch.nn.Module, folder) -> None:
-    """Save as loopreg does: ``write_model_folder`` attaches the remote code."""
+    """Save as loopreg does (``write_model_folder``; a looped model's ``save_pretrained`` adds the remote code)."""
     write_model_folder(model, folder)
 
 
@@ -76,7 +77,10 @@ torch.set_num_threads(1)
 folder, inputs, out, call_loops, config_loops = {args!r}
 ids, mask = torch.load(inputs)
 model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
-configured = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, loopreg_loops=config_loops)
+try:  # an untied retrofit refuses a loop count already here
+    configured = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, loopreg_loops=config_loops)
+except ValueError as error:
+    configured = str(error)
 
 
 def greedy(model, use_cache, **loops):
@@ -91,6 +95,9 @@ with torch.no_grad():
     runs = [("saved", model, {{}}), ("call", model, {{"loops": call_loops}}), ("config", configured, {{}}),
             ("call_over_config", configured, {{"loops": call_loops}})]
     for name, runner, loops in runs:
+        if isinstance(runner, str):
+            results[name] = runner
+            continue
         runner.eval()
         try:
             output = runner(ids, attention_mask=mask, use_cache=True, **loops)
@@ -122,7 +129,7 @@ def greedy(model, ids, mask, **options) -> torch.Tensor:
 @torch.no_grad()
 def test_tied_retrofit_loads_tied_in_plain_transformers(retrofits, family, tmp_path):
     remote, stderr = load_without_loopreg(retrofits[family], tmp_path)
-    reference = load_looped(retrofits[family]).eval()
+    reference = load(retrofits[family]).eval()
     base = type(reference).__mro__[2].__name__  # looped class, LoopedCausalLM, the family's own class
     assert remote["cls"].startswith("transformers_modules.") and remote["cls"].endswith(f".looped_hf.{base}")
     assert remote["info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
@@ -145,34 +152,39 @@ def test_tied_retrofit_loads_tied_in_plain_transformers(retrofits, family, tmp_p
 @pytest.mark.parametrize("loops", [None, CALL_LOOPS, CONFIG_LOOPS])
 @torch.no_grad()
 def test_preallocated_caches_follow_the_loop_count(retrofits, loops):
-    """Static caches are sized by the config's ``num_hidden_layers`` and (hybrid: sliding windows) ``layer_types``,
-    which follow the loop count while it runs."""
-    model = load_looped(retrofits["qwen2"]).eval()
+    """Static caches are laid out by the config's ``num_hidden_layers`` and (hybrid: sliding windows) ``layer_types``,
+    which follow the loop count the model is loaded at; a call at another count is a one-line error."""
+    model = load(retrofits["qwen2"], loops=loops).eval()
     ids, mask = left_padded_batch()
-    expected = greedy(model, ids, mask, loops=loops, use_cache=False)
+    expected = greedy(model, ids, mask, use_cache=False)
+    assert torch.equal(expected, greedy(load(retrofits["qwen2"]).eval(), ids, mask, loops=loops))
     for cache in ("static", "hybrid"):
-        assert torch.equal(greedy(model, ids, mask, loops=loops, cache_implementation=cache), expected), cache
+        assert torch.equal(greedy(model, ids, mask, cache_implementation=cache), expected), cache
+    with pytest.raises(ValueError, match="a preallocated cache is laid out for the config's"):
+        greedy(model, ids, mask, loops=6, cache_implementation="static")
 
 
 @torch.no_grad()
 def test_untied_retrofit_loads_unrolled_and_refuses_loops(retrofits, tmp_path):
     folder = retrofits["llama_untied"]
     remote, _ = load_without_loopreg(folder, tmp_path)
-    reference = load_looped(folder).eval()
+    reference = load(folder).eval()
     ids, mask = left_padded_batch()
     assert remote["params"] == distinct_param_count(reference)  # one layer per application, as stored
     assert torch.equal(remote["saved"]["logits"], reference(ids, attention_mask=mask).logits)
     assert torch.equal(remote["saved"]["cached"], greedy(reference, ids, mask))
     with pytest.raises(ValueError) as error:
         reference(ids, loops=CALL_LOOPS)
-    assert remote["call"] == str(error.value) and str(error.value).endswith(f"('{SPEC}'): snap it first")
-    assert remote["call_over_config"] == remote["call"]
-    assert remote["config"] == remote["call"].replace(f"loops={CALL_LOOPS}", f"loops={CONFIG_LOOPS}")  # refused alike
+    assert remote["call"] == str(error.value)
+    assert str(error.value).endswith(f"('{SPEC}', 8 separate layers): snap it to a looped model first")
+    # a loop count in the config is refused alike, when the model is built
+    assert remote["config"] == remote["call_over_config"] == remote["call"].replace(f"loops={CALL_LOOPS}",
+                                                                                    f"loops={CONFIG_LOOPS}")
 
 
-def test_load_looped_takes_config_keywords(retrofits):
-    model = load_looped(retrofits["llama"], loopreg_loops=CONFIG_LOOPS)
-    assert model.config.loopreg_loops == CONFIG_LOOPS
+def test_load_takes_the_loop_count(retrofits):
+    model = load(retrofits["llama"], loops=CONFIG_LOOPS)
+    assert model.config.loopreg_loops == CONFIG_LOOPS and model.config.num_hidden_layers == 1 + 2 * CONFIG_LOOPS + 1
     assert json.loads((retrofits["llama"] / "config.json").read_text())["loopreg_loops"] is None
 
 
@@ -196,17 +208,17 @@ def test_lm_eval_hf_model_runs_a_retrofit_at_a_config_loop_count(source, tmp_pat
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from loopreg.surgery.sources import load_source, load_source_tokenizer
+    from loopreg.surgery.sources import load_source_tokenizer
 
     folder, out = tmp_path / "retrofit", tmp_path / "lmeval.pt"
-    save_retrofit(loop_surgery(load_source(source), SPEC), folder)
+    save_retrofit(loop_surgery(load(source), SPEC), folder)
     load_source_tokenizer(source).save_pretrained(folder)
     script = LMEVAL_SCRIPT.format(args=(str(folder), str(out), LMEVAL_REQUESTS, CONFIG_LOOPS))
     run_without_loopreg(script, {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "OMP_NUM_THREADS": "1"})
     remote = torch.load(out)
     requests = [Instance("loglikelihood", {}, request, index) for index, request in enumerate(LMEVAL_REQUESTS)]
     for loops, equal in [(CONFIG_LOOPS, True), (None, False)]:
-        reference = load_looped(folder, loopreg_loops=loops)
+        reference = load(folder, loops=loops)
         lm = HFLM(pretrained=reference, tokenizer=load_source_tokenizer(source), device="cpu", batch_size=2)
         assert (lm.loglikelihood(requests) == remote["scores"]) is equal, loops
     assert remote["params"] == distinct_param_count(reference)
@@ -229,8 +241,7 @@ def test_cli_surgery_folder_carries_remote_code_and_export_none(source, tmp_path
 def test_plain_model_folder_gets_no_remote_code(tmp_path):
     torch.manual_seed(0)
     plain = BUILDERS["llama"]()
-    plain.save_pretrained(tmp_path)
-    attach_remote_code(tmp_path, plain)
+    write_model_folder(plain, tmp_path)
     assert not list(tmp_path.glob("*.py")) and "auto_map" not in json.loads((tmp_path / "config.json").read_text())
 
 
@@ -238,7 +249,7 @@ def test_plain_model_folder_gets_no_remote_code(tmp_path):
 def test_remote_classes_are_the_looped_classes_by_name(retrofits):
     import loopreg.looped_hf as looped_hf
 
-    model = load_looped(retrofits["qwen2"])
+    model = load(retrofits["qwen2"])
     assert looped_hf.Qwen2ForCausalLM is type(model) and type(model).__qualname__ == "Qwen2ForCausalLM"
     with pytest.raises(AttributeError, match="has no attribute 'Tensor'"):
         looped_hf.Tensor  # noqa: B018 - not a model class

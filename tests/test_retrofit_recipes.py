@@ -1,5 +1,5 @@
 """Recipes that start from a pretrained checkpoint (``model.pretrained``): every ``recipes/retrofit/`` recipe
-trains 2 steps on a tiny random Llama and exports a folder ``load_source`` reads back looped; ``composer -n 2``
+trains 2 steps on a tiny random Llama and exports a folder ``loopreg.load`` reads back looped; ``composer -n 2``
 runs one literally; the schema's one-line errors; snapping an untied Hugging Face retrofit."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from loopreg.config import load_recipe
 from loopreg.errors import RecipeError
 from loopreg.surgery.core import TIED_KEY, loop_surgery, looped_spec, stored_layers
-from loopreg.surgery.sources import load_source
+from loopreg.loading import load
 from loopreg.train import run
 
 from .conftest import REPO, free_port
@@ -68,7 +68,7 @@ def test_retrofit_recipe_trains_two_steps_and_exports_a_looped_folder(path, sour
     assert int(trainer.state.timestamp.batch) == 2
     recipe = load_recipe(path, overrides)
     surgery = recipe.algorithms["loop_surgery"]
-    exported = load_source(tmp_path / "model")
+    exported = load(tmp_path / "model")
     assert str(looped_spec(exported)) == surgery["spec"]
     assert getattr(exported.config, TIED_KEY) == surgery["tied"]
     spec = looped_spec(exported)
@@ -92,7 +92,7 @@ def test_composer_launcher_runs_a_retrofit_recipe_on_two_ranks(source, tmp_path)
     assert result.returncode == 0, logs[0][-3000:]
     for log in logs:
         assert "[batch=2/2]" in log and "loss/train/kd" in log
-    assert str(looped_spec(load_source(tmp_path / "model"))) == "2x1+2x2+2x1"
+    assert str(looped_spec(load(tmp_path / "model"))) == "2x1+2x2+2x1"
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -135,11 +135,11 @@ def test_snapping_an_identical_untied_retrofit_gives_the_tied_logits_exactly(sou
     from loopreg.surgery.sources import load_source_tokenizer
 
     spec, layers = "1x1+2x3+3x1", "0,1-2,3-5"
-    untied = loop_surgery(load_source(source), spec, layers=layers, tied=False)
+    untied = loop_surgery(load(source), spec, layers=layers, tied=False)
     write_model_folder(untied, tmp_path / "untied", load_source_tokenizer(source))
     assert cli_main([str(tmp_path / "untied"), "--out", str(tmp_path / "snapped")]) == 0
-    snapped = load_source(tmp_path / "snapped")
-    tied = loop_surgery(load_source(source), spec, layers=layers, tied=True)
+    snapped = load(tmp_path / "snapped")
+    tied = loop_surgery(load(source), spec, layers=layers, tied=True)
     assert getattr(snapped.config, TIED_KEY) and len(stored_layers(snapped)) == 6
     ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -159,6 +159,6 @@ def test_a_loopreg_folder_source_stays_a_looped_lm(tmp_path):
     path = REPO / "recipes" / "retrofit" / "smollm2_keepall_heal_cpu.yaml"
     trainer = run(path, tiny(tmp_path / "src", path, tmp_path / "model"))
     assert int(trainer.state.timestamp.batch) == 2
-    exported = load_source(tmp_path / "model")
+    exported = load(tmp_path / "model")
     assert isinstance(exported, LoopedLM) and str(exported.spec) == "2x1+2x2+2x1"
     assert (tmp_path / "model" / "tokenizer.json").is_file()

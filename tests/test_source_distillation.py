@@ -16,7 +16,8 @@ from loopreg.algorithms import LoopSurgery, SourceDistillation, distillation_los
 from loopreg.cli import main as loopreg_main
 from loopreg.composer_model import PretrainedLM
 from loopreg.registry import ALGORITHMS
-from loopreg.surgery.sources import load_source, load_source_tokenizer
+from loopreg.loading import load
+from loopreg.surgery.sources import load_source_tokenizer
 
 from .conftest import REPO, tiny_llama
 from .test_retrofit_recipes import tiny
@@ -83,7 +84,7 @@ def batches(count: int, loops: int | None = None) -> list[dict]:
 
 
 def fit(source_folder: Path, data: list[dict], steps: int, algorithms: list, lr: float = 1e-2) -> tuple[Trainer, dict]:
-    student = PretrainedLM(load_source(source_folder), load_source_tokenizer(source_folder))
+    student = PretrainedLM(load(source_folder), load_source_tokenizer(source_folder))
     logger = InMemoryLogger()
     # One microbatch per batch; a plain int (loops) in the batch needs Composer told the batch size.
     loader = DataSpec(torch.utils.data.DataLoader(data, batch_size=None), split_batch=lambda batch, size: [batch],
@@ -97,7 +98,7 @@ def fit(source_folder: Path, data: list[dict], steps: int, algorithms: list, lr:
 
 def test_only_the_student_gets_gradients(source):
     distill = SourceDistillation(str(source), temperature=2.0, ce_weight=0.5)
-    teacher_before = {name: p.clone() for name, p in load_source(source).named_parameters()}
+    teacher_before = {name: p.clone() for name, p in load(source).named_parameters()}
     trainer, logged = fit(source, batches(2), 2, [distill])
     teacher = distill.teacher
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())

@@ -18,7 +18,7 @@ from loopreg.surgery.cli import cli_main as surgery_cli
 from loopreg.surgery.core import stored_layers
 from loopreg.surgery.export import cli_main as export_cli
 from loopreg.surgery.export import export_unrolled
-from loopreg.surgery.sources import load_source
+from loopreg.loading import load
 from loopreg.surgery.verify import compare, probe, verification_prompts
 
 from .conftest import run_cli
@@ -60,13 +60,10 @@ def sources(tmp_path_factory):
 
 
 def logits(model, ids):
-    out = model(ids)
-    return (out if isinstance(model, LoopedLM) else out.logits).float()
+    return model(ids).logits.float()
 
 
 def greedy(model, ids, use_cache=True):
-    if isinstance(model, LoopedLM):
-        return model.generate(ids, max_new_tokens=6, use_cache=use_cache)  # new tokens only
     generated = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=use_cache)
     return generated[:, ids.shape[1]:]
 
@@ -77,7 +74,7 @@ PROMPT = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_see
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_source_schedule_spec_reproduces_the_source(sources, family):
-    source, model = load_source(sources[family]).eval(), load_source(sources[family]).eval()
+    source, model = load(sources[family]).eval(), load(sources[family]).eval()
     prompts = verification_prompts(source)
     before = probe(source, prompts)
     assert loop_surgery(model, f"{LAYERS}x1") is model  # in place, same class
@@ -90,8 +87,8 @@ def test_source_schedule_spec_reproduces_the_source(sources, family):
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_middle_looping_tied_equals_untied_and_its_cache(sources, family):
-    tied = loop_surgery(load_source(sources[family]).eval(), "2x(1,2,1)")
-    untied = loop_surgery(load_source(sources[family]).eval(), "2x(1,2,1)", tied=False)
+    tied = loop_surgery(load(sources[family]).eval(), "2x(1,2,1)")
+    untied = loop_surgery(load(sources[family]).eval(), "2x(1,2,1)", tied=False)
     assert len(stored_layers(tied)) == 6 and len(stored_layers(untied)) == len(get_layers(untied)) == 8
     if family != "loopreg":  # a tied Hugging Face layer list reads as one entry per application
         assert len(get_layers(tied)) == 8
@@ -102,13 +99,13 @@ def test_middle_looping_tied_equals_untied_and_its_cache(sources, family):
 
 
 def test_tied_surgery_shares_weights_and_copies_nothing(sources):
-    model = load_source(sources["llama"])
+    model = load(sources["llama"])
     source_layers = stored_layers(model)
     layer_params = sum(p.numel() for p in source_layers[0].parameters())
     base = distinct_param_count(model) - LAYERS * layer_params
     loop_surgery(model, "1x(1,3,1)")  # keeps layers 0, 2, 5; the middle one runs 3 times
     stack = get_layers(model)
-    assert isinstance(stack, LoopedLayers) and stack.schedule == (0, 1, 1, 1, 2)
+    assert isinstance(stack, LoopedLayers) and stack.spec.schedule == (0, 1, 1, 1, 2)
     assert [stored_layers(model)[i] for i in range(3)] == [source_layers[i] for i in (0, 2, 5)]  # same objects
     assert distinct_param_count(model) == base + 3 * layer_params
     assert model.config.num_hidden_layers == 5 and model.config.loopreg_spec == "1x(1,3,1)"
@@ -119,9 +116,9 @@ def test_tied_surgery_shares_weights_and_copies_nothing(sources):
 def test_fsdp_shards_each_stored_layer_once_and_matches(sources, tmp_path):
     from torch.distributed.fsdp import fully_shard
 
-    reference = loop_surgery(load_source(sources["llama"]), "2x(1,2,1)")
+    reference = loop_surgery(load(sources["llama"]), "2x(1,2,1)")
     reference(PROMPT, labels=PROMPT).loss.backward()
-    model = loop_surgery(load_source(sources["llama"]), "2x(1,2,1)")
+    model = loop_surgery(load(sources["llama"]), "2x(1,2,1)")
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         for unit in [m for m in model.modules() if model.fsdp_wrap_fn(m)]:  # Composer's FSDP policy
@@ -137,20 +134,20 @@ def test_fsdp_shards_each_stored_layer_once_and_matches(sources, tmp_path):
 
 
 def test_average_and_stepwise_seed_values(sources):
-    source = stored_layers(load_source(sources["llama"]))
+    source = stored_layers(load(sources["llama"]))
     q = [layer.self_attn.q_proj.weight for layer in source]
-    averaged = stored_layers(loop_surgery(load_source(sources["llama"]), "1x1+2x2+1x1", layers="0,1-4,5",
+    averaged = stored_layers(loop_surgery(load(sources["llama"]), "1x1+2x2+1x1", layers="0,1-4,5",
                                           init="average"))
     torch.testing.assert_close(averaged[1].self_attn.q_proj.weight, (q[1] + q[3]) / 2)
     torch.testing.assert_close(averaged[2].self_attn.q_proj.weight, (q[2] + q[4]) / 2)
     torch.testing.assert_close(averaged[3].self_attn.q_proj.weight, q[5])
-    stepwise = stored_layers(loop_surgery(load_source(sources["llama"]), "1x1+2x2+1x1", layers="0,1-4,5",
+    stepwise = stored_layers(loop_surgery(load(sources["llama"]), "1x1+2x2+1x1", layers="0,1-4,5",
                                           init="stepwise"))
     assert [torch.equal(stepwise[i].self_attn.q_proj.weight, q[j]) for i, j in ((1, 1), (2, 3))] == [True, True]
 
 
 def test_untied_grouping_feeds_the_regularizer(sources):
-    model = loop_surgery(load_source(sources["gpt2"]), "2x(1,2,1)", tied=False)
+    model = loop_surgery(load(sources["gpt2"]), "2x(1,2,1)", tied=False)
     assert loop_target(model) == LoopSpec.parse("2x(1,2,1)")
     adapter = find_adapter(model)
     roles = [layer_role_params(layer, adapter) for layer in get_layers(model)]
@@ -171,9 +168,9 @@ def test_unsupported_architecture_is_one_line():
 @pytest.mark.parametrize("family, tied", [("qwen2", True), ("gpt2", True), ("mistral", False), ("loopreg", True)])
 @torch.no_grad()
 def test_saved_surgery_result_reloads_looped(sources, family, tied, tmp_path):
-    model = loop_surgery(load_source(sources[family]).eval(), "2x(1,2,1)", tied=tied)
+    model = loop_surgery(load(sources[family]).eval(), "2x(1,2,1)", tied=tied)
     model.save_pretrained(tmp_path)
-    reloaded = load_source(tmp_path).eval()
+    reloaded = load(tmp_path).eval()
     assert type(reloaded) is type(model)
     assert len(stored_layers(reloaded)) == (6 if tied else 8)
     assert type(get_layers(reloaded)) is type(get_layers(model))
@@ -185,7 +182,7 @@ def test_saved_surgery_result_reloads_looped(sources, family, tied, tmp_path):
                                           ("gpt_neox", True), ("loopreg", True)])
 @torch.no_grad()
 def test_unrolled_export_is_a_plain_checkpoint_with_equal_logits(sources, family, tied, tmp_path):
-    model = loop_surgery(load_source(sources[family]).eval(), "2x(1,2,1)", tied=tied)
+    model = loop_surgery(load(sources[family]).eval(), "2x(1,2,1)", tied=tied)
     export_unrolled(model, tmp_path / "unrolled")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "unrolled").eval()  # no loopreg code involved
     assert plain.config.num_hidden_layers == 8 and not hasattr(plain.config, "loopreg_spec")

@@ -48,8 +48,9 @@ from torchmetrics import Metric
 
 from loopreg.composer_model import ComposerLoopedLM
 from loopreg.data import IGNORE_INDEX
-from loopreg.errors import RecipeError
-from loopreg.model import LoopedLM, LoopedLMConfig, LoopedLMOutput, batch_option, load_config
+from loopreg.errors import RecipeError, UserError
+from loopreg.configuration_loopreg import load_config
+from loopreg.model import LoopedLM, LoopedLMConfig, LoopedLMOutput, batch_option
 from loopreg.spec import LoopSpec
 
 __all__ = ["TERMS", "CoTDistillation", "DistillationStudent", "DistillLayout", "LatentCurriculum", "WeightSchedule",
@@ -348,7 +349,7 @@ class DistillationStudent(ComposerLoopedLM):
 
     def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any | None = None) -> torch.Tensor:
         if outputs is not None:
-            return outputs.logits if isinstance(outputs, LoopedLMOutput) else outputs
+            return outputs.logits
         return super().forward(batch)  # the metrics read plain logits
 
 
@@ -476,9 +477,11 @@ class CoTDistillation(Algorithm):
         if self.teacher_source in (None, "self"):
             return
         folder = Path(self.teacher_source)
+        from loopreg.loading import load
+
         try:
-            teacher = LoopedLM.from_pretrained(folder)
-        except (FileNotFoundError, ValueError) as err:
+            teacher = load(folder)
+        except UserError as err:
             raise RecipeError(str(err), key=f"{self.KEY}.teacher") from None
         tokenizer_file = folder / "tokenizer.json"
         self.teacher_vocab = (Tokenizer.from_file(str(tokenizer_file)).get_vocab() if tokenizer_file.is_file()

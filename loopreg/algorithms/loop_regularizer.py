@@ -36,7 +36,7 @@ from composer.optim import (ComposerScheduler, ConstantScheduler, ConstantWithWa
                             CosineAnnealingWithWarmupScheduler)
 from torch import nn
 
-from loopreg.errors import RecipeError
+from loopreg.errors import RecipeError, UserError
 from loopreg.model import LoopedLM
 from loopreg.registry_base import Registry
 from loopreg.spec import LoopSpec
@@ -64,11 +64,11 @@ def loop_target(model: nn.Module, block_size: int | None = None,
     name = type(unwrap(model)).__name__
     num_layers = len(get_layers(model))
     if block_size is not None and blocks is not None:
-        raise ValueError(f"{name}: give block_size or blocks, not both")
+        raise UserError(f"{name}: give block_size or blocks, not both")
     if block_size is not None:
         if block_size < 1 or num_layers % block_size:
             divisors = [k for k in range(1, num_layers) if num_layers % k == 0]
-            raise ValueError(f"block_size={block_size} does not divide the {num_layers} layers of {name}; "
+            raise UserError(f"block_size={block_size} does not divide the {num_layers} layers of {name}; "
                              f"expected one of {divisors}")
         target = LoopSpec.parse(f"{block_size}x{num_layers // block_size}")
     elif blocks is not None:
@@ -77,22 +77,18 @@ def loop_target(model: nn.Module, block_size: int | None = None,
         target = _own_spec(unwrap(model))
     target.check_layer_count(num_layers, name)
     if not target.is_looped:
-        raise ValueError(f"loop target '{target}' of {name} ties no layers; expected at least two blocks")
+        raise UserError(f"loop target '{target}' of {name} ties no layers; expected at least two blocks")
     return target
 
 
 def _own_spec(model: nn.Module) -> LoopSpec:
     """The spec an untied model was built with: ``LoopedLM``'s, or a surgery result's ``loopreg_spec``."""
-    from loopreg.surgery.core import SPEC_KEY, TIED_KEY
+    from loopreg.surgery.core import is_tied, looped_spec
 
-    if isinstance(model, LoopedLM):
-        spec, tied = model.spec, model.config.tied
-    else:
-        config = getattr(model, "config", None)
-        spec, tied = getattr(config, SPEC_KEY, None), getattr(config, TIED_KEY, True)
+    spec, tied = looped_spec(model), is_tied(model)
     if spec is None or tied:
         why = "it is already looped (tied)" if spec is not None else "it has no loop spec"
-        raise ValueError(f"{type(model).__name__}: no layout to regularize toward ({why}); expected block_size=K or "
+        raise UserError(f"{type(model).__name__}: no layout to regularize toward ({why}); expected block_size=K or "
                          "blocks=[[...], ...]")
     return LoopSpec.parse(spec)
 
@@ -105,7 +101,7 @@ def _spec_from_blocks(blocks: Sequence[Sequence[int]], num_layers: int, name: st
     start = runs[0][0] if size else 0
     expected = [list(range(start + i * size, start + (i + 1) * size)) for i in range(len(runs))]
     if len(runs) < 2 or size == 0 or start < 0 or runs != expected or expected[-1][-1] >= num_layers:
-        raise ValueError(f"blocks={[list(b) for b in blocks]} for the {num_layers} layers of {name}: expected two or "
+        raise UserError(f"blocks={[list(b) for b in blocks]} for the {num_layers} layers of {name}: expected two or "
                          f"more equal-size runs of consecutive layer indices, back to back, e.g. "
                          f"[[0, 1], [2, 3]]")
     after = num_layers - (start + len(runs) * size)
@@ -285,11 +281,11 @@ def regularizer_layout(model: nn.Module, block_size: int | None = None, blocks: 
     weights = {role: 1.0 for role in stats.params}
     for role, weight in (group_weights or {}).items():
         if role not in weights:
-            raise ValueError(f"group_weights key '{role}' is not a parameter group of {type(unwrap(model)).__name__}; "
+            raise UserError(f"group_weights key '{role}' is not a parameter group of {type(unwrap(model)).__name__}; "
                              f"groups: {', '.join(weights)}")
         weights[role] = float(weight)
     if sum(weights.values()) <= 0:
-        raise ValueError(f"group_weights {dict(group_weights or {})} must have a positive sum")
+        raise UserError(f"group_weights {dict(group_weights or {})} must have a positive sum")
     return RegularizerLayout(target, weights, stats)
 
 
@@ -350,13 +346,17 @@ def snap_to_looped(model: nn.Module, block_size: int | None = None,
 
     >>> # snap_to_looped(untied_24_layers, block_size=4).save_pretrained("runs/x/snapped")  # a (4⊗6) model
     """
+    from loopreg.surgery.adapters import model_family
+    from loopreg.surgery.core import is_tied
+
     untied = unwrap(model)
-    if not isinstance(untied, LoopedLM) or untied.config.tied:
-        state = "a tied LoopedLM is already looped" if isinstance(untied, LoopedLM) else "not a LoopedLM"
-        raise ValueError(f"snap_to_looped needs an untied LoopedLM; got {type(untied).__name__} ({state})")
+    loopreg = model_family(untied) == "loopreg"
+    if not loopreg or is_tied(untied):
+        state = "a tied LoopedLM is already looped" if loopreg else "not a LoopedLM"
+        raise UserError(f"snap_to_looped needs an untied LoopedLM; got {type(untied).__name__} ({state})")
     target = loop_target(untied, block_size, blocks)
     with torch.device(untied.embed.weight.device):
-        looped = LoopedLM(replace(untied.config, spec=str(target), tied=True))
+        looped = LoopedLM(replace(untied.config.arch, spec=str(target), tied=True))
     weights = {name: tensor for name, tensor in untied.state_dict().items() if not name.startswith("layers.")}
     layer_weights = [layer.state_dict() for layer in untied.layers]
     for distinct, applications in enumerate(target.tie_groups):

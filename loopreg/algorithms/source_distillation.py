@@ -103,10 +103,7 @@ def same_vocabulary(first: Any, second: Any) -> bool:
 
 def _output_rows(model: nn.Module) -> int:
     """The number of logits ``model`` produces per token."""
-    from loopreg.model import LoopedLM
-
-    model = unwrap(model)
-    return model.config.vocab_size if isinstance(model, LoopedLM) else model.get_output_embeddings().weight.shape[0]
+    return unwrap(model).get_output_embeddings().weight.shape[0]
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -120,7 +117,7 @@ class SourceDistillation(Algorithm):
 
     Args:
         teacher: ``"source"`` (the recipe's ``model.pretrained``, copied before surgery: loaded once) or a
-            model path :func:`~loopreg.surgery.load_source` reads.
+            model path :func:`loopreg.load` reads.
         temperature: τ.
         ce_weight: weight of the plain cross entropy in the convex mix with the KD term.
 
@@ -157,12 +154,13 @@ class SourceDistillation(Algorithm):
         self._load_teacher(model)
 
     def _load_teacher(self, student: nn.Module) -> None:
-        from loopreg.surgery.sources import load_source, load_source_tokenizer
+        from loopreg.loading import load
+        from loopreg.surgery.sources import load_source_tokenizer
 
         if self.teacher_source == "source":
             raise ValueError("SourceDistillation(teacher='source') outside loopreg train: pass the teacher's path")
         if self.teacher is None:
-            self.teacher = load_source(self.teacher_source)
+            self.teacher = load(self.teacher_source)
             if self._student_tokenizer is not None:
                 teacher_tokenizer = load_source_tokenizer(self.teacher_source)
                 if teacher_tokenizer is None:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from loopreg.data import DATA_KINDS, TOKENIZERS, Data, DataKind
 from loopreg.data.resumable import ResumableStream
-from loopreg.errors import DataError, RecipeError, under_key
+from loopreg.errors import DataError, RecipeError, UserError, under_key
 
 __all__ = ["byte_level_tokenizer", "load_tokenizer", "text_tokenizer", "text_stream", "PackedText", "text_dataloaders",
            "EOS_TOKEN"]
@@ -96,7 +96,7 @@ def text_tokenizer(tokenizer: Any) -> Tokenizer:
         return tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not isinstance(backend, Tokenizer):
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer")
+        raise UserError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer")
     return backend
 
 
@@ -106,7 +106,7 @@ def eos_id(tokenizer: Tokenizer) -> int:
         index = tokenizer.token_to_id(token)
         if index is not None:
             return index
-    raise ValueError("the tokenizer has no end-of-text token (<|endoftext|>, </s> or <eos>)")
+    raise UserError("the tokenizer has no end-of-text token (<|endoftext|>, </s> or <eos>)")
 
 
 def text_stream(source: str, split: str = "train", subset: str | None = None, text_field: str = "text",
@@ -115,7 +115,8 @@ def text_stream(source: str, split: str = "train", subset: str | None = None, te
 
     ``source`` is a local file or folder (``.txt`` files are one document each; ``.jsonl``/``.json``/
     ``.parquet`` rows give ``text_field``) or else a Hugging Face hub dataset id. Local ``.txt`` and
-    ``.jsonl`` files are read here, line by line, so a bad line raises :class:`DataError` naming it.
+    ``.jsonl`` files are read here, line by line, so a bad line raises :class:`DataError` naming it (as does a
+    missing source).
 
     >>> docs = text_stream("corpus/", text_field="text")  # doctest: +SKIP
     """
@@ -123,10 +124,10 @@ def text_stream(source: str, split: str = "train", subset: str | None = None, te
     if path.exists():
         files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.suffix in _LOCAL_FORMATS)
         if not files:
-            raise FileNotFoundError(f"data source '{source}' has no .txt, .jsonl, .json or .parquet files")
+            raise DataError(f"data source '{source}' has no .txt, .jsonl, .json or .parquet files")
         formats = {_LOCAL_FORMATS[p.suffix] for p in files}
         if len(formats) > 1:
-            raise ValueError(f"data source '{source}' mixes file formats {sorted(formats)}; use one kind per source")
+            raise DataError(f"data source '{source}' mixes file formats {sorted(formats)}; use one kind per source")
         if files[0].suffix == ".txt":
             return lambda: (file.read_text(encoding="utf-8") for file in files)
         if files[0].suffix == ".jsonl":
@@ -135,11 +136,14 @@ def text_stream(source: str, split: str = "train", subset: str | None = None, te
 
         dataset = load_dataset(formats.pop(), data_files=[str(p) for p in files], split="train", streaming=streaming)
     elif source.startswith((".", "/", "~")) or source.endswith(tuple(_LOCAL_FORMATS)):
-        raise FileNotFoundError(f"data source '{source}' not found")
+        raise DataError(f"data source '{source}' not found")
     else:
         from datasets import load_dataset
 
-        dataset = load_dataset(source, subset, split=split, streaming=streaming)
+        try:
+            dataset = load_dataset(source, subset, split=split, streaming=streaming)
+        except (OSError, ValueError) as err:  # a hub id that is not there or not reachable; datasets names it
+            raise DataError(str(err)) from None
 
     def documents() -> Iterator[str]:
         for row in dataset:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from loopreg.errors import UserError
 from loopreg.looped_hf import DECODER_LAYERS
 
-__all__ = ["Adapter", "ADAPTERS", "unwrap", "find_adapter", "get_layers", "layer_role_params"]
+__all__ = ["Adapter", "ADAPTERS", "unwrap", "find_adapter", "model_family", "get_layers", "layer_role_params"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter(family="llama", model_types=("llama",), layers=DECODER_LAYERS["llama"], **_LLAMA_STYLE),
     "loopreg": Adapter(
         family="loopreg",
-        model_types=(),
+        model_types=("loopreg",),
         layers="layers",
         embeddings=("embed",),
         final_norm="norm",
@@ -131,21 +132,28 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def find_adapter(model: nn.Module) -> Adapter:
     """The :class:`Adapter` for ``model`` (wrappers are stripped); an unsupported model raises a one-line
-    ``ValueError`` listing the supported families.
+    :class:`~loopreg.errors.UserError` listing the supported families.
 
     >>> # find_adapter(AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")).family == "llama"
     """
-    from loopreg.model import LoopedLM
-
+    found = model_family(model)
+    if found is not None:
+        return ADAPTERS[found]
     model = unwrap(model)
-    if isinstance(model, LoopedLM):
-        return ADAPTERS["loopreg"]
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for adapter in ADAPTERS.values():
-        if model_type in adapter.model_types:
-            return adapter
-    raise ValueError(f"unsupported architecture '{model_type}' ({type(model).__name__}); "
+    raise UserError(f"unsupported architecture '{model_type}' ({type(model).__name__}); "
                      f"supported families: {', '.join(sorted(ADAPTERS))}")
+
+
+def model_family(model: nn.Module) -> str | None:
+    """The adapter family of ``model`` (by its config's ``model_type``; ``"loopreg"`` for a LoopedLM), ``None`` for an
+    unsupported one.
+
+    >>> model_family(nn.Linear(2, 2)) is None
+    True
+    """
+    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
+    return next((adapter.family for adapter in ADAPTERS.values() if model_type in adapter.model_types), None)
 
 
 def get_layers(model: nn.Module, adapter: Adapter | None = None) -> nn.ModuleList:

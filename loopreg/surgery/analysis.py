@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loopreg.model import LoopedLM
+from loopreg.errors import UserError
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import unwrap
 from loopreg.surgery.core import looped_spec, stored_layers
@@ -53,7 +53,7 @@ class Split:
     def spec(self, loops: int = 2) -> LoopSpec:
         """``{e}x1+{t}x{loops}+{d}x1`` without the empty parts."""
         if not isinstance(loops, int) or loops < 1:
-            raise ValueError(f"--loops must be an integer >= 1, got {loops!r}")
+            raise UserError(f"--loops must be an integer >= 1, got {loops!r}")
         parts = [(self.encoder, 1), (self.thinking, loops), (self.decoder, 1)]
         return LoopSpec.parse("+".join(f"{size}x{count}" for size, count in parts if size))
 
@@ -129,7 +129,7 @@ def propose_split(curve: Sequence[float], thinking_layers: int | None = None) ->
     span = last_thinking - encoder + 1
     if thinking_layers is not None:
         if not isinstance(thinking_layers, int) or thinking_layers < 1:
-            raise ValueError(f"thinking_layers must be an integer >= 1, got {thinking_layers!r}")
+            raise UserError(f"thinking_layers must be an integer >= 1, got {thinking_layers!r}")
         if thinking_layers < span:
             means = [sum(values[start:start + thinking_layers]) / thinking_layers
                      for start in range(encoder, last_thinking - thinking_layers + 2)]
@@ -154,13 +154,13 @@ def layer_analysis(model: nn.Module, batches: Iterable[torch.Tensor]) -> LayerAn
     A tied looped source (a layer run several times per forward) is refused: its stored layers are not a
     plain stack; analyse its unrolled export (``loopreg export --unroll``) instead.
 
-    >>> # layer_analysis(load_source(smollm2_gguf()), token_windows(model, ids)).split()
+    >>> # layer_analysis(load(smollm2_gguf()), token_windows(model, ids)).split()
     """
     causal_lm = unwrap(model)
     layers = stored_layers(causal_lm)
     spec = looped_spec(causal_lm)
     if spec is not None and spec.effective_depth != len(layers):
-        raise ValueError(f"layer analysis needs a plain layer stack, but the source is looped ('{spec}': "
+        raise UserError(f"layer analysis needs a plain layer stack, but the source is looped ('{spec}': "
                          f"{len(layers)} stored layers run {spec.effective_depth} times); export it with "
                          "'loopreg export --unroll' and analyse that")
     device = next(causal_lm.parameters()).device
@@ -173,10 +173,7 @@ def layer_analysis(model: nn.Module, batches: Iterable[torch.Tensor]) -> LayerAn
         with torch.no_grad():
             for ids in batches:
                 ids = ids.to(device)
-                if isinstance(causal_lm, LoopedLM):
-                    causal_lm(ids)
-                else:
-                    causal_lm(input_ids=ids, use_cache=False)
+                causal_lm(input_ids=ids, use_cache=False)
                 tokens += ids.numel()
     finally:
         for handle in handles:
@@ -208,14 +205,15 @@ def _accumulate(into: torch.Tensor) -> Callable[..., None]:
 def calibration_tokens(source: str | Path, text: str | Path, tokens: int = DEFAULT_TOKENS) -> torch.Tensor:
     """The first ``tokens`` ids of the documents in ``text`` (any :func:`~loopreg.data.text.text_stream`
     source; JSONL rows give ``text``), tokenized by ``source``'s own tokenizer and joined by its EOS.
-    Fewer tokens than requested raises a one-line ``ValueError`` naming the file and both counts.
+    Fewer tokens than requested raises a one-line :class:`~loopreg.errors.UserError` naming the file and both
+    counts.
 
     >>> # calibration_tokens(smollm2_gguf(), "wiki_passages_train.jsonl", 32768).shape  ->  (32768,)
     """
     from loopreg.data.text import text_stream
 
     if not isinstance(tokens, int) or tokens < 1:
-        raise ValueError(f"--tokens must be an integer >= 1, got {tokens!r}")
+        raise UserError(f"--tokens must be an integer >= 1, got {tokens!r}")
     encode, eos = _source_encoder(source)
     ids: list[int] = []
     for document in text_stream(str(text))():
@@ -224,7 +222,7 @@ def calibration_tokens(source: str | Path, text: str | Path, tokens: int = DEFAU
             ids.append(eos)
         if len(ids) >= tokens:
             return torch.tensor(ids[:tokens], dtype=torch.long)
-    raise ValueError(f"{text}: calibration text has {len(ids)} tokens, fewer than the {tokens} requested (--tokens)")
+    raise UserError(f"{text}: calibration text has {len(ids)} tokens, fewer than the {tokens} requested (--tokens)")
 
 
 def _source_encoder(source: str | Path) -> tuple[Callable[[str], list[int]], int | None]:
@@ -234,13 +232,13 @@ def _source_encoder(source: str | Path) -> tuple[Callable[[str], list[int]], int
     path = Path(source)
     if not path.exists() and (path.suffix == ".gguf" or str(source).startswith((".", "/", "~"))):
         # the tokenizer is read before the model, so this one-line error comes first, not the hub's
-        raise FileNotFoundError(f"{source}: not found; expected a model folder, a .gguf file or a hub id")
+        raise UserError(f"{source}: not found; expected a model folder, a .gguf file or a hub id")
     tokenizer = load_source_tokenizer(source)
     if tokenizer is None and is_loopreg_folder(path):
-        raise FileNotFoundError(f"{path / 'tokenizer.json'}: missing; layer analysis tokenizes with the source's own "
+        raise UserError(f"{path / 'tokenizer.json'}: missing; layer analysis tokenizes with the source's own "
                                 "tokenizer")
     if tokenizer is None:
-        raise FileNotFoundError(f"{source}: no tokenizer files; layer analysis tokenizes with the source's own "
+        raise UserError(f"{source}: no tokenizer files; layer analysis tokenizes with the source's own "
                                 "tokenizer")
     from tokenizers import Tokenizer
 
@@ -259,8 +257,7 @@ def token_windows(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> l
     """
     causal_lm = unwrap(model)
     config = causal_lm.config
-    context = (config.max_seq_len if isinstance(causal_lm, LoopedLM)
-               else getattr(config, "max_position_embeddings", None))
+    context = getattr(config, "max_position_embeddings", None)
     window = min(MAX_WINDOW, context or MAX_WINDOW)
     full = len(ids) // window
     windows = ids[:full * window].view(full, window)

@@ -21,7 +21,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from loopreg.errors import UserError
+from loopreg.errors import UserError, writing
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import find_adapter, unwrap
 from loopreg.surgery.analysis import DEFAULT_TOKENS, calibration_tokens, layer_analysis, token_windows
@@ -57,12 +57,7 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     args = parser.parse_args(argv)
     _check_options(args)  # a bad option fails before the (slow) load
-    try:
-        _surgery(args)
-    except UserError:
-        raise
-    except (ValueError, OSError) as err:  # a bad spec or layer map, an unsupported model, a missing source
-        raise UserError(str(err) or type(err).__name__) from None
+    _surgery(args)
     return 0
 
 
@@ -70,7 +65,8 @@ def _surgery(args: argparse.Namespace) -> None:
     from tokenizers import Tokenizer
 
     from loopreg.folders import write_model_folder
-    from loopreg.surgery.sources import load_source, load_source_tokenizer
+    from loopreg.loading import load
+    from loopreg.surgery.sources import load_source_tokenizer
     from loopreg.surgery.verify import compare, probe, verification_prompts
 
     auto = args.spec == "auto"
@@ -79,7 +75,7 @@ def _surgery(args: argparse.Namespace) -> None:
     # a short calibration text fails before the (slow) load
     ids = calibration_tokens(args.source, args.text, args.tokens or DEFAULT_TOKENS) if auto else None
     started = time.perf_counter()
-    model = load_source(args.source)
+    model = load(args.source)
     tokenizer = load_source_tokenizer(args.source)
     # A loopreg folder's own tokenizer is not carried over; verification then uses random ids.
     tokenizer = None if isinstance(tokenizer, Tokenizer) else tokenizer
@@ -101,7 +97,8 @@ def _surgery(args: argparse.Namespace) -> None:
     surgery_seconds = time.perf_counter() - started
 
     agreement = compare(before, probe(model, prompts)) if before is not None else None
-    out = write_model_folder(model, args.out, tokenizer)
+    with writing(args.out):
+        out = write_model_folder(model, args.out, tokenizer)
 
     _print_layer_map(plan)
     rows = [

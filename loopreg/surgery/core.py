@@ -19,7 +19,7 @@ unused layers are dropped.
   pulls back towards the tied model.
 
 The spec and the tying are stored in the config (``loopreg_spec``, ``loopreg_tied``), so a saved result
-reloads looped with :func:`load_looped`, or with plain transformers through the remote code its folder carries
+reloads looped with :func:`loopreg.load`, or with plain transformers through the remote code its folder carries
 (:mod:`loopreg.looped_hf`, the runtime of tied retrofits).
 """
 
@@ -27,36 +27,38 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from loopreg.errors import UserError
 # The runtime of tied retrofits lives in loopreg.looped_hf (copied into their folders as remote code).
 from loopreg.looped_hf import (ANCHOR_KEY, LOOPS_KEY, SPEC_KEY, TIED_KEY, UPDATE_KEY, LayerApplication,
                                LoopedCausalLM, LoopedLayers, looped_class, set_cache_slot)
-from loopreg.model import LoopedLM
+from loopreg.looping import LoopPlan
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import Adapter, find_adapter, get_layers, unwrap
 from loopreg.surgery.layer_map import check_init, default_layer_map, parse_layer_map
 from loopreg.update_rules import check_update_rule
 
 __all__ = ["LoopedLayers", "LayerApplication", "LoopedCausalLM", "SurgeryPlan", "plan_surgery", "loop_surgery",
-           "load_looped", "looped_class", "looped_spec", "stored_layers", "distinct_param_count", "set_cache_slot"]
+           "looped_class", "looped_spec", "is_tied", "mark_layer_units", "stored_layers", "distinct_param_count",
+           "set_cache_slot"]
 
 
 def looped_spec(model: nn.Module) -> LoopSpec | None:
-    """The loop spec ``model`` runs (a :class:`~loopreg.model.LoopedLM` or a surgery output), ``None`` for a
-    plain model.
+    """The loop spec ``model`` runs (a LoopedLM or a retrofit, bare or wrapped by Composer, DDP or FSDP); ``None`` for
+    a plain model. Both looped kinds answer the same protocol: ``loop_spec`` and ``tied``.
 
-    >>> # looped_spec(load_source("runs/smollm2_keepall"))  ->  LoopSpec '7x1+5x2+18x1'
+    >>> # looped_spec(loopreg.load("runs/smollm2_keepall"))  ->  LoopSpec '7x1+5x2+18x1'
     """
-    model = unwrap(model)
-    if isinstance(model, LoopedLM):
-        return model.spec
-    spec = getattr(getattr(model, "config", None), SPEC_KEY, None)
-    return LoopSpec.parse(spec) if spec is not None else None
+    return getattr(unwrap(model), "loop_spec", None)
+
+
+def is_tied(model: nn.Module) -> bool:
+    """Whether ``model`` is a tied looped model: its stored layers *are* the loop, so its loop count can change."""
+    return looped_spec(model) is not None and bool(unwrap(model).tied)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,13 +132,15 @@ def loop_surgery(model: nn.Module, spec: LoopSpec | str, layers: str | None = No
     plan = plan_surgery(len(source), spec, layers, init, tied)
     check_update_rule(update, anchor)
     if update != "plain" and not tied:
-        raise ValueError(f"update rule '{update}' runs one block K times: it needs a tied model, not --untied")
+        raise UserError(f"update rule '{update}' runs one block K times: it needs a tied model, not --untied")
     distinct = [_seed(source, seed, plan.init) for seed in plan.seeds]
     applications = _application_layers(distinct, plan, getattr(causal_lm, "config", None))
-    if isinstance(causal_lm, LoopedLM):
-        causal_lm.config = dataclasses.replace(causal_lm.config, spec=str(plan.spec), tied=tied, update=update,
-                                               anchor=float(anchor))
-        causal_lm.spec = causal_lm.config.loop_spec
+    if adapter.family == "loopreg":  # a LoopedLM: its config and layer list
+        config = causal_lm.config
+        config.loopreg = {**config.loopreg, "spec": str(plan.spec), "tied": tied, "update": update,
+                          "anchor": float(anchor)}
+        causal_lm.spec = config.loop_spec
+        config.num_hidden_layers = plan.spec.effective_depth
         causal_lm.layers = nn.ModuleList(distinct if tied else applications)
     else:
         _relayout_hf(causal_lm, adapter, distinct, applications, plan, update, float(anchor))
@@ -175,22 +179,26 @@ def _application_layers(distinct: list[nn.Module], plan: SurgeryPlan, config: An
 def _relayout_hf(model: nn.Module, adapter: Adapter, distinct: list[nn.Module], applications: list[nn.Module],
                  plan: SurgeryPlan, update: str, anchor: float) -> None:
     config = model.config
-    model.__class__ = looped_class(type(model))
-    if plan.tied:
-        model.set_submodule(adapter.layers, LoopedLayers(distinct, plan.spec, update, anchor))
-    else:
-        model.set_submodule(adapter.layers, nn.ModuleList(applications))
-        for slot, layer in enumerate(applications):
-            set_cache_slot(layer, slot)
-    config.num_hidden_layers = plan.spec.effective_depth  # GPT-2 maps this to n_layer
+    layer_types = None
     if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (Qwen2 sliding windows)
-        config.layer_types = [layer.attention_type for layer in applications]
+        source = get_layers(model, adapter)
+        source_types = source.layer_types if isinstance(source, LoopedLayers) else config.layer_types
+        distinct_types = [source_types[seed[0]] for seed in plan.seeds]
+        layer_types = distinct_types if plan.tied else [distinct_types[index] for index in plan.spec.schedule]
+    model.__class__ = looped_class(type(model))
+    for slot, layer in enumerate(applications):
+        set_cache_slot(layer, slot)
+    looped = LoopedLayers(distinct if plan.tied else applications, plan.spec, plan.tied, update, anchor, layer_types)
+    model.set_submodule(adapter.layers, looped)
+    if layer_types is not None:
+        config.layer_types = looped.applied_types(LoopPlan(plan.spec, plan.tied))
+    config.num_hidden_layers = plan.spec.effective_depth  # GPT-2 maps this to n_layer
     setattr(config, SPEC_KEY, str(plan.spec))
     setattr(config, TIED_KEY, plan.tied)
     setattr(config, UPDATE_KEY, update)
     setattr(config, ANCHOR_KEY, anchor)
     setattr(config, LOOPS_KEY, None)  # recorded, so from_pretrained(..., loopreg_loops=L) can set it
-    _mark_layer_units(model, type(distinct[0]))
+    mark_layer_units(model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,25 +212,8 @@ class _IsLayer:
         return isinstance(module, self.layer_class)
 
 
-def _mark_layer_units(model: nn.Module, layer_class: type) -> None:
+def mark_layer_units(model: nn.Module) -> None:
+    """Each stored decoder layer of a looped HF model is Composer's FSDP and activation-checkpointing unit."""
+    layer_class = type(stored_layers(model)[0])
     model.fsdp_wrap_fn = _IsLayer(layer_class)
     model.activation_checkpointing_fn = _IsLayer(layer_class)
-
-
-def load_looped(folder: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
-    """Load a Hugging Face folder (or hub id); a looped one (its config records ``loopreg_spec``, written by
-    surgery) loads as the looped variant of its class, built from the config as the folder's remote code builds
-    it (:class:`~loopreg.looped_hf.LoopedCausalLM`: tied, the stored layers only); a plain checkpoint loads as is.
-    ``from_pretrained_kwargs`` go to ``from_pretrained``, config keys included (``loopreg_loops=4``).
-
-    >>> # load_looped("runs/smollm2_middle")  # LlamaForCausalLM with 12 stored layers, depth 24
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    config = AutoConfig.from_pretrained(folder)
-    if getattr(config, SPEC_KEY, None) is None:
-        return AutoModelForCausalLM.from_pretrained(folder, config=config, **from_pretrained_kwargs)
-    model = looped_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]).from_pretrained(folder, **from_pretrained_kwargs)
-    _mark_layer_units(model, type(stored_layers(model)[0]))
-    return model

@@ -19,12 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from loopreg.errors import UserError
+from loopreg.errors import UserError, writing
 from loopreg.folders import write_model_folder
 from loopreg.looped_hf import RETROFIT_KEYS
-from loopreg.model import LoopedLM
-from loopreg.surgery.adapters import ADAPTERS, find_adapter, get_layers, unwrap
-from loopreg.surgery.core import SPEC_KEY
+from loopreg.surgery.adapters import ADAPTERS, find_adapter, get_layers, model_family, unwrap
+from loopreg.surgery.core import looped_spec
 
 __all__ = ["export_unrolled", "unrolled_model", "cli_main"]
 
@@ -33,7 +32,7 @@ def export_unrolled(model: nn.Module, out_dir: str | Path, tokenizer: Any | None
     """Write ``model`` unrolled to ``out_dir`` (with ``tokenizer`` when given) as a standard Hugging Face
     checkpoint; the folder appears whole or not at all (see :func:`~loopreg.folders.write_model_folder`).
 
-    >>> # export_unrolled(load_source("runs/smollm2_middle"), "runs/smollm2_middle_unrolled")
+    >>> # export_unrolled(load("runs/smollm2_middle"), "runs/smollm2_middle_unrolled")
     """
     return write_model_folder(unrolled_model(model), out_dir, tokenizer)
 
@@ -48,7 +47,8 @@ def unrolled_model(model: nn.Module) -> nn.Module:
     from transformers.modeling_utils import no_init_weights
 
     model = unwrap(model)
-    config, state = _llama_config_and_state(model) if isinstance(model, LoopedLM) else _hf_config_and_state(model)
+    loopreg = model_family(model) == "loopreg"  # a LoopedLM unrolls into a Llama
+    config, state = _llama_config_and_state(model) if loopreg else _hf_config_and_state(model)
     dtype = next(model.parameters()).dtype
     with no_init_weights():  # every weight is loaded below
         unrolled = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
@@ -76,15 +76,15 @@ def _hf_config_and_state(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]
     return config, state
 
 
-def _llama_config_and_state(model: LoopedLM) -> tuple[Any, dict[str, torch.Tensor]]:
+def _llama_config_and_state(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import LlamaConfig
 
     cfg = model.config
     if cfg.mlp != "swiglu":
-        raise ValueError(f"a LoopedLM with mlp={cfg.mlp!r} has no standard Hugging Face equivalent; only SwiGLU "
+        raise UserError(f"a LoopedLM with mlp={cfg.mlp!r} has no standard Hugging Face equivalent; only SwiGLU "
                          "LoopedLMs export as LlamaForCausalLM")
     if cfg.learned_positions or cfg.latent_feedback != "residual" or cfg.latent_mask:
-        raise ValueError("a LoopedLM with learned_positions, latent_feedback='soft_token' or latent_mask has no "
+        raise UserError("a LoopedLM with learned_positions, latent_feedback='soft_token' or latent_mask has no "
                          "Llama equivalent (Llama has rotary positions only and nothing between loops)")
     config = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
@@ -118,33 +118,29 @@ def cli_main(argv: list[str]) -> int:
                         help="duplicate looped layers into a standard checkpoint (the only export kind)")
     parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     args = parser.parse_args(argv)
-    try:
-        _export(args.checkpoint, args.out)
-    except UserError:
-        raise
-    except (ValueError, OSError) as err:  # a missing checkpoint, a model with no standard equivalent
-        raise UserError(str(err) or type(err).__name__) from None
+    _export(args.checkpoint, args.out)
     return 0
 
 
 def _export(checkpoint: str, out_dir: str) -> None:
     from tokenizers import Tokenizer
 
-    from loopreg.surgery.sources import load_source, load_source_tokenizer
+    from loopreg.loading import load
+    from loopreg.surgery.sources import load_source_tokenizer
     from loopreg.tables import print_table
 
-    looped = load_source(checkpoint)
+    looped = load(checkpoint)
     unrolled = unrolled_model(looped)
     tokenizer = load_source_tokenizer(checkpoint)
     # Only a Hugging Face tokenizer is written next to the Hugging Face checkpoint (a loopreg folder's is not).
     tokenizer = None if isinstance(tokenizer, Tokenizer) else tokenizer
-    out = write_model_folder(unrolled, out_dir, tokenizer=tokenizer)
+    with writing(out_dir):
+        out = write_model_folder(unrolled, out_dir, tokenizer=tokenizer)
     print_table("export", [("checkpoint", checkpoint), ("spec", _spec_of(looped)),
                            ("written", f"{type(unrolled).__name__}, {unrolled.config.num_hidden_layers} layers"),
                            ("out", str(out))])
 
 
 def _spec_of(model: nn.Module) -> str:
-    if isinstance(model, LoopedLM):
-        return str(model.spec)
-    return getattr(model.config, SPEC_KEY, None) or f"{model.config.num_hidden_layers}x1 (not looped)"
+    spec = looped_spec(model)
+    return str(spec) if spec is not None else f"{model.config.num_hidden_layers}x1 (not looped)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from loopreg.errors import UserError
 from loopreg.spec import LoopSpec
 
 __all__ = ["INITS", "parse_layer_map", "default_layer_map", "format_layer_map", "check_init"]
@@ -26,7 +27,7 @@ _RANGE = re.compile(r"^(?P<first>[0-9]+)(?:\s*-\s*(?P<last>[0-9]+))?$")
 
 def parse_layer_map(text: str, spec: LoopSpec | str, num_source_layers: int, init: str = "copy") -> list[list[int]]:
     """One list of source-layer indices per distinct block of ``spec``; any bad part raises a one-line
-    ``ValueError`` naming it (every string either parses or raises ``ValueError``).
+    :class:`~loopreg.errors.UserError` naming it (every string either parses or raises it, a ``ValueError``).
 
     >>> parse_layer_map("0-1, 4-7", "2x1+2x2", 8, init="average")
     [[0, 1], [4, 5, 6, 7]]
@@ -34,7 +35,7 @@ def parse_layer_map(text: str, spec: LoopSpec | str, num_source_layers: int, ini
     spec = LoopSpec.parse(spec)
     check_init(init)
     if not isinstance(text, str):
-        raise ValueError(f"layer map must be a string like '0-3,4-7,26-29', got {type(text).__name__} {text!r}")
+        raise UserError(f"layer map must be a string like '0-3,4-7,26-29', got {type(text).__name__} {text!r}")
     ranges = [_parse_range(part.strip(), text, num_source_layers) for part in text.split(",")]
     _check_ranges(ranges, spec, text, init)
     return ranges
@@ -55,7 +56,7 @@ def default_layer_map(spec: LoopSpec | str, num_source_layers: int, init: str = 
     if init != "copy" and sum(b.size * b.loops for b in blocks) <= num_source_layers:
         lengths = [block.size * block.loops for block in blocks]
     if sum(lengths) > num_source_layers:
-        raise ValueError(f"loop spec '{spec}' needs {sum(lengths)} distinct source layers but the source model has "
+        raise UserError(f"loop spec '{spec}' needs {sum(lengths)} distinct source layers but the source model has "
                          f"{num_source_layers}")
     if len(blocks) == 1:
         starts = [0]
@@ -76,9 +77,9 @@ def format_layer_map(ranges: list[list[int]]) -> str:
 
 
 def check_init(init: str) -> None:
-    """Raise a one-line ``ValueError`` unless ``init`` is one of :data:`INITS`."""
+    """Raise a one-line :class:`~loopreg.errors.UserError` unless ``init`` is one of :data:`INITS`."""
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        raise UserError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
 
 
 def _running_starts(start: int, lengths: list[int]) -> list[int]:
@@ -92,13 +93,13 @@ def _running_starts(start: int, lengths: list[int]) -> list[int]:
 def _parse_range(part: str, text: str, num_source_layers: int) -> list[int]:
     match = _RANGE.match(part)
     if match is None:
-        raise ValueError(f"layer range {part!r} in layer map {text!r} is not 'FIRST-LAST' or a single layer number")
+        raise UserError(f"layer range {part!r} in layer map {text!r} is not 'FIRST-LAST' or a single layer number")
     first = int(match["first"])
     last = int(match["last"]) if match["last"] is not None else first
     if first > last:
-        raise ValueError(f"layer range {part!r} in layer map {text!r} is reversed; write it as '{last}-{first}'")
+        raise UserError(f"layer range {part!r} in layer map {text!r} is reversed; write it as '{last}-{first}'")
     if last >= num_source_layers:
-        raise ValueError(f"layer {last} in range {part!r} of layer map {text!r} is out of range: the source model has "
+        raise UserError(f"layer {last} in range {part!r} of layer map {text!r} is out of range: the source model has "
                          f"layers 0-{num_source_layers - 1}")
     return list(range(first, last + 1))
 
@@ -106,18 +107,18 @@ def _parse_range(part: str, text: str, num_source_layers: int) -> list[int]:
 def _check_ranges(ranges: list[list[int]], spec: LoopSpec, text: str, init: str) -> None:
     blocks = spec.blocks
     if len(ranges) != len(blocks):
-        raise ValueError(f"layer map {text!r} has {len(ranges)} ranges but loop spec '{spec}' "
+        raise UserError(f"layer map {text!r} has {len(ranges)} ranges but loop spec '{spec}' "
                          f"has {len(blocks)} blocks; give one range per block")
     for block, layers in zip(blocks, ranges):
         label = format_layer_map([layers])
         if init == "copy" and len(layers) != block.size:
-            raise ValueError(f"layer range '{label}' has {len(layers)} layers but its block in loop spec '{spec}' has "
+            raise UserError(f"layer range '{label}' has {len(layers)} layers but its block in loop spec '{spec}' has "
                              f"{block.size}; with init 'copy' they must match")
         if len(layers) % block.size:
-            raise ValueError(f"layer range '{label}' has {len(layers)} layers, not a multiple of its block size "
+            raise UserError(f"layer range '{label}' has {len(layers)} layers, not a multiple of its block size "
                              f"{block.size} in loop spec '{spec}'")
     ordered = sorted(ranges)
     for before, after in zip(ordered, ordered[1:]):
         if after[0] <= before[-1]:
-            raise ValueError(f"layer ranges '{format_layer_map([before])}' and '{format_layer_map([after])}' "
+            raise UserError(f"layer ranges '{format_layer_map([before])}' and '{format_layer_map([after])}' "
                              f"in layer map {text!r} overlap; each source layer may seed one block")

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
-from loopreg.errors import UserError
+from loopreg.errors import UserError, writing
 from loopreg.surgery.analysis import (DEFAULT_TOKENS, LayerAnalysis, Split, calibration_tokens, layer_analysis,
                                       token_windows)
 from loopreg.tables import print_table
@@ -44,20 +44,15 @@ def cli_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.loops < 1:
         raise UserError(f"--loops must be an integer >= 1, got {args.loops}")
-    try:
-        _layers(args)
-    except UserError:
-        raise
-    except (ValueError, OSError) as err:  # a short calibration text, a missing source, an unsupported model
-        raise UserError(str(err) or type(err).__name__) from None
+    _layers(args)
     return 0
 
 
 def _layers(args: argparse.Namespace) -> None:
-    from loopreg.surgery.sources import load_source
+    from loopreg.loading import load
 
     ids = calibration_tokens(args.source, args.text, args.tokens)  # a short text fails before the slow load
-    model = load_source(args.source)
+    model = load(args.source)
     started = time.perf_counter()
     analysis = layer_analysis(model, token_windows(model, ids))
     seconds = time.perf_counter() - started
@@ -67,9 +62,11 @@ def _layers(args: argparse.Namespace) -> None:
             ("time", f"{seconds:.2f} s")]
     if args.json:
         report = {"source": str(args.source), **analysis.to_json(args.loops, args.think_layers)}
-        rows.append(("json", str(write_json(args.json, report))))
+        with writing(args.json):
+            rows.append(("json", str(write_json(args.json, report))))
     if args.png:
-        rows.append(("png", str(write_png(args.png, analysis, split, title=Path(str(args.source)).name))))
+        with writing(args.png):
+            rows.append(("png", str(write_png(args.png, analysis, split, title=Path(str(args.source)).name))))
     print_table("layer analysis", rows)
 
 

@@ -1,22 +1,22 @@
-"""Load a surgery source: a Hugging Face folder (looped or plain), a GGUF file, a loopreg model folder, or a
-hub id — and its tokenizer when it has one. Nothing here downloads unless given a hub id.
+"""The tokenizer stored with a model source (the model itself: :func:`loopreg.load`), and the offline SmolLM2 GGUF.
+Nothing here downloads unless given a hub id.
 
-    >>> # model = load_source(smollm2_gguf())   # LlamaForCausalLM, 30 layers, fp32
+    >>> # tokenizer = load_source_tokenizer(smollm2_gguf())
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from torch import nn
 
-from loopreg.model import CONFIG_NAME, LoopedLM
-from loopreg.surgery.core import load_looped
+from loopreg.errors import UserError
+from loopreg.configuration_loopreg import CONFIG_NAME
 
-__all__ = ["load_source", "load_source_tokenizer", "smollm2_gguf", "is_loopreg_folder"]
+__all__ = ["load_source_tokenizer", "smollm2_gguf", "is_loopreg_folder"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -49,35 +49,11 @@ def is_loopreg_folder(path: Path) -> bool:
         return False
 
 
-def load_source(source: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
-    """The causal LM at ``source``: ``*.gguf`` file (dequantized through ``transformers``), loopreg folder
-    (:class:`LoopedLM`), Hugging Face folder (looped ones come back looped, see :func:`load_looped`), or a
-    hub id. A missing local path raises a one-line ``FileNotFoundError``.
-
-    >>> # load_source("runs/smollm2_middle").config.loopreg_spec
-    """
-    path = Path(source)
-    if path.suffix == ".gguf":
-        from transformers import AutoModelForCausalLM
-
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: GGUF file not found")
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **from_pretrained_kwargs)
-    if path.is_dir():
-        if is_loopreg_folder(path):
-            return LoopedLM.from_pretrained(path)
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected a Hugging Face or loopreg model folder")
-        return load_looped(path, **from_pretrained_kwargs)
-    if path.exists() or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{source}: not a model folder, a .gguf file or a hub id")
-    return load_looped(str(source), **from_pretrained_kwargs)  # a hub id, e.g. HuggingFaceTB/SmolLM2-135M
-
-
 def load_source_tokenizer(source: str | Path) -> Any | None:
     """The tokenizer stored with ``source``: a Hugging Face tokenizer for a ``.gguf`` file, a Hugging Face
     folder or a hub id; the ``tokenizers.Tokenizer`` of ``tokenizer.json`` for a loopreg model folder;
-    ``None`` for a folder without tokenizer files (bare weights). Each caller says what a missing one means.
+    ``None`` for a folder without tokenizer files (bare weights). Each caller says what a missing one means; an
+    unreadable one raises a one-line :class:`~loopreg.errors.UserError` naming ``source``.
 
     >>> # load_source_tokenizer("runs/loop_12x2/model").get_vocab_size()  # a loopreg folder's tokenizer.json
     """
@@ -86,11 +62,26 @@ def load_source_tokenizer(source: str | Path) -> Any | None:
         from tokenizers import Tokenizer
 
         file = path / "tokenizer.json"
-        return Tokenizer.from_file(str(file)) if file.is_file() else None
+        if not file.is_file():
+            return None
+        with _reading(file, Exception):  # tokenizers raises a bare Exception for a file it cannot parse
+            return Tokenizer.from_file(str(file))
     from transformers import AutoTokenizer
 
-    if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(source)
+    with _reading(source, OSError, ValueError):  # transformers: tokenizer files it cannot read or convert
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(source)
+
+
+@contextmanager
+def _reading(source: str | Path, *errors: type[Exception]) -> Iterator[None]:
+    """A library's exception of one of ``errors`` while it reads the user's ``source`` as a one-line
+    :class:`~loopreg.errors.UserError` (its first line, naming ``source`` once)."""
+    try:
+        yield
+    except errors as err:
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(line if str(source) in line else f"{source}: {line}") from None

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from loopreg.model import LoopedLM
 from loopreg.surgery.adapters import find_adapter, unwrap
 
 __all__ = ["PROMPTS", "verification_prompts", "Probe", "probe", "Agreement", "compare"]
@@ -49,15 +48,11 @@ def probe(model: nn.Module, prompts: list[torch.Tensor], new_tokens: int = 8) ->
     logits, greedy = [], []
     for prompt in prompts:
         prompt = prompt.to(device)
-        if isinstance(causal_lm, LoopedLM):
-            logits.append(causal_lm(prompt).float().cpu())
-            greedy.append(causal_lm.generate(prompt, max_new_tokens=new_tokens).cpu())
-        else:
-            logits.append(causal_lm(prompt).logits.float().cpu())
-            out = causal_lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False,
-                                     pad_token_id=causal_lm.config.pad_token_id or 0)
-            greedy.append(out[:, prompt.shape[1]:].cpu())
+        logits.append(causal_lm(prompt).logits.float().cpu())
+        out = causal_lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=causal_lm.config.pad_token_id or 0)
+        greedy.append(out[:, prompt.shape[1]:].cpu())
     return Probe(logits, greedy)
 
 

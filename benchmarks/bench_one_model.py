@@ -1,0 +1,145 @@
+"""The one-model refactor against the code before it, side by side in one run: training step, cached decoding (also
+against a plain Hugging Face Llama of the same unrolled size), adaptive-exit decoding and the eval harness.
+
+    git worktree add /tmp/loopreg-before 455b2a2        # the commit before the refactor
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_one_model.py --before /tmp/loopreg-before
+
+Each measurement runs in a fresh worker process of this venv that imports loopreg from one tree (``--before`` or
+this checkout); rounds alternate before/after so machine noise hits both alike, and the medians are compared.
+A ratio is before-time / after-time: ≥ 1 means the refactored code is as fast or faster (target ≥ 0.97).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MEASURES = ("train_step", "decode", "decode_hf_llama", "exit_decode", "eval")
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _greedy(model, ids, new: int, **options):
+    """Greedy cached decoding through whichever generate the tree has: LoopedLM's own sampler (before) or
+    transformers' (after)."""
+    if hasattr(model, "new_cache"):  # the LoopedLM before the refactor
+        return model.generate(ids, new, **options)
+    return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **options)
+
+
+def worker(measure: str, repeats: int) -> float:
+    """Median seconds of one measurement, with loopreg imported from ``sys.path`` (the tree under test)."""
+    import torch
+
+    from loopreg.model import LoopedLM, LoopedLMConfig
+
+    torch.manual_seed(0)
+    if measure == "train_step":
+        model = LoopedLM(LoopedLMConfig(spec="6x4", vocab_size=512, d_model=256, n_heads=8))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ids = torch.randint(0, 512, (8, 128))
+
+        def step() -> None:
+            out = model(ids)
+            logits = getattr(out, "logits", out)
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return _timed(step, repeats)
+    if measure in ("decode", "decode_hf_llama"):
+        prompt = torch.randint(0, 512, (1, 16))
+        if measure == "decode":
+            model = LoopedLM(LoopedLMConfig(spec="3x4", vocab_size=512, d_model=256, n_heads=8)).eval()
+        else:  # the same 12 layer applications as plain transformers layers
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024,
+                                                 num_hidden_layers=12, num_attention_heads=8)).eval()
+        with torch.no_grad():
+            return _timed(lambda: _greedy(model, prompt, 128), repeats)
+    if measure == "exit_decode":
+        from loopreg.adaptive import ExitStats
+
+        model = LoopedLM(LoopedLMConfig(spec="1x1+2x8+1x1", vocab_size=512, d_model=256, n_heads=8)).eval()
+        ids = torch.randint(0, 512, (8, 64))
+        with torch.no_grad():
+            return _timed(lambda: _greedy(model, ids, 64, exit="kl:1e-2", exit_stats=ExitStats()), repeats)
+    if measure == "eval":
+        import tempfile
+
+        from loopreg.data.text import byte_level_tokenizer
+        from loopreg.evals.models import load_generator
+
+        folder = Path(tempfile.mkdtemp()) / "model"
+        model = LoopedLM(LoopedLMConfig(spec="2x3", vocab_size=byte_level_tokenizer().get_vocab_size(), d_model=128,
+                                        n_heads=4, init_std=0.3))
+        model.save_pretrained(folder)
+        byte_level_tokenizer().save(str(folder / "tokenizer.json"))
+        generator, _ = load_generator(folder)
+        prompts = [f"q{index}: {index} + {index * 3} = " for index in range(32)]
+        return _timed(lambda: generator.generate(prompts, 24, ["\n"]), repeats)
+    raise ValueError(f"unknown measure {measure!r}")
+
+
+def run_worker(tree: Path, measure: str, repeats: int) -> float:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, __file__, "--worker", measure, "--repeats", str(repeats)], env=env,
+                         capture_output=True, text=True, cwd=tree)
+    if out.returncode != 0:
+        raise SystemExit(f"{measure} in {tree} failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def link_packages(tree: Path) -> None:
+    """loopreg.evals and loopreg.callbacks live at a tree's root (installed into the package by pyproject's
+    package-dir): link them inside its loopreg/ so that tree imports its own copies."""
+    for name in ("evals", "callbacks"):
+        link = tree / "loopreg" / name
+        if not link.exists():
+            link.symlink_to(tree / name, target_is_directory=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", type=Path, help="a checkout of the code before the refactor (git worktree)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default=",".join(MEASURES))
+    parser.add_argument("--worker", choices=MEASURES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(worker(args.worker, args.repeats))
+        return
+    if args.before is None:
+        parser.error("--before DIR is required (a checkout of the code before the refactor)")
+    link_packages(args.before)
+    results = {}
+    for measure in args.only.split(","):
+        times = {"before": [], "after": []}
+        for _ in range(args.rounds):  # alternating rounds
+            times["before"].append(run_worker(args.before.resolve(), measure, args.repeats))
+            times["after"].append(run_worker(ROOT, measure, args.repeats))
+        before, after = statistics.median(times["before"]), statistics.median(times["after"])
+        results[measure] = {"before_s": round(before, 4), "after_s": round(after, 4), "ratio": round(before / after, 3)}
+        print(f"{measure:16s} before {before:.4f}s  after {after:.4f}s  ratio (before/after) {before / after:.3f}",
+              flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
