@@ -5,8 +5,10 @@ against a plain Hugging Face Llama of the same unrolled size), adaptive-exit dec
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_one_model.py --before /tmp/loopreg-before
 
 Each measurement runs in a fresh worker process of this venv that imports loopreg from one tree (``--before`` or
-this checkout); rounds alternate before/after so machine noise hits both alike, and the medians are compared.
-A ratio is before-time / after-time: ≥ 1 means the refactored code is as fast or faster (target ≥ 0.97).
+this checkout); each round runs both, back to back in alternating order, and the ratio is the median of the rounds'
+before-time / after-time (paired, so a slow spell of the machine hits one pair, not one side): ≥ 1 means the
+refactored code is as fast or faster (target ≥ 0.97). ``decode_hf_llama`` runs the same code on both sides: its
+ratio is the noise of the run.
 """
 
 from __future__ import annotations
@@ -91,8 +93,8 @@ def worker(measure: str, repeats: int) -> float:
         model.save_pretrained(folder)
         byte_level_tokenizer().save(str(folder / "tokenizer.json"))
         generator, _ = load_generator(folder)
-        prompts = [f"q{index}: {index} + {index * 3} = " for index in range(32)]
-        return _timed(lambda: generator.generate(prompts, 24, ["\n"]), repeats)
+        prompts = [f"q{index}: {index} + {index * 3} = " for index in range(64)]
+        return _timed(lambda: generator.generate(prompts, 32, ["\n\n\n"]), repeats)
     raise ValueError(f"unknown measure {measure!r}")
 
 
@@ -117,7 +119,7 @@ def link_packages(tree: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, help="a checkout of the code before the refactor (git worktree)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default=",".join(MEASURES))
     parser.add_argument("--worker", choices=MEASURES, help=argparse.SUPPRESS)
@@ -130,14 +132,18 @@ def main() -> None:
     link_packages(args.before)
     results = {}
     for measure in args.only.split(","):
-        times = {"before": [], "after": []}
-        for _ in range(args.rounds):  # alternating rounds
-            times["before"].append(run_worker(args.before.resolve(), measure, args.repeats))
-            times["after"].append(run_worker(ROOT, measure, args.repeats))
+        times: dict[str, list[float]] = {"before": [], "after": []}
+        for round_ in range(args.rounds):  # paired rounds, the order alternating: a slow spell hits one pair
+            order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
+            for side in order:
+                times[side].append(run_worker(args.before.resolve() if side == "before" else ROOT, measure,
+                                              args.repeats))
         before, after = statistics.median(times["before"]), statistics.median(times["after"])
-        results[measure] = {"before_s": round(before, 4), "after_s": round(after, 4), "ratio": round(before / after, 3)}
-        print(f"{measure:16s} before {before:.4f}s  after {after:.4f}s  ratio (before/after) {before / after:.3f}",
-              flush=True)
+        ratio = statistics.median(b / a for b, a in zip(times["before"], times["after"]))
+        results[measure] = {"before_s": round(before, 4), "after_s": round(after, 4), "ratio": round(ratio, 3),
+                            "round_ratios": [round(b / a, 3) for b, a in zip(times["before"], times["after"])]}
+        print(f"{measure:16s} before {before:.4f}s  after {after:.4f}s  ratio (median of paired before/after) "
+              f"{ratio:.3f}", flush=True)
     print(json.dumps(results))
 
 

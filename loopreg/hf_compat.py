@@ -4,7 +4,7 @@ each difference is detected from the installed transformers and named here, and 
     >>> CACHE_KEY in ("cache", "past_key_values")
     True
 
-Portable: copied into model folders as remote code (transformers and the standard library only).
+Portable: copied into model folders as remote code (torch, transformers and the standard library only).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import functools
 import inspect
 from typing import Any
 
+import torch
 import transformers
-from transformers import DynamicCache
+from transformers import DynamicCache, cache_utils
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 __all__ = ["CACHE_KEY", "TRANSFORMERS_MAJOR", "tied_weights_keys", "cache_parameter", "lazy_cache", "cache_of"]
@@ -24,6 +25,9 @@ TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 # transformers 5.2x renamed the KV cache's forward keyword and output field from `past_key_values` to `cache`
 # (the old keyword is deprecated there until 5.40): the name this transformers uses in both places.
 CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# transformers 4.56 made a cache's layers objects (`DynamicLayer`); 4.53 keeps per-layer tensor lists.
+_DYNAMIC_LAYER = getattr(cache_utils, "DynamicLayer", None)
 
 # How decoder layers name the cache argument: `cache` (5.2x), `past_key_values` (4.56+), `past_key_value` (4.53),
 # `layer_past` (GPT-NeoX, GPT-2 in some versions).
@@ -50,11 +54,64 @@ def cache_parameter(layer_type: type) -> tuple[str, int]:
     raise TypeError(f"{layer_type.__name__}.forward takes no KV cache argument (looked for {_LAYER_CACHE_NAMES})")
 
 
+def _append(buffer: torch.Tensor | None, stored: torch.Tensor,
+            new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(buffer, view)``: ``stored`` followed by ``new`` along the sequence axis, as a view of ``buffer``, whose
+    capacity doubles when full: a decoding step copies its own keys, not the whole cache as ``torch.cat`` does (an
+    O(T) step instead of O(T²) decoding). ``stored`` is reused in place while it is this buffer's view; anything
+    else (a first step, a cache cropped or reordered by the generation loop) starts a new buffer."""
+    length = stored.shape[-2] if stored.dim() == new.dim() else 0
+    end = length + new.shape[-2]
+    reusable = (buffer is not None and stored.data_ptr() == buffer.data_ptr() and end <= buffer.shape[-2]
+                and buffer.shape[:-2] == new.shape[:-2] and buffer.dtype == new.dtype)
+    if not reusable:
+        buffer = new.new_empty((*new.shape[:-2], max(64, 2 * end), new.shape[-1]))
+        if length:
+            buffer[..., :length, :] = stored
+    buffer[..., length:end, :] = new
+    return buffer, buffer[..., :end, :]
+
+
+if _DYNAMIC_LAYER is not None:
+    class _GrowingLayer(_DYNAMIC_LAYER):
+        """A cache layer of transformers >= 4.56 (``DynamicLayer``) that grows by :func:`_append`."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:  # the version's own lazy initialization (its signature changed in 5.x)
+                super().update(key_states[..., :0, :], value_states[..., :0, :])
+            self._key_buffer, self.keys = _append(getattr(self, "_key_buffer", None), self.keys, key_states)
+            self._value_buffer, self.values = _append(getattr(self, "_value_buffer", None), self.values, value_states)
+            return self.keys, self.values
+
+
+class _GrowingCache(DynamicCache):
+    """transformers 4.53's ``DynamicCache`` (per-layer tensor lists, no layer objects) growing by :func:`_append`."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == 0:
+            self._seen_tokens += key_states.shape[-2]
+        while len(self.key_cache) <= layer_idx:  # a slot first written after a later one (layers skipped by exit)
+            self.key_cache.append(torch.tensor([]))
+            self.value_cache.append(torch.tensor([]))
+        buffers = self.__dict__.setdefault("_buffers", {})
+        key_buffer, value_buffer = buffers.get(layer_idx, (None, None))
+        key_buffer, self.key_cache[layer_idx] = _append(key_buffer, self.key_cache[layer_idx], key_states)
+        value_buffer, self.value_cache[layer_idx] = _append(value_buffer, self.value_cache[layer_idx], value_states)
+        buffers[layer_idx] = key_buffer, value_buffer
+        return self.key_cache[layer_idx], self.value_cache[layer_idx]
+
+
 def lazy_cache() -> Any:
-    """An empty ``DynamicCache`` that grows a layer per cache slot written: transformers 5 sizes a cache built from a
-    config by ``num_hidden_layers``, which a loop override at call time outgrows; built without one it is lazy
-    in every version."""
-    return DynamicCache()
+    """An empty ``DynamicCache`` that grows a layer per cache slot written, each layer by doubling a buffer: a loop
+    override at call time outgrows a cache that transformers sizes by the config's ``num_hidden_layers``; built
+    without a config it is lazy in every version. Cache layers became objects (``DynamicLayer``) in 4.56."""
+    if _DYNAMIC_LAYER is None:
+        return _GrowingCache()
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _GrowingLayer
+    return cache
 
 
 def cache_of(kwargs: dict[str, Any]) -> Any:

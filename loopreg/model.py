@@ -225,18 +225,19 @@ class LoopedLM(PreTrainedModel, GenerationMixin):
                 checkpoint: bool = False, output_hidden: bool | Sequence[int] = False,
                 exit: ExitRule | str | None = None, kv_policy: str = "per_application",
                 exit_stats: ExitStats | None = None, labels: torch.Tensor | None = None,
-                use_cache: bool | None = None, **hf_kwargs: Any) -> LoopedLMOutput:
+                use_cache: bool | None = None, logits_to_keep: int = 0, **hf_kwargs: Any) -> LoopedLMOutput:
         """Logits (B, T, vocab) for ``input_ids`` (B, T), as :data:`LoopedLMOutput` (``.logits``; ``.loss`` with
         HF-style ``labels``, shifted here; the cache; with ``output_hidden`` the residual stream after every layer
         application (``True``) or the listed ones, ``.hidden_states[application]``).
 
         ``attention_mask`` (B, T_total; 1 = real token, 0 = left padding) covers cached positions too; the positions
-        come from it. ``cache`` is a transformers cache (``past_key_values`` in transformers 4.x), or a new one with
-        ``use_cache``. ``loops`` overrides the loop counts (else ``config.loops``, else the spec's). Training knobs:
-        ``grad_loops=k`` backpropagates through the thinking block's last k iterations only, ``checkpoint``
-        recomputes each layer in backward. Inference knobs (:mod:`loopreg.adaptive`): ``exit`` (``'kl:0.01'``) lets
-        tokens leave the thinking block early, ``kv_policy='shared'`` keeps one cache slot per stored layer,
-        ``exit_stats`` accumulates the iterations run. Everything between the layers is the forward's
+        come from it; ``logits_to_keep=n`` computes the logits of the last n positions only (0: all; transformers'
+        ``generate`` asks for 1). ``cache`` is a transformers cache (``past_key_values`` in transformers 4.x), or a
+        new one with ``use_cache``. ``loops`` overrides the loop counts (else ``config.loops``, else the spec's).
+        Training knobs: ``grad_loops=k`` backpropagates through the thinking block's last k iterations only,
+        ``checkpoint`` recomputes each layer in backward. Inference knobs (:mod:`loopreg.adaptive`): ``exit``
+        (``'kl:0.01'``) lets tokens leave the thinking block early, ``kv_policy='shared'`` keeps one cache slot per
+        stored layer, ``exit_stats`` accumulates the iterations run. Everything between the layers is the forward's
         :class:`~loopreg.looping.LoopPlan`.
         """
         cache = cache if cache is not None else cache_of(hf_kwargs)
@@ -275,7 +276,7 @@ class LoopedLM(PreTrainedModel, GenerationMixin):
                 x = layer(x, rope, mask, layer_cache, slot)
             else:
                 x = plan.apply(slot, x, functools.partial(layer, rope=rope, mask=mask, cache=layer_cache, slot=slot))
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x[:, -logits_to_keep:]))  # generate keeps the last position only
         loss = None if labels is None else self.loss_function(logits, labels, vocab_size=arch.vocab_size)
         hidden = plan.hidden if output_hidden is not False else None
         return LoopedLMOutput(loss=loss, logits=logits, hidden_states=hidden, **{CACHE_KEY: cache})
