@@ -90,8 +90,6 @@ class _GrowingCache(DynamicCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx == 0:
-            self._seen_tokens += key_states.shape[-2]
         while len(self.key_cache) <= layer_idx:  # a slot first written after a later one (layers skipped by exit)
             self.key_cache.append(torch.tensor([]))
             self.value_cache.append(torch.tensor([]))
@@ -110,7 +108,7 @@ def lazy_cache() -> Any:
     if _DYNAMIC_LAYER is None:
         return _GrowingCache()
     cache = DynamicCache()
-    cache.layer_class_to_replicate = _GrowingLayer
+    cache.layer_class_to_replicate = _GrowingLayer  # what a lazy DynamicCache appends per new slot (4.56+)
     return cache
 
 
