@@ -1,8 +1,9 @@
 """The one-model refactor against the code before it, side by side in one run: training step, cached decoding (also
-against a plain Hugging Face Llama of the same unrolled size), adaptive-exit decoding and the eval harness.
+against a plain Hugging Face Llama of the same unrolled size), adaptive-exit decoding and the eval harness (on a
+tiny model, where per-step overhead shows, and on a d=512 one).
 
     git worktree add /tmp/loopreg-before 455b2a2        # the commit before the refactor
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_one_model.py --before /tmp/loopreg-before
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_one_model.py --before /tmp/loopreg-before --rounds 7
 
 Each measurement runs in a fresh worker process of this venv that imports loopreg from one tree (``--before`` or
 this checkout); each round runs both, back to back in alternating order, and the ratio is the median of the rounds'
@@ -19,21 +20,17 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MEASURES = ("train_step", "decode", "decode_hf_llama", "exit_decode", "eval")
+MEASURES = ("train_step", "decode", "decode_hf_llama", "exit_decode", "eval", "eval_large")
 
 
 def _timed(fn, repeats: int) -> float:
+    from bench_model import _median_time  # this script's folder is on the path, whichever tree it imports
+
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_time(fn, repeats)
 
 
 def _greedy(model, ids, new: int, **options):
@@ -81,15 +78,16 @@ def worker(measure: str, repeats: int) -> float:
         ids = torch.randint(0, 512, (8, 64))
         with torch.no_grad():
             return _timed(lambda: _greedy(model, ids, 64, exit="kl:1e-2", exit_stats=ExitStats()), repeats)
-    if measure == "eval":
+    if measure in ("eval", "eval_large"):  # a 2x3 d=128 model (a 10 ms decode step) or 2x6 d=512 (about 80 ms)
         import tempfile
 
         from loopreg.data.text import byte_level_tokenizer
         from loopreg.evals.models import load_generator
 
         folder = Path(tempfile.mkdtemp()) / "model"
-        model = LoopedLM(LoopedLMConfig(spec="2x3", vocab_size=byte_level_tokenizer().get_vocab_size(), d_model=128,
-                                        n_heads=4, init_std=0.3))
+        spec, width, heads = ("2x3", 128, 4) if measure == "eval" else ("2x6", 512, 8)
+        model = LoopedLM(LoopedLMConfig(spec=spec, vocab_size=byte_level_tokenizer().get_vocab_size(), d_model=width,
+                                        n_heads=heads, init_std=0.3))
         model.save_pretrained(folder)
         byte_level_tokenizer().save(str(folder / "tokenizer.json"))
         generator, _ = load_generator(folder)

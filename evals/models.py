@@ -51,26 +51,39 @@ class _Tokens:
         return [self.bos_id] + ids if self.bos_id is not None else ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        ids = list(ids)
-        if self.eos_id is not None and self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
+        return self.decode_batch([ids])[0]
+
+    def decode_batch(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        """Each row's text up to its end-of-text token, in one tokenizer call."""
+        rows = [list(row) for row in rows]
+        if self.eos_id is not None:
+            rows = [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in rows]
         if self.is_hf:
-            return self.raw.decode(ids, skip_special_tokens=True)
-        return self.raw.decode(ids, skip_special_tokens=False)
+            return self.raw.batch_decode(rows, skip_special_tokens=True)
+        return self.raw.decode_batch(rows, skip_special_tokens=False)
 
 
 class _DecodedStop(StoppingCriteria):
     """transformers' stopping criterion for a row whose decoded new text (after the ``width`` prompt columns)
-    contains a stop string."""
+    contains a stop string. A stop string that was not in a row's text before a step ends in its newest token, so
+    a step decodes only the row's last tokens that can hold one (every token is at least a byte; three more for a
+    split UTF-8 character): O(1) per step, not O(T). A row once stopped stays stopped."""
 
     def __init__(self, tokens: _Tokens, stop: list[str], width: int) -> None:
         super().__init__()
         self.tokens, self.stop, self.width = tokens, stop, width
+        self.window = max(len(s.encode()) for s in stop) + 3
+        self.stopped: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        rows = input_ids[:, self.width:].tolist()
-        return torch.tensor([any(s in self.tokens.decode(row) for s in self.stop) for row in rows],
-                            device=input_ids.device)
+        if self.stopped is None:
+            self.stopped = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        running = (~self.stopped).nonzero().flatten()
+        tails = input_ids[running, max(self.width, input_ids.shape[1] - self.window):].tolist()
+        texts = self.tokens.decode_batch(tails)
+        self.stopped[running] = torch.tensor([any(s in text for s in self.stop) for text in texts],
+                                             dtype=torch.bool, device=self.stopped.device)
+        return self.stopped.clone()
 
 
 class ModelGenerator:
@@ -137,7 +150,7 @@ class ModelGenerator:
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokens.pad_id, eos_token_id=self.tokens.eos_id, **extra)
         new = out[:, width:]
-        return [self.tokens.decode(row) for row in new.tolist()]
+        return self.tokens.decode_batch(new.tolist())
 
 
 def check_loop_override(model: nn.Module, flag: str = "--loops", **options: Any) -> None:

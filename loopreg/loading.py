@@ -57,21 +57,27 @@ def load(source: str | Path, *, recipe: str | Path | None = None, loops: int | l
 
 def _folder(path: Path | None, name: str, loops: Any, kwargs: dict[str, Any]) -> nn.Module:
     """A LoopedLM, retrofit or plain HF model from a folder (``path``) or a hub id (``path`` is ``None``)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
-    raw = _read_config(path) if path is not None else None
-    if raw is not None and "loopreg" in raw:
+    hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only") if key in kwargs}
+    def hub_error(err: Exception) -> UserError:  # no such hub id offline, an unknown model_type
+        return UserError(f"{name}: not a loadable model config ({str(err).splitlines()[0]})")
+
+    try:  # the raw config.json: a LoopedLM's (model type 'loopreg') is read by loopreg's own class, no remote code
+        raw = _read_config(path) if path is not None else PretrainedConfig.get_config_dict(name, **hub)[0]
+    except OSError as err:
+        raise hub_error(err) from None
+    if "loopreg" in raw:
         from loopreg.model import LoopedLM
 
         return _checked(LoopedLM, name, {"loops": loops} if loops is not None else {}, kwargs)
+    try:
+        config = AutoConfig.from_pretrained(name, **hub)
+    except (OSError, ValueError, KeyError) as err:
+        raise hub_error(err) from None
     from loopreg.looped_hf import LOOPS_KEY, SPEC_KEY, looped_class
     from loopreg.surgery.core import mark_layer_units
 
-    hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only") if key in kwargs}
-    try:
-        config = AutoConfig.from_pretrained(name, **hub)
-    except (OSError, ValueError, KeyError) as err:  # no such hub id offline, an unknown model_type
-        raise UserError(f"{name}: not a loadable model config ({str(err).splitlines()[0]})") from None
     if getattr(config, SPEC_KEY, None) is None:
         if loops is not None:
             raise UserError(f"loops={loops!r}: {name} is a plain checkpoint; loop it first with `loopreg surgery`")

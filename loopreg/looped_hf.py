@@ -15,6 +15,7 @@ hooks with its own KV-cache slot. Portable: torch, transformers, the standard li
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from typing import Any, Callable, Iterator, Sequence
 
@@ -25,7 +26,7 @@ from torch import nn
 # direct relative imports into its module cache.
 from .adaptive import ExitRule, ExitStats
 from .errors import UserError
-from .hf_compat import CACHE_KEY, cache_of, cache_parameter, lazy_cache
+from .hf_compat import CACHE_KEY, cache_of, cache_parameter, generation_cache, lazy_cache
 from .looping import LoopPlan
 from .remote_code import attach_remote_code
 from .spec import LoopSpec
@@ -144,26 +145,26 @@ class LoopedLayers(nn.ModuleList):
         return None if self.layer_types is None else [self.layer_types[step.layer] for step in plan.steps]
 
     @contextlib.contextmanager
-    def running(self, plan: LoopPlan, config: Any) -> Iterator[None]:
-        """Within the block the stack reads as ``plan``'s applications. A call at another depth than the config's
-        (a loop override) shows the family its depth for the call: the decoders read it from the config, as
-        ``layers[:config.num_hidden_layers]``, GPT-2's per-layer ``head_mask``, transformers 5's
-        ``config.layer_types[i]`` (Qwen2)."""
-        saved = self.plan, self._applications, config.num_hidden_layers, getattr(config, "layer_types", None)
+    def running(self, plan: LoopPlan, decoder: nn.Module) -> Iterator[None]:
+        """Within the block the stack reads as ``plan``'s applications. The family's decoder (its base model) reads
+        its depth from its config: ``layers[:config.num_hidden_layers]``, GPT-2's and GPT-NeoX's per-layer
+        ``head_mask``, transformers 5's ``config.layer_types[i]`` (Qwen2). A call at another depth than the
+        config's (a loop override) shows the decoder a copy of its config at the call's depth; the model's config
+        object is never written."""
+        saved = self.plan, self._applications, decoder.config
         self.plan, self._applications = plan, self._read(plan)
-        other_depth = len(plan.steps) != saved[2]
-        if other_depth:
-            config.num_hidden_layers = len(plan.steps)
-            if saved[3] is not None:
-                config.layer_types = self.applied_types(plan)
+        config = saved[2]
+        if len(plan.steps) != config.num_hidden_layers:
+            view = copy.copy(config)
+            view.num_hidden_layers = len(plan.steps)
+            if getattr(config, "layer_types", None) is not None:
+                view.layer_types = self.applied_types(plan)
+            decoder.config = view
         try:
             yield
         finally:
             self.plan, self._applications = saved[:2]
-            if other_depth:
-                config.num_hidden_layers = saved[2]
-                if saved[3] is not None:
-                    config.layer_types = saved[3]
+            decoder.config = config
 
     def __iter__(self) -> Iterator[LayerApplication]:
         return iter(self._applications)
@@ -214,8 +215,11 @@ class LoopedCausalLM:
         stored = spec.distinct_layers if tied else spec.effective_depth
         depth, layer_types = config.num_hidden_layers, getattr(config, "layer_types", None)
         if layer_types is not None:  # the saved kinds are per application of the plan the folder was saved at
-            saved_at = next(plan for plan in (LoopPlan(spec, tied, getattr(config, LOOPS_KEY, None)),
-                                              LoopPlan(spec, tied)) if len(plan.steps) == len(layer_types))
+            plans = LoopPlan(spec, tied, getattr(config, LOOPS_KEY, None)), LoopPlan(spec, tied)
+            saved_at = next((plan for plan in plans if len(plan.steps) == len(layer_types)), None)
+            if saved_at is None:
+                raise UserError(f"config: layer_types has {len(layer_types)} entries, but loop spec '{spec}' runs "
+                                f"{len(plans[0].steps)} layer applications")
             kinds = {step.layer: layer_types[step.slot] for step in reversed(saved_at.steps)}  # first application's
             layer_types = [kinds[index] for index in range(stored)]
         config.num_hidden_layers = stored  # what the checkpoint stores (GPT-2 maps it to n_layer)
@@ -278,7 +282,8 @@ class LoopedCausalLM:
         if (self.config.use_cache if use_cache is None else use_cache) and cache_of(kwargs) is None \
                 and len(args) <= 2:  # (a cache given positionally stays)
             kwargs[CACHE_KEY] = lazy_cache()  # the family would size one by the config, which a loop override outgrows
-        with layers.running(plan, self.config):
+        decoder = self.get_submodule(decoder_layers_path(self.config).rpartition(".")[0])  # the family's base model
+        with layers.running(plan, decoder):
             return super().forward(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -294,7 +299,8 @@ class LoopedCausalLM:
                                 f"for the config's {self.config.num_hidden_layers}: load the model at that loop count "
                                 f"(loopreg.load(..., loops={loops!r})) to use one")
         elif kwargs.get("use_cache", True) and cache_of(kwargs) is None:
-            kwargs[CACHE_KEY] = lazy_cache()  # a loop override outgrows a cache sized by the config
+            # a loop override outgrows a cache sized by the config
+            kwargs[CACHE_KEY] = generation_cache(args, kwargs, self.generation_config)
         return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory: Any, **kwargs: Any) -> None:

@@ -39,7 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .adaptive import ExitRule, ExitStats
 from .configuration_loopreg import LoopedLMConfig, LoopregConfig
 from .errors import UserError
-from .hf_compat import CACHE_KEY, cache_of, lazy_cache, tied_weights_keys
+from .hf_compat import CACHE_KEY, cache_of, generation_cache, lazy_cache, tied_weights_keys
 from .latent import feed_soft_tokens, mask_finished_steps, placeholder_steps
 from .looping import LoopPlan, batch_option
 from .remote_code import attach_remote_code
@@ -319,7 +319,8 @@ class LoopedLM(PreTrainedModel, GenerationMixin):
         >>> # model.generate(input_ids, max_new_tokens=32, loops=4)   # the (12⊗2)-trained block 4 times
         """
         if kwargs.get("use_cache", True) and cache_of(kwargs) is None:
-            kwargs[CACHE_KEY] = lazy_cache()  # a loop override outgrows a cache sized by the config
+            # a loop override outgrows a cache sized by the config
+            kwargs[CACHE_KEY] = generation_cache(args, kwargs, self.generation_config)
         return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:

@@ -95,3 +95,22 @@ def test_hf_generator_counts_tokens_and_stops_like_stop_strings(tmp_path: Path) 
     for _ in range(2):  # the second call reuses the criteria built by the first
         assert generator.generate(prompts, max_new_tokens=12, stop=stop) == reference
     assert len(reference[0]) < len(free[0]) and free[0].startswith(reference[0])
+
+
+def test_windowed_stop_criterion_equals_decoding_the_whole_completion():
+    """The stop check decodes only a row's newest tokens; at every step it must agree with a check over the row's
+    whole decoded completion (byte-level tokens, multi-byte characters and stop strings included)."""
+    from loopreg.data.text import byte_level_tokenizer
+    from loopreg.evals.models import _DecodedStop, _Tokens
+
+    tokens = _Tokens(byte_level_tokenizer())
+    stop = ["\n\n", "é!", "Q:"]
+    rows = ["ab\n\ncd", "xyé!", "no stop here at all", "héllo Q: world", "ééé\n"]
+    encoded = [tokens.encode("prompt")[:2] + tokens.encode(text) for text in rows]
+    length = max(map(len, encoded))
+    ids = torch.tensor([row + [tokens.encode(" ")[0]] * (length - len(row)) for row in encoded])
+    criterion, width = _DecodedStop(tokens, stop, 2), 2
+    for end in range(width + 1, length + 1):
+        expected = [any(s in tokens.decode(row[width:end]) for s in stop) for row in ids.tolist()]
+        assert criterion(ids[:, :end], None).tolist() == expected
+    assert criterion(ids, None).tolist() == [True, True, False, True, False]

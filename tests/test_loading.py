@@ -59,20 +59,21 @@ def test_loops_sets_the_default_loop_count(folders):
             assert not torch.equal(deeper(IDS).logits, default(IDS).logits), kind
 
 
-def test_a_hub_id_loads_from_the_local_cache(folders, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["tied", "looped"])
+def test_a_hub_id_loads_from_the_local_cache(folders, kind, tmp_path, monkeypatch):
     """The hub path is real: an id resolves through huggingface_hub's cache, here laid out locally, offline."""
-    snapshot = tmp_path / "hub" / "models--loopreg--tiny-tied" / "snapshots" / ("0" * 40)
+    snapshot = tmp_path / "hub" / f"models--loopreg--tiny-{kind}" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
-    for file in folders["tied"].iterdir():
+    for file in folders[kind].iterdir():
         (snapshot / file.name).write_bytes(file.read_bytes())
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("transformers.utils.hub.constants.HF_HUB_OFFLINE", True, raising=False)
-    model = loopreg.load("loopreg/tiny-tied", cache_dir=str(tmp_path / "hub")).eval()
+    model = loopreg.load(f"loopreg/tiny-{kind}", cache_dir=str(tmp_path / "hub")).eval()
     with torch.no_grad():
-        assert torch.equal(model(IDS).logits, loopreg.load(folders["tied"]).eval()(IDS).logits)
+        assert torch.equal(model(IDS).logits, loopreg.load(folders[kind]).eval()(IDS).logits)
 
 
 @pytest.mark.slow
@@ -154,3 +155,18 @@ def test_loop_options_are_checked_in_one_place():
     found = sorted(str(path.relative_to(ROOT)) for path in _sources()
                    if "needs a tied looped model" in path.read_text() or "def check_exit" in path.read_text())
     assert found == ["loopreg/looping.py"]
+
+
+def test_a_retrofit_config_whose_layer_types_do_not_fit_its_spec(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    source = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=2))
+    loop_surgery(source, "1x1+2x2+1x1").save_pretrained(tmp_path / "qwen2")
+    config = json.loads((tmp_path / "qwen2" / "config.json").read_text())
+    config["layer_types"] = config["layer_types"][:-1]
+    (tmp_path / "qwen2" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="layer_types has 5 entries, but loop spec") as error:
+        loopreg.load(tmp_path / "qwen2")
+    assert "\n" not in str(error.value)

@@ -99,6 +99,22 @@ def test_cached_generation_equals_uncached(family, loops, update):
     assert (full - stepped).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_loop_override_never_writes_the_config(family):
+    """A call at another depth than the config's leaves the model's config as it is, also while it runs."""
+    _, looped = retrofit(family)
+    config = looped.config
+    before = config.to_dict()
+    seen = []
+    handle = stored_layers(looped)[2].register_forward_hook(  # the looped block's first layer
+        lambda *_: seen.append((config.num_hidden_layers, list(getattr(config, "layer_types", None) or []))))
+    with torch.no_grad():
+        looped(prompt(), loops=4)
+    handle.remove()
+    assert len(seen) == 4 and {depth for depth, _ in seen} == {8}  # once per loop
+    assert config.to_dict() == before
+
+
 def test_generate_loops_changes_the_output_and_is_restored():
     _, looped = retrofit("llama")
     ids = prompt(1)
