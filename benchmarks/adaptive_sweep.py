@@ -18,18 +18,17 @@ threshold that meets the target (>= 30% fewer thinking iterations at <= 1 point 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from loopreg.adaptive import ExitRule
 from loopreg.config import load_recipe
-from loopreg.evals import evaluate, load_groups, load_task_specs, parse_task_spec, task_prompts
-from loopreg.evals.models import ModelGenerator, load_generator
-from loopreg.evals.report import compute_report, load_results, to_json, to_markdown
+from loopreg.evals import LoopregLM, evaluate, load_groups, load_model
+from loopreg.evals.catalog import TASK_DIR
+from loopreg.evals.report import compute_report, load_results, to_json, to_markdown, write_results
+from loopreg.evals.run import resolve_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = Path("/work/main")  # where the lead trains and heals the models
@@ -41,17 +40,24 @@ SMOL_RULES = ("kl:0.1", "kl:0.5", "kl:1", "latent:0.3", "latent:0.5")
 BATCH1_LIMIT = 200  # examples per task of the batch-size-1 rerun of the best rule (one generate call each)
 
 
-def phop_task(recipe_path: Path) -> list:
-    """The p-hop task exactly as the recipe trains and evaluates it, as a harness task spec."""
+def phop_task(recipe_path: Path, folder: Path) -> list[str]:
+    """The p-hop task exactly as the recipe trains and evaluates it, as an lm-eval task in ``folder`` (beside a link
+    to the task folder's utils.py, which its YAML names); returns its name."""
     recipe = load_recipe(recipe_path)
     knobs = {**recipe.train_data.task_kwargs, **recipe.eval_data.task_kwargs}
-    return [parse_task_spec({
-        "name": "phop_train_task", "title": "p-hop (the recipe's task)", "group": "synthetic",
-        "source": {"generator": {"task": recipe.train_data.task, "split": "test", "n": recipe.eval_data.eval_size,
-                                 "seed": recipe.seed + 1, "knobs": knobs}},
-        "prompt": {"template": "{question}", "answer_prefix": ""},
-        "metric": "exact", "stop": [], "max_new_tokens": 1, "random_baseline": 1 / knobs["alphabet_size"]},
-        recipe_path)]
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "utils.py").exists():
+        (folder / "utils.py").symlink_to(TASK_DIR / "utils.py")
+    generator = {"task": recipe.train_data.task, "split": "test", "n": recipe.eval_data.eval_size,
+                 "seed": recipe.seed + 1, "knobs": knobs}
+    (folder / "phop_train_task.yaml").write_text(f"""include: {TASK_DIR / '_loopreg_task.yaml'}
+task: phop_train_task
+dataset_kwargs:
+  {{name: phop_train_task, template: "{{question}}", answer_prefix: "", generator: {json.dumps(generator)}}}
+generation_kwargs: {{until: [], max_gen_toks: 1, do_sample: false}}
+process_results: !function utils.process_exact
+""")
+    return ["phop_train_task"]
 
 
 def kv_bytes(model: torch.nn.Module, ids: torch.Tensor, kv_policy: str) -> int:
@@ -64,37 +70,36 @@ def kv_bytes(model: torch.nn.Module, ids: torch.Tensor, kv_policy: str) -> int:
         return sum(k.nbytes + v.nbytes for k, v in pairs)
 
 
-def sweep(label: str, source: Path, specs: list, limit: int | None, batch_size: int, out: Path,
-          rules: tuple[str, ...], loops: int | None = None) -> dict:
+def sweep(label: str, source: Path, tasks: list[str], limit: int | None, batch_size: int, out: Path,
+          rules: tuple[str, ...], loops: int | None = None, include: Path | None = None) -> dict:
     """Every run of one model; returns its summary (the report rows, KV memory, wall times)."""
-    generator, info = load_generator(source, loops)
-    info = dataclasses.replace(info, name=info.name.replace(source.name, source.parent.name, 1))  # not "model"
+    model, tokenizer = load_model(source)
+    include_path = [str(include)] if include else []
     folder = out / label
     runs = [(None, "per_application"), (None, "shared"), *((rule, "per_application") for rule in rules)]
     seconds = {}
 
     def run(rule: str | None, kv_policy: str, folder: Path, batch_size: int, limit: int | None = limit) -> dict:
-        exit_rule = None if rule is None else ExitRule.parse(rule)
-        generating = ModelGenerator(generator.model, generator.tokens.raw, loops, generator.context, exit_rule,
-                                    kv_policy)
-        run_info = info if not generating.adaptive else dataclasses.replace(info, exit=rule, kv_policy=kv_policy)
+        lm = LoopregLM(model, loops=loops, tokenizer=tokenizer, exit=rule, kv_policy=kv_policy,
+                       name=source.parent.name, batch_size=batch_size)  # the run's folder, not "model"
         name = f"{rule or 'fixed'}_{kv_policy}".replace(":", "_")
-        (folder / f"{name}.predictions.jsonl").unlink(missing_ok=True)  # measure every run afresh
         start = time.perf_counter()
-        results = evaluate(generating, specs, None, limit, batch_size, progress=False, model=run_info,
-                           sidecar_path=folder / f"{name}.predictions.jsonl", results_path=folder / f"{name}.json")
-        seconds[f"{run_info.label} (batch {batch_size})"] = round(time.perf_counter() - start, 1)
-        print(f"{label}: {run_info.label} at batch size {batch_size} done in {time.perf_counter() - start:.1f} s",
+        results = evaluate(lm, tasks, limit=limit, include_path=include_path, progress=None, bootstrap_iters=0)
+        write_results(folder / f"{name}.json", results)
+        seconds[f"{lm.info.label} (batch {batch_size})"] = round(time.perf_counter() - start, 1)
+        print(f"{label}: {lm.info.label} at batch size {batch_size} done in {time.perf_counter() - start:.1f} s",
               flush=True)
-        return results
+        return results.to_json()
 
     for rule, kv_policy in runs:
         run(rule, kv_policy, folder, batch_size)
     table = compute_report(load_results([folder]), png=out / f"{label}_acc_vs_loops.png")
     (out / f"{label}_compute.md").write_text(to_markdown(table), encoding="utf-8")
     exported = to_json(table)
-    prompt = torch.tensor([generator.tokens.encode(task_prompts(specs[0], None, 1)[0][1])])
-    per_app, shared = (kv_bytes(generator.model, prompt, policy) for policy in ("per_application", "shared"))
+    names, manager = resolve_tasks(tasks[:1], include_path)
+    first = next(iter(manager.load(names)["tasks"].values()))
+    prompt = torch.tensor([tokenizer(first.doc_to_text(next(iter(first.test_docs()))))["input_ids"]])
+    per_app, shared = (kv_bytes(model, prompt, policy) for policy in ("per_application", "shared"))
     mean_rows = [row for row in exported["rows"] if row["values"]["Task"].startswith("mean")] or exported["rows"]
     meeting = [row["values"] for row in mean_rows if row["values"]["Target"]]
     best = max(meeting, key=lambda row: row["Fewer"], default=None)
@@ -129,11 +134,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads()}
     if args.only in (None, "phop"):
-        summary["phop"] = sweep("phop", args.phop, phop_task(args.phop_recipe), args.phop_limit, 250, args.out,
-                                PHOP_RULES)
+        include = args.out / "phop_task"
+        summary["phop"] = sweep("phop", args.phop, phop_task(args.phop_recipe, include), args.phop_limit, 250,
+                                args.out, PHOP_RULES, include=include)
     if args.only in (None, "smol"):
-        specs = load_task_specs(list(load_groups()["reasoning_primitives"].tasks))
-        summary["smol"] = sweep("smol", args.smol, specs, args.smol_limit, 10, args.out, SMOL_RULES, args.smol_loops)
+        tasks = list(load_groups()["reasoning_primitives"].tasks)
+        summary["smol"] = sweep("smol", args.smol, tasks, args.smol_limit, 10, args.out, SMOL_RULES, args.smol_loops)
     path = args.out / f"sweep_{args.only or 'all'}.json"
     path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")

@@ -152,7 +152,6 @@ def main() -> None:
         from lm_eval.tasks import TaskManager
 
         from loopreg.evals.lm_eval_model import LoopregLM, load_model
-        from loopreg.evals.tasks import resolve_data_dir
         from loopreg.surgery.export import export_unrolled
 
         print(f"start {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, torch threads "
@@ -167,8 +166,8 @@ def main() -> None:
             model_dir = work / "surgery"
             print(f"model: no {DEFAULT_MODEL}; building loopreg surgery {smollm2_gguf()} --spec 4x(1,4,1)")
             surgery([str(smollm2_gguf()), "--spec", "4x(1,4,1)", "--out", str(model_dir)])
-        evaldata = resolve_data_dir(args.evaldata)
-        if evaldata is None:
+        evaldata = args.evaldata or Path(os.environ.get("LOOPREG_EVALDATA", REPO.parent / "shared" / "evaldata"))
+        if not evaldata.is_dir():
             parser.error("no evaldata pack: give --evaldata or set LOOPREG_EVALDATA")
         task_folder = write_tasks(work / "tasks", evaldata, args.textdata, args.limit, args.shots, args.chars,
                             args.max_gen_toks)

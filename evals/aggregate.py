@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .tasks import GroupSpec
+from .catalog import GroupSpec
 
 __all__ = ["GroupScore", "TaskScore", "aggregate_group", "aggregate_groups", "centered_accuracy", "percent_gap"]
 

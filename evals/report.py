@@ -36,15 +36,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from loopreg.errors import UserError, writing
+from loopreg.errors import ArgumentParser, UserError, writing
 from loopreg.spec import LoopSpec
 
 from .aggregate import GroupScore, TaskScore, aggregate_groups, percent_gap
 from .scaling import DepthPoint, alpha_ratios, fit_scaling, plot_scaling, plotted_groups
-from .tasks import EvalDataError, GroupSpec, load_groups
+from .catalog import GroupSpec, load_groups
 
 __all__ = [
     "DEFAULT_COLUMNS",
+    "EvalDataError",
     "RESULTS_SCHEMA",
     "EvalResults",
     "LoopUsage",
@@ -69,6 +70,16 @@ MISSING_CELL = "—"
 
 
 # ---------------------------------------------------------------------------------------- results files
+class EvalDataError(UserError):
+    """A results file is unusable; ``str()`` is one line naming the file.
+
+    Example: ``runs/eval/x.json: not a results file: schema is 'other', expected 'loopreg.eval/1'``
+    """
+
+    def __init__(self, task: str | None, source: str | Path, problem: str) -> None:
+        super().__init__(f"{f'task {task}: ' if task else ''}{source}: {' '.join(str(problem).split())}")
+
+
 @dataclass(frozen=True)
 class LoopUsage:
     """Thinking iterations per token of one task under an exit rule (:class:`loopreg.adaptive.ExitStats`):
@@ -473,11 +484,6 @@ def to_json(table: ReportTable) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- command line
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]  # one line (no usage), exit 2 in loopreg.cli
-        raise UserError(message)
-
-
 def _parse_pair(text: str) -> tuple[str, str]:
     iso, sep, looped = text.partition(":")
     if not sep or not iso or not looped:
@@ -486,7 +492,7 @@ def _parse_pair(text: str) -> tuple[str, str]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="loopreg report", description="Tables from loopreg.eval/1 results files.")
+    parser = ArgumentParser(prog="loopreg report", description="Tables from loopreg.eval/1 results files.")
     parser.add_argument("results", nargs="+", help="results JSON files, or directories of them")
     parser.add_argument("--pair", action="append", default=[], metavar="ISO_PARAM:LOOPED",
                         help="add a %% Gap row after LOOPED (repeatable); needs --baseline")

@@ -15,14 +15,14 @@ import sys
 
 from loopreg.errors import UserError, report_user_error
 
-# subcommand -> (module, one-line help); each module exposes `cli_main(argv: list[str]) -> int`.
+# subcommand -> (module[:function], one-line help); the function (default `cli_main`) is `(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loopreg.train", "train a recipe: loopreg train RECIPE.yaml [key=value ...]"),
     "data": ("loopreg.data.cli", "text to MDS shards: prepare SRC --tokenizer TOK --seq-len N --out DIR"),
     "demo": ("loopreg.demo", "the CPU demo: (1⊗1) vs (1⊗L) vs (L⊗1) on a synthetic reasoning task"),
     "reproduce": ("loopreg.reproduce", "every row of the paper's synthetic tables at CPU-mini scale"),
-    "eval": ("loopreg.evals.cli", "grouped downstream eval: MODEL --groups ... [--loops 1,2,4] --out results.json"),
-    "lm-eval": ("loopreg.evals.lm_eval_cli", "lm-eval at any loop count: MODEL --tasks ... [--loops 1,2,4] --out DIR"),
+    "eval": ("loopreg.evals.cli", "grouped downstream eval (lm-eval): MODEL --groups ... [--loops 1,2] --out r.json"),
+    "lm-eval": ("loopreg.evals.cli:lm_eval_alias_main", "the old name of `loopreg eval` (goes in the next release)"),
     "report": ("loopreg.evals.report", "paper-style tables, % Gap and the depth scaling law from results JSONs"),
     "similarity": ("loopreg.similarity", "how close to looped: per-group block cosines R_G of a model"),
     "snap": ("loopreg.snap", "tie an untied model's blocks exactly: CKPT -> looped LoopedLM folder"),
@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"error: unknown command '{name}'\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[name][0])
+    module, _, function = COMMANDS[name][0].partition(":")
+    entry = getattr(importlib.import_module(module), function or "cli_main")
     try:
-        status = module.cli_main(rest)
+        status = entry(rest)
     except UserError as err:
         status = report_user_error(err)
     sys.exit(status)

@@ -12,6 +12,7 @@ error keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import sys
@@ -20,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["UserError", "RecipeError", "DataError", "CheckpointError", "did_you_mean", "under_key", "writing",
-           "report_user_error"]
+__all__ = ["UserError", "RecipeError", "DataError", "CheckpointError", "ArgumentParser", "did_you_mean", "under_key",
+           "writing", "report_user_error"]
 
 
 class UserError(ValueError):
@@ -50,6 +51,17 @@ class UserError(ValueError):
         if self.key is not None or self.message.startswith(tuple(key + end for end in ".:= [")):
             return self
         return type(self)(self.message, key)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are user errors: one line naming the argument, exit 2, no usage dump.
+
+    >>> ArgumentParser(prog="loopreg eval").parse_args(["--nope"])  # doctest: +SKIP
+    UserError: loopreg eval: unrecognized arguments: --nope
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
 
 
 class RecipeError(UserError):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import run_cli
-from .test_eval_models import _model_folder
+from .test_eval_command import model_folder as _model_folder
+from .test_eval_command import samples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -24,8 +25,7 @@ def _eval(capsys: pytest.CaptureFixture, folder: Path, out: Path, *extra: str) -
 
 
 def _predictions(results: Path) -> dict[tuple[str, str], str]:
-    lines = results.with_suffix(".predictions.jsonl").read_text().splitlines()
-    return {(r["task"], r["id"]): r["prediction"] for r in map(json.loads, lines)}
+    return {(task, item): sample["resps"] for task in TASKS for item, sample in samples(results, task).items()}
 
 
 @pytest.fixture(scope="module")
@@ -105,31 +105,29 @@ def test_exit_on_a_model_that_does_not_loop_is_a_one_line_error(tmp_path: Path, 
 
 
 def test_a_tied_retrofit_generates_with_an_exit_rule() -> None:
-    """The harness's generator passes the rule to a tied HF retrofit's generate (LoopedCausalLM): threshold 0 gives
-    the fixed-loop completions and the maximum iterations; a loose one exits every token after iteration 1."""
-    from loopreg.adaptive import ExitRule, ExitStats
-    from loopreg.evals.models import ModelGenerator
+    """lm-eval's model passes the rule to a tied HF retrofit's generate (LoopedCausalLM): threshold 0 gives the
+    fixed-loop completions and the maximum iterations; a loose one exits every token after iteration 1."""
+    from lm_eval.api.instance import Instance
+
+    from loopreg.errors import UserError
+    from loopreg.evals.lm_eval_model import LoopregLM
 
     from .test_loop_override import keep_all_llama_retrofit
 
     tokenizer, source, looped = keep_all_llama_retrofit()
-    prompts, stop = ["a=1, b=2, b=", "xy"], ["\n"]
-    fixed = ModelGenerator(looped, tokenizer, loops=3).generate(prompts, 6, stop)
+    requests = [Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 6}), index)
+                for index, prompt in enumerate(["a=1, b=2, b=", "xy"])]
+
+    def generate(**options) -> tuple[list[str], LoopregLM]:
+        lm = LoopregLM(looped, loops=3, tokenizer=tokenizer, device="cpu", batch_size=2, **options)
+        return lm.generate_until(requests, disable_tqdm=True), lm
+
+    fixed, _ = generate()
     for rule, kv_policy, loops in (("kl:0", "per_application", 3.0), ("latent:100", "shared", 1.0)):
-        stats = ExitStats()
-        generator = ModelGenerator(looped, tokenizer, loops=3, exit=ExitRule.parse(rule), kv_policy=kv_policy)
-        completions = generator.generate(prompts, 6, stop, exit_stats=stats)
+        completions, lm = generate(exit=rule, kv_policy=kv_policy)
+        stats = lm.exit_stats
         assert stats.tokens > 0 and stats.mean_loops == stats.executed_loops == loops
         if rule == "kl:0":
             assert completions == fixed
-    with pytest.raises(ValueError, match="--exit: this LlamaForCausalLM does not loop"):
-        ModelGenerator(source, tokenizer, exit=ExitRule.parse("kl:0.1"))
-
-
-def test_another_rule_never_reuses_the_sidecar(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The rule is part of each request's digest: the same --out with another rule generates again (and counts)."""
-    _eval(capsys, folder, tmp_path / "same.json", "--exit", "kl:0")
-    loose = _eval(capsys, folder, tmp_path / "same.json", "--exit", "latent:100")
-    assert all(loose["tasks"][task]["mean_loops"] == 1.0 for task in TASKS)
-    assert len(set(_predictions(tmp_path / "same.json"))) * 2 == len(
-        (tmp_path / "same.predictions.jsonl").read_text().splitlines())  # every example generated twice
+    with pytest.raises(UserError, match="--exit: this LlamaForCausalLM does not loop"):
+        LoopregLM(source, tokenizer=tokenizer, exit="kl:0.1", device="cpu")

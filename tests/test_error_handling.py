@@ -54,7 +54,7 @@ INTERNAL = {
                ValueError),
     "snap": (["snap", "{m}", "--out", "{tmp}/o"], "loopreg.snap.snap_model", KeyError),
     "similarity": (["similarity", "{m}"], "loopreg.algorithms.loop_similarity", OSError),
-    "eval": (["eval", "{m}", "--tasks", "svamp", "--out", "{tmp}/e.json"], "loopreg.evals.tasks.load_task_specs",
+    "eval": (["eval", "{m}", "--tasks", "svamp", "--out", "{tmp}/e.json"], "loopreg.evals.run.resolve_tasks",
              ValueError),
     "report": (["report", "{tmp}"], "loopreg.evals.report.load_results", ValueError),
 }
@@ -107,7 +107,7 @@ def test_library_checks_of_user_input_raise_user_errors(untied, tmp_path):
 
     from loopreg.algorithms.loop_regularizer import loop_target
     from loopreg.data.text import text_stream
-    from loopreg.evals.models import check_loop_override
+    from loopreg.evals.lm_eval_model import check_loop_override
     from loopreg.loading import load
     from loopreg.surgery.adapters import find_adapter
     from loopreg.surgery.layer_map import parse_layer_map

@@ -44,7 +44,7 @@ COLUMNS = ("closed_book", "open_book", "math_word", "all_tasks", "reasoning_prim
 def paper_scores(model: str, absent: tuple[str, ...] = ()) -> dict[str, TaskScore]:
     """The paper's per-task numbers as TaskScores (fractions), leaving out the ``absent`` tasks."""
     groups = load_groups()
-    group_of = {task: name for name, group in groups.items() if not group.groups for task in group.tasks}
+    group_of = {task: name for name, group in groups.items() if name != "all_tasks" for task in group.tasks}
     accuracies = PAPER_ROWS[model][2]
     return {task: TaskScore(acc / 100, 0.01, 100, "exact_match", group_of[task])
             for task, acc in zip(PAPER_TASKS, accuracies) if task not in absent}

@@ -104,9 +104,9 @@ def _cycle_through(start: str, component: set[str], graph: dict[str, set[str]]) 
 
 def test_the_tree_is_found(graph):
     """Guards the test itself: the three package folders are parsed and imports resolve (a relative one too)."""
-    assert {"loopreg.train", "loopreg.data.text", "loopreg.callbacks.export", "loopreg.evals.models"} <= set(graph)
+    assert {"loopreg.train", "loopreg.data.text", "loopreg.callbacks.export", "loopreg.evals.run"} <= set(graph)
     assert "loopreg.data.resumable" in graph["loopreg.data.text"]
-    assert "loopreg.evals.tasks" in graph["loopreg.evals.runner"]  # `from .tasks import ...`
+    assert "loopreg.evals.catalog" in graph["loopreg.evals.run"]  # `from .catalog import ...`
 
 
 def test_lower_layers_never_import_an_entry(graph):

@@ -1,7 +1,7 @@
-"""``loopreg lm-eval`` and the ``loopreg`` lm-eval model: a local task folder (generate_until, multiple choice,
-rolling loglikelihood) at two loop counts through the CLI; loop count 1 of a keep-all retrofit scores exactly as
-the source through lm-eval's own ``hf`` model; loglikelihoods and generations equal references computed with the
-model's own forward; one-line user errors."""
+"""``loopreg eval`` on any lm-eval task and the ``loopreg`` lm-eval model: a local task folder (generate_until,
+multiple choice, rolling loglikelihood) at two loop counts through the CLI (and its old name ``loopreg lm-eval``);
+loop count 1 of a keep-all retrofit scores exactly as the source through lm-eval's own ``hf`` model; loglikelihoods
+and generations equal references computed with the model's own forward; one-line user errors."""
 
 from __future__ import annotations
 
@@ -105,31 +105,36 @@ def _main(argv: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def sweep(keepall: Path, tasks: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """``loopreg lm-eval`` at loop counts 1 and 3 with samples: (results folder, stdout)."""
-    out = tmp_path_factory.mktemp("sweep")
-    status, stdout = _main(["lm-eval", str(keepall), "--loops", "1,3", "--tasks", TASKS, "--include-path", str(tasks),
-                            "--out", str(out), "--log-samples", "--batch-size", "4", "--device", "cpu"])
+    """``loopreg eval`` at loop counts 1 and 3: (results path, stdout)."""
+    out = tmp_path_factory.mktemp("sweep") / "r.json"
+    status, stdout = _main(["eval", str(keepall), "--loops", "1,3", "--tasks", TASKS, "--include-path", str(tasks),
+                            "--out", str(out), "--batch-size", "4", "--device", "cpu"])
     assert status == 0
     return out, stdout
 
 
-def _samples(folder: Path, loops: int, task: str) -> list[dict]:
-    lines = (folder / f"loops_{loops}_samples_loopreg_{task}.jsonl").read_text().splitlines()
+def _samples(out: Path, loops: int, task: str) -> list[dict]:
+    folder = out.with_name(f"{out.stem}_loops{loops}_samples")
+    lines = (folder / f"samples_loopreg_{task}.jsonl").read_text().splitlines()
     return sorted((json.loads(line) for line in lines), key=lambda sample: sample["doc_id"])
+
+
+def _results(out: Path, loops: int) -> dict:
+    return json.loads(out.with_name(f"{out.stem}_loops{loops}.json").read_text())
+
+
+FIRST_METRIC = {"gen": "exact_match", "mc": "acc", "ppl": "word_perplexity"}
 
 
 def test_cli_writes_results_per_loop_count(sweep):
     out, stdout = sweep
     for loops, spec in ((1, "2x1+2x1+2x1"), (3, SPEC)):
-        results = json.loads((out / f"loops_{loops}.json").read_text())
-        assert (results["loops"], results["spec"], results["config"]["loops"]) == (loops, spec, loops)
-        assert set(results["results"]) == {"loopreg_gen", "loopreg_mc", "loopreg_ppl"}
-        assert {"exact_match,none"} <= set(results["results"]["loopreg_gen"])
-        assert {"acc,none", "acc_norm,none"} <= set(results["results"]["loopreg_mc"])
-        assert {"word_perplexity,none", "bits_per_byte,none"} <= set(results["results"]["loopreg_ppl"])
-        assert results["n-samples"]["loopreg_mc"]["effective"] == 6
-    assert "loops=1" in stdout and "loops=3" in stdout and "bits_per_byte" in stdout
-    assert "wrote" in stdout and "samples" not in json.loads((out / "loops_1.json").read_text())
+        results = _results(out, loops)
+        assert (results["schema"], results["loops"], results["spec"]) == ("loopreg.eval/1", loops, spec)
+        assert {name: task["metric"] for name, task in results["tasks"].items()} == {
+            f"loopreg_{task}": metric for task, metric in FIRST_METRIC.items()}
+        assert results["tasks"]["loopreg_mc"]["n"] == 6
+    assert "model@loops1" in stdout and "model@loops3" in stdout and "wrote" in stdout
 
 
 def test_loop_count_changes_every_kind_of_output(sweep):
@@ -139,23 +144,30 @@ def test_loop_count_changes_every_kind_of_output(sweep):
         assert all(a["resps"] != b["resps"] for a, b in zip(once, thrice))
     generated = [[sample["resps"] for sample in _samples(out, loops, "gen")] for loops in (1, 3)]
     assert generated[0] != generated[1]
-    ppl = [json.loads((out / f"loops_{loops}.json").read_text())["results"]["loopreg_ppl"] for loops in (1, 3)]
-    assert ppl[0]["bits_per_byte,none"] != ppl[1]["bits_per_byte,none"]
+    ppl = [_results(out, loops)["tasks"]["loopreg_ppl"]["score"] for loops in (1, 3)]
+    assert ppl[0] != ppl[1]
 
 
 def test_keepall_at_loop_count_1_scores_as_the_source_through_hf(sweep, source, tasks):
-    """The same numbers, exactly (the same layers run in the same order): metrics and every response."""
+    """The same numbers, exactly (the same layers run in the same order): scores and every response."""
     from lm_eval.tasks import TaskManager
 
     out, _ = sweep
     reference = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(source), "device": "cpu"}, batch_size=4, tasks=TASKS.split(","),
         task_manager=TaskManager(include_path=str(tasks), include_defaults=False), log_samples=True)
-    ours = json.loads((out / "loops_1.json").read_text())
-    assert ours["results"] == json.loads(json.dumps(reference["results"]))
-    for task in ("gen", "mc", "ppl"):
+    ours = _results(out, 1)["tasks"]
+    for task, metric in FIRST_METRIC.items():
+        assert ours[f"loopreg_{task}"]["score"] == reference["results"][f"loopreg_{task}"][f"{metric},none"]
         theirs = sorted(reference["samples"][f"loopreg_{task}"], key=lambda sample: sample["doc_id"])
         assert [s["resps"] for s in _samples(out, 1, task)] == json.loads(json.dumps([s["resps"] for s in theirs]))
+
+
+def test_the_old_command_name_is_an_alias(keepall, tasks, tmp_path, capsys):
+    status, out, err = run_cli(["lm-eval", str(keepall), "--tasks", "loopreg_mc", "--include-path", str(tasks),
+                                "--limit", "2", "--log-samples", "--out", str(tmp_path / "old")], capsys)
+    assert status == 0 and "`loopreg lm-eval` is now `loopreg eval`" in err
+    assert json.loads((tmp_path / "old" / "results.json").read_text())["tasks"]["loopreg_mc"]["n"] == 2
 
 
 def _lm(folder: Path, loops: int | None, batch_size: int = 1):
@@ -275,7 +287,7 @@ def untied(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("case, expected", [
     ("loops_text", "--loops: '1,x' is not a comma-separated list of integers"),
     ("loops_zero", "--loops: every loop count must be >= 1"),
-    ("unknown_task", "--tasks: unknown lm-eval task 'loopreg_gn' (did you mean 'loopreg_gen'?)"),
+    ("unknown_task", "--tasks: unknown task or group 'loopreg_gn' (did you mean 'loopreg_gen'?)"),
     ("include_path", "--include-path: "),
     ("missing_model", "not a model folder, a .gguf file, a Composer checkpoint or a hub id"),
     ("plain_model", "--loops: this LlamaForCausalLM does not loop"),
@@ -298,22 +310,16 @@ def test_user_errors_are_one_line(case, expected, source, keepall, untied, tasks
         model = source
     elif case == "untied_model":
         model = untied
-    status, out, err = run_cli(["lm-eval", str(model), "--loops", loops, "--tasks", task, "--include-path",
-                                str(include), "--out", str(tmp_path / "out")], capsys)
+    status, out, err = run_cli(["eval", str(model), "--loops", loops, "--tasks", task, "--include-path",
+                                str(include), "--out", str(tmp_path / "out" / "r.json")], capsys)
     assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert expected in err
     assert not (tmp_path / "out").exists()  # nothing is written before every input is checked
 
 
-def test_without_lm_eval_the_command_says_how_to_install_it(keepall, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails as if not installed
-    status, _, err = run_cli(["lm-eval", str(keepall), "--tasks", "x", "--out", str(tmp_path)], capsys)
-    assert (status, err) == (2, "error: lm-eval is not installed; install the extra: pip install -e '.[lmeval]'\n")
-
-
 def test_bad_batch_size_is_refused_by_the_parser(keepall, tmp_path, capsys):
-    status, _, err = run_cli(["lm-eval", str(keepall), "--tasks", "x", "--batch-size", "four", "--out",
-                              str(tmp_path)], capsys)
+    status, _, err = run_cli(["eval", str(keepall), "--tasks", "x", "--batch-size", "four", "--out",
+                              str(tmp_path / "r.json")], capsys)
     assert status == 2 and "--batch-size: 'four' is not a positive integer, 'auto' or 'auto:N'" in err
 
 
@@ -333,14 +339,17 @@ def _looped_lm_folder(folder: Path) -> Path:
     return folder
 
 
-def test_a_loopreg_folder_tokenizer_encodes_as_the_harness(tmp_path):
-    from loopreg.evals.lm_eval_model import hf_tokenizer
-    from loopreg.evals.models import load_generator
+def test_a_loopreg_folder_tokenizer_encodes_as_its_models_were_trained(tmp_path):
+    """``<bos>`` first, then the character ids; end-of-text, BOS and pad named."""
+    from tokenizers import Tokenizer
 
-    generator, _ = load_generator(_looped_lm_folder(tmp_path / "model"))
-    tokenizer = hf_tokenizer(generator.tokens)
-    assert tokenizer("a=1, b=?")["input_ids"] == generator.tokens.encode("a=1, b=?")  # <bos> first
-    assert (tokenizer.eos_token_id, tokenizer.bos_token_id) == (generator.tokens.eos_id, generator.tokens.bos_id)
+    from loopreg.evals.lm_eval_model import hf_tokenizer
+
+    raw = Tokenizer.from_file(str(_looped_lm_folder(tmp_path / "model") / "tokenizer.json"))
+    tokenizer = hf_tokenizer(raw)
+    bos, eos = raw.token_to_id("<bos>"), raw.token_to_id("<eos>")
+    assert tokenizer("a=1, b=?")["input_ids"] == [bos, *raw.encode("a=1, b=?", add_special_tokens=False).ids]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.padding_side) == (bos, eos, "left")
 
 
 def test_looped_lm_folder_loglikelihood_equals_its_forward(tmp_path):

@@ -276,20 +276,28 @@ def keep_all_llama_retrofit() -> tuple:
     return tokenizer, source, loop_surgery(copy.deepcopy(source), KEEP_ALL, layers=KEEP_ALL_MAP)
 
 
-def test_eval_generator_sweeps_a_retrofit_and_refuses_plain_models(tmp_path):
-    from loopreg.evals.models import ModelGenerator, load_generator
+def test_eval_model_sweeps_a_retrofit_and_refuses_plain_models(tmp_path):
+    from lm_eval.api.instance import Instance
+
+    from loopreg.evals.lm_eval_model import LoopregLM
 
     tokenizer, source, looped = keep_all_llama_retrofit()
-    prompts, stop = ["a=1, b=2, b=", "xy"], ["\n"]
-    expected = ModelGenerator(source, tokenizer).generate(prompts, 6, stop)
-    assert ModelGenerator(looped, tokenizer, loops=1).generate(prompts, 6, stop) == expected
-    assert ModelGenerator(looped, tokenizer, loops=4).generate(prompts, 6, stop) != expected
+    requests = [Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 6}), index)
+                for index, prompt in enumerate(["a=1, b=2, b=", "xy"])]
+
+    def generate(model, **options):
+        return LoopregLM(model, tokenizer=tokenizer, device="cpu", **options).generate_until(requests,
+                                                                                            disable_tqdm=True)
+
+    expected = generate(source)
+    assert generate(looped, loops=1) == expected
+    assert generate(looped, loops=4) != expected
     with pytest.raises(ValueError, match="--loops: this LlamaForCausalLM does not loop"):
-        ModelGenerator(source, tokenizer, loops=2)
+        LoopregLM(source, tokenizer=tokenizer, loops=2)
     untied = loop_surgery(copy.deepcopy(source), KEEP_ALL, layers=KEEP_ALL_MAP, tied=False)
     with pytest.raises(ValueError, match="--loops: loops=2 needs a tied looped model; this one is untied"):
-        ModelGenerator(untied, tokenizer, loops=2)
+        LoopregLM(untied, tokenizer=tokenizer, loops=2)
     looped.save_pretrained(tmp_path / "retrofit")
     tokenizer.save_pretrained(tmp_path / "retrofit")
-    _, info = load_generator(tmp_path / "retrofit", loops=3)
+    info = LoopregLM(str(tmp_path / "retrofit"), loops=3, device="cpu").info
     assert (info.name, info.spec, info.flops_units) == ("retrofit@loops3", "2x1+2x3+2x1", 10)

@@ -33,6 +33,10 @@ class TaskDataError(ValueError):
     """A task's data is missing or malformed; ``str()`` is one line naming the task, the file and the line."""
 
 
+class TaskDataMissing(TaskDataError):
+    """A task's data file is not in the pack (and the hub is not allowed): the task is reported missing."""
+
+
 # ------------------------------------------------------------------------------------------------- data
 def data_dir() -> Path | None:
     """``$LOOPREG_EVALDATA``, else the first ``../shared/evaldata`` next to the working directory or the checkout
@@ -146,7 +150,7 @@ def read_items(task: str, template: str, local: str | None = None, hub: Mapping[
         rows, origin, fields = _hub(hub), f"hub:{hub['path']}[{hub['split']}]", hub.get("fields", {})
     else:
         where = path or f"<{DATA_DIR_ENV} unset and no ../shared/evaldata>/{local}"
-        raise TaskDataError(f"task {task}: {where}: data file not found (set ${DATA_DIR_ENV} to the eval pack"
+        raise TaskDataMissing(f"task {task}: {where}: data file not found (set ${DATA_DIR_ENV} to the eval pack"
                             + (f", or {ALLOW_HUB_ENV}=1 to read {hub['path']} from the hub)" if hub else ")"))
     return _unique(task, [_item(task, fields, row, n, origin, uses_context) for n, row in rows], origin)
 

@@ -10,18 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from loopreg.errors import UserError
+from loopreg.errors import ArgumentParser, UserError
 
 __all__ = ["cli_main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # a usage error is a user error: one line, exit 2
-        raise UserError(f"loopreg data {self.prog.split()[-1]}: {message}")
-
-
 def _prepare_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="loopreg data prepare",
+    parser = ArgumentParser(prog="loopreg data prepare",
                      description="Tokenize a text source into fixed-length sequences and write MDS shards.")
     parser.add_argument("source", metavar="SRC",
                         help="a hub dataset id (streamed), or a local .txt/.jsonl/.json/.parquet file or folder")
