@@ -15,8 +15,8 @@ generation, scoring): what a user waits for. Sides alternate order per repeat; a
   task is timed (each side is a worker of this script importing its tree).
 * ``export``: a looped retrofit (``loopreg surgery GGUF --spec 4x(1,4,1)``, or ``--looped DIR``):
   ``loopreg eval LOOPED`` against ``lm_eval --model hf`` on ``loopreg export --unroll``'s folder, both on the
-  ``loopreg_`` tasks; a third side runs ``loopreg eval LOOPED --exit kl:T`` (fewer thinking iterations; its
-  predictions may differ, and are counted).
+  ``loopreg_`` tasks; one more side per ``--exit`` rule runs ``loopreg eval LOOPED --exit RULE`` (fewer thinking
+  iterations; its predictions may differ, and are counted).
 """
 
 from __future__ import annotations
@@ -117,6 +117,14 @@ def compare_tasks(args: argparse.Namespace) -> list[tuple[str, ...]]:
     return rows
 
 
+def thinking(results: Path) -> str:
+    """The mean thinking iterations per token over the tasks of a run with an exit rule (empty for others)."""
+    if not results.is_file():
+        return ""
+    loops = [task["mean_loops"] for task in json.loads(results.read_text())["tasks"].values() if "mean_loops" in task]
+    return f"; {statistics.mean(loops):.2f} iterations/token" if loops else ""
+
+
 def compare(name: str, sides: dict[str, list[str]], trees: dict[str, Path], outs: dict[str, Path], repeats: int,
             reference: str) -> list[tuple[str, ...]]:
     seconds: dict[str, list[float]] = {side: [] for side in sides}
@@ -135,7 +143,8 @@ def compare(name: str, sides: dict[str, list[str]], trees: dict[str, Path], outs
         ratio = statistics.median(s / r for s, r in zip(seconds[side], seconds[reference]))
         items = [(task, item) for task in made[reference] for item in made[reference][task]]
         same = sum(made[side].get(task, {}).get(item) == made[reference][task][item] for task, item in items)
-        rows.append((name, side, f"{statistics.median(seconds[side]):.1f}", f"{ratio:.3f}", f"{same}/{len(items)}"))
+        rows.append((name, side, f"{statistics.median(seconds[side]):.1f}", f"{ratio:.3f}",
+                     f"{same}/{len(items)}{thinking(outs[side])}"))
     return rows
 
 
@@ -146,7 +155,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--exit", default="kl:0.05", help="the exit rule of the export part's third side")
+    parser.add_argument("--exit", default="kl:0.05,latent:0.3",
+                        help="comma-separated exit rules, one more side each in the export part")
     parser.add_argument("--looped", type=Path, default=None, help="a tied looped folder for the export part")
     parser.add_argument("--parts", default="harness,tasks,export")
     parser.add_argument("--worker", choices=("harness", "loopreg"), help=argparse.SUPPRESS)
@@ -176,8 +186,10 @@ def main() -> None:
                      str(looped)])
             unrolled = work / "unrolled"
             run([sys.executable, "-m", "loopreg.cli", "export", str(looped), "--unroll", "--out", str(unrolled)])
+            rules = [rule for rule in args.exit.split(",") if rule]
             outs = {"loopreg eval": work / "tied" / "r.json", "lm_eval hf (unrolled)": work / "hf" / "r.json",
-                    f"loopreg eval --exit {args.exit}": work / "exit" / "r.json"}
+                    **{f"loopreg eval --exit {rule}": work / f"exit{index}" / "r.json"
+                       for index, rule in enumerate(rules)}}
             tasks = ",".join(f"loopreg_{task}" for task in args.tasks.split(","))
             sides = {"loopreg eval": loopreg_eval(looped, args.tasks, args.limit, args.batch_size,
                                                   outs["loopreg eval"]),
@@ -187,9 +199,9 @@ def main() -> None:
                          str(args.batch_size), "--include_path", str(ROOT / "evals" / "lm_eval_tasks"), "--tasks",
                          tasks, "--limit", str(args.limit), "--log_samples", "--output_path",
                          str(outs["lm_eval hf (unrolled)"].parent)],
-                     f"loopreg eval --exit {args.exit}": loopreg_eval(
-                         looped, args.tasks, args.limit, args.batch_size, outs[f"loopreg eval --exit {args.exit}"],
-                         "--exit", args.exit)}
+                     **{f"loopreg eval --exit {rule}": loopreg_eval(
+                         looped, args.tasks, args.limit, args.batch_size, outs[f"loopreg eval --exit {rule}"],
+                         "--exit", rule) for rule in rules}}
             rows += compare("export", sides, {}, outs, args.repeats, "loopreg eval")
     from loopreg.tables import print_table
 
