@@ -98,18 +98,22 @@ if _DYNAMIC_LAYER is not None:
 class _GrowingCache(DynamicCache):
     """transformers 4.53's ``DynamicCache`` (per-layer tensor lists, no layer objects) growing by :func:`_append`."""
 
+    def __init__(self, capacity: int = 0) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self._buffers: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.key_cache) <= layer_idx:  # a slot first written after a later one (layers skipped by exit)
             self.key_cache.append(torch.tensor([]))
             self.value_cache.append(torch.tensor([]))
-        buffers = self.__dict__.setdefault("_buffers", {})
-        key_buffer, value_buffer = buffers.get(layer_idx, (None, None))
-        capacity = self.__dict__.get("_capacity", 0)
-        key_buffer, self.key_cache[layer_idx] = _append(key_buffer, self.key_cache[layer_idx], key_states, capacity)
+        key_buffer, value_buffer = self._buffers.get(layer_idx, (None, None))
+        key_buffer, self.key_cache[layer_idx] = _append(key_buffer, self.key_cache[layer_idx], key_states,
+                                                        self.capacity)
         value_buffer, self.value_cache[layer_idx] = _append(value_buffer, self.value_cache[layer_idx], value_states,
-                                                            capacity)
-        buffers[layer_idx] = key_buffer, value_buffer
+                                                            self.capacity)
+        self._buffers[layer_idx] = key_buffer, value_buffer
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
 
@@ -119,9 +123,7 @@ def lazy_cache(capacity: int = 0) -> Any:
     without a config it is lazy in every version. ``capacity``: the positions a buffer starts with (when known, as
     in ``generate``). Cache layers became objects (``DynamicLayer``) in 4.56."""
     if _DYNAMIC_LAYER is None:
-        cache = _GrowingCache()
-        cache.__dict__["_capacity"] = capacity
-        return cache
+        return _GrowingCache(capacity)
     cache = DynamicCache()
     # what a lazy DynamicCache appends per new slot (4.56+), called without arguments
     cache.layer_class_to_replicate = functools.partial(_GrowingLayer, capacity) if capacity else _GrowingLayer
