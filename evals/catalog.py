@@ -12,7 +12,8 @@ Results and reports use the short names (``svamp``, ``math_word``).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,9 @@ _Loader.add_constructor("!function", lambda loader, node: loader.construct_scala
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """A task of the folder: its short name, title, group, metric and chance score.
+    """A task of the folder: its short name, title, group, metric, chance score and data (``dataset_kwargs``).
 
-    Example: ``TaskInfo("svamp", "SVAMP", "math_word", "numeric", 0.0)``
+    Example: ``TaskInfo("svamp", "SVAMP", "math_word", "numeric", 0.0, {"local": "math_word/svamp.jsonl"})``
     """
 
     name: str
@@ -45,6 +46,12 @@ class TaskInfo:
     group: str
     metric: str
     random_baseline: float
+    data: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def missing_data(self) -> str | None:
+        """Why this task's data cannot be read now (one line naming the file and ``$LOOPREG_EVALDATA``), or None:
+        the folder's own ``utils.missing_data``, so the check is the one lm-eval's run makes."""
+        return _task_utils().missing_data(**self.data)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,15 @@ class GroupSpec:
     name: str
     title: str
     tasks: list[str]
+
+
+@functools.lru_cache(maxsize=1)
+def _task_utils() -> Any:
+    """The task folder's ``utils.py`` as a module (it is package data, not a package: lm-eval imports it by path)."""
+    spec = importlib.util.spec_from_file_location("loopreg_lm_eval_task_utils", TASK_DIR / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -81,7 +97,7 @@ def _folder(folder: Path) -> tuple[dict[str, TaskInfo], dict[str, GroupSpec]]:
         meta = data.get("metadata") or {}
         process = str(data.get("process_results", "")).rpartition(".process_")[2]
         tasks[name] = TaskInfo(name, str(meta.get("title", name)), str(meta.get("group", "")), process or "score",
-                               float(meta.get("random_baseline", 0.0)))
+                               float(meta.get("random_baseline", 0.0)), dict(data.get("dataset_kwargs") or {}))
     for group in groups.values():
         unknown = [task for task in group.tasks if task not in tasks]
         if unknown:

@@ -53,8 +53,9 @@ def task_manager(include_path: tuple[str, ...] = (), defaults: bool = True) -> A
 
 def resolve_tasks(names: Sequence[str], include_path: Sequence[str] = ()) -> tuple[list[str], Any]:
     """The lm-eval task names that ``names`` ask for, in order, without repeats, and a :func:`task_manager` that
-    loads them all: a loopreg group expands to its tasks; a short loopreg name gets its prefix; any other name must
-    be a task, group or tag of ``include_path`` or of lm-eval (a one-line :class:`~loopreg.errors.UserError` with a
+    loads them all: a loopreg group expands to its tasks; a short loopreg name gets its prefix (a one-line
+    :class:`~loopreg.errors.UserError` when its data file is absent: a group reports such a task missing instead);
+    any other name must be a task, group or tag of ``include_path`` or of lm-eval (a one-line error with a
     did-you-mean over all of them otherwise). lm-eval's own index is built only for a name that needs it.
 
     >>> resolve_tasks(["closed_book", "svamp"])[0][-1]
@@ -69,6 +70,9 @@ def resolve_tasks(names: Sequence[str], include_path: Sequence[str] = ()) -> tup
         if short in groups:
             resolved += [PREFIX + task for task in groups[short].tasks]
         elif short in tasks:
+            problem = tasks[short].missing_data()
+            if problem is not None:  # named on its own; through a group it is reported missing instead
+                raise UserError(problem)
             resolved.append(PREFIX + short)
         elif name in manager.all_tasks or name in (manager := task_manager(include)).all_tasks:
             resolved.append(name)

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 VOCAB = string.ascii_lowercase + string.digits + " =?,\n()"
 PRIMITIVES = ["primitives_code_d0", "primitives_math_d0", "primitives_code_d1", "primitives_math_d1"]
+MATH_WORD = ["svamp", "asdiv", "mawps_addsub", "mawps_multiarith", "mawps_singleeq", "mawps_singleop"]
 
 
 def model_folder(tmp_path: Path, spec: str = "2x2") -> Path:
@@ -46,13 +47,15 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sweep(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``loopreg eval`` at loop counts 1 and 3 over the primitives group and DROP (not in the offline pack)."""
+    """``loopreg eval`` at loop counts 1 and 3 over the primitives group (generated) and the math-word group, whose
+    files are not in the (empty) pack given."""
     out = tmp_path_factory.mktemp("eval") / "m.json"
+    empty = tmp_path_factory.mktemp("empty_pack")
     from loopreg.cli import main
 
     with pytest.raises(SystemExit) as exited:
-        main(["eval", str(folder), "--groups", "reasoning_primitives", "--tasks", "drop", "--loops", "1,3",
-              "--limit", "4", "--batch-size", "2", "--out", str(out)])
+        main(["eval", str(folder), "--groups", "reasoning_primitives,math_word", "--loops", "1,3", "--limit", "4",
+              "--batch-size", "2", "--data-dir", str(empty), "--out", str(out)])
     assert exited.value.code == 0
     return out
 
@@ -63,7 +66,7 @@ def test_results_files_per_loop_count(sweep: Path) -> None:
         assert data["schema"] == "loopreg.eval/1"
         assert (data["model"], data["spec"], data["loops"]) == (f"model@loops{loops}", f"2x{loops}", loops)
         assert (data["params_units"], data["flops_units"]) == (2, 2 * loops)
-        assert set(data["tasks"]) == {*PRIMITIVES, "drop"}
+        assert set(data["tasks"]) == {*PRIMITIVES, *MATH_WORD}
         for task in PRIMITIVES:
             entry = data["tasks"][task]
             assert (entry["n"], entry["metric"], entry["group"], entry["missing"]) == (4, "exact",
@@ -72,13 +75,13 @@ def test_results_files_per_loop_count(sweep: Path) -> None:
             # the score is the mean of the per-sample scores lm-eval logged beside it
             assert entry["score"] == pytest.approx(sum(s["score"] for s in samples(
                 sweep.with_name(f"m_loops{loops}.json"), task).values()) / 4)
-        drop = data["tasks"]["drop"]
-        assert drop["score"] is None and "drop.jsonl: data file not found" in drop["missing"]
-        assert "$LOOPREG_EVALDATA" in drop["missing"]
+        svamp = data["tasks"]["svamp"]
+        assert svamp["score"] is None and "math_word/svamp.jsonl: data file not found" in svamp["missing"]
+        assert "$LOOPREG_EVALDATA" in svamp["missing"]
         group = data["groups"]["reasoning_primitives"]
         assert group["score"] == pytest.approx(sum(data["tasks"][t]["score"] for t in PRIMITIVES) / 4)
         assert (group["n_tasks"], group["n_defined"], group["missing"]) == (4, 4, [])
-        assert data["groups"]["open_book"]["missing"] == ["tydiqa_goldp", "squad_v2", "drop", "quac", "coqa"]
+        assert (data["groups"]["math_word"]["score"], data["groups"]["math_word"]["missing"]) == (None, MATH_WORD)
 
 
 def test_the_loop_count_reaches_the_generations(sweep: Path) -> None:
@@ -146,6 +149,7 @@ metric_list:
     ("loops_text", "--loops: '1,x' is not a comma-separated list of integers"),
     ("unwritable_out", "cannot write"),
     ("data_dir", "--data-dir: "),
+    ("named_task_without_data", "drop.jsonl: data file not found (set $LOOPREG_EVALDATA to the eval pack"),
 ])
 def test_user_errors_are_one_line_and_write_nothing(case: str, expected: str, folder: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
@@ -156,7 +160,8 @@ def test_user_errors_are_one_line_and_write_nothing(case: str, expected: str, fo
             "limit_zero": ["--tasks", "svamp", "--limit", "0"], "limit_text": ["--tasks", "svamp", "--limit", "lots"],
             "loops_on_plain": ["--tasks", "svamp", "--loops", "2"],
             "loops_text": ["--tasks", "svamp", "--loops", "1,x"], "unwritable_out": ["--tasks", "svamp"],
-            "data_dir": ["--tasks", "svamp", "--data-dir", str(tmp_path / "no")]}[case]
+            "data_dir": ["--tasks", "svamp", "--data-dir", str(tmp_path / "no")],
+            "named_task_without_data": ["--tasks", "svamp,drop"]}[case]
     model = tiny_llama(tmp_path / "llama") if case == "loops_on_plain" else folder
     if case == "unwritable_out":
         out = blocker / "r.json"  # a file where its folder should be

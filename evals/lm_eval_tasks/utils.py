@@ -134,6 +134,24 @@ def _unique(task: str, items: list[dict[str, Any]], origin: str) -> list[dict[st
     return items
 
 
+def _local_path(local: str | None) -> Path | None:
+    root = data_dir()
+    return root / local if root is not None and local else None
+
+
+def missing_data(name: str, local: str | None = None, hub: Mapping[str, Any] | None = None,
+                 generator: Mapping[str, Any] | None = None, **_other: Any) -> str | None:
+    """Why the task's data cannot be read, in one line naming the file and ``$LOOPREG_EVALDATA`` (its file is not in
+    the pack, and the hub is not allowed), or ``None``; takes a task's ``dataset_kwargs`` (``name``: the task's)."""
+    path = _local_path(local)
+    if generator is not None or (path is not None and path.is_file()) or \
+            (hub is not None and os.environ.get(ALLOW_HUB_ENV) == "1"):
+        return None
+    where = path or f"<{DATA_DIR_ENV} unset and no ../shared/evaldata>/{local}"
+    return (f"task {name}: {where}: data file not found (set ${DATA_DIR_ENV} to the eval pack"
+            + (f", or {ALLOW_HUB_ENV}=1 to read {hub['path']} from the hub)" if hub else ")"))
+
+
 def read_items(task: str, template: str, local: str | None = None, hub: Mapping[str, Any] | None = None,
                generator: Mapping[str, Any] | None = None, fields: Mapping[str, str | None] | None = None,
                split: str | None = None) -> list[dict[str, Any]]:
@@ -141,17 +159,15 @@ def read_items(task: str, template: str, local: str | None = None, hub: Mapping[
     if generator is not None:
         split = split or generator.get("split", "test")
         return _unique(task, _generated(task, generator, split), f"generator:{generator['task']}[{split}]")
+    problem = missing_data(task, local, hub)
+    if problem is not None:
+        raise TaskDataMissing(problem)
     uses_context = "context" in _template_fields(template)
-    root = data_dir()
-    path = root / local if root is not None and local else None
+    path = _local_path(local)
     if path is not None and path.is_file():
         rows, origin, fields = _jsonl(task, path), str(path), {**LOCAL_FIELDS, **(fields or {})}
-    elif hub is not None and os.environ.get(ALLOW_HUB_ENV) == "1":
-        rows, origin, fields = _hub(hub), f"hub:{hub['path']}[{hub['split']}]", hub.get("fields", {})
     else:
-        where = path or f"<{DATA_DIR_ENV} unset and no ../shared/evaldata>/{local}"
-        raise TaskDataMissing(f"task {task}: {where}: data file not found (set ${DATA_DIR_ENV} to the eval pack"
-                            + (f", or {ALLOW_HUB_ENV}=1 to read {hub['path']} from the hub)" if hub else ")"))
+        rows, origin, fields = _hub(hub), f"hub:{hub['path']}[{hub['split']}]", hub.get("fields", {})
     return _unique(task, [_item(task, fields, row, n, origin, uses_context) for n, row in rows], origin)
 
 
