@@ -168,14 +168,14 @@ def cli_main(argv: list[str]) -> int:
 
 def _run(args: argparse.Namespace, names: list[str], exit_rule: ExitRule | None, loop_counts: list[int | None],
          seeds: list[int | None]) -> int:
-    from .lm_eval_model import LoopregLM, load_model
+    from .lm_eval_model import LoopregLM, load_model, model_name
     from .run import evaluate, resolve_tasks
 
     include_path = [str(args.include_path)] if args.include_path else []
     resolve_tasks(names, include_path)  # an unknown name fails before the (slow) model load
     _check_writable(args.out, "--out")  # so does an unwritable --out
     model, tokenizer = load_model(args.model)
-    name = Path(args.model).stem if args.model.endswith(".gguf") else Path(args.model).name
+    name = model_name(args.model)
     # every loop count is checked (a plain or untied model cannot take one) before the first runs
     lms = [LoopregLM(model, loops=loops, tokenizer=tokenizer, device=args.device, dtype=args.dtype,
                      exit=exit_rule, kv_policy=args.kv_policy, name=name, batch_size=args.batch_size,

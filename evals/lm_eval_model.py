@@ -31,7 +31,7 @@ from loopreg.surgery.core import distinct_param_count
 
 from .report import ModelInfo
 
-__all__ = ["LoopregLM", "check_loop_override", "hf_tokenizer", "load_model", "model_info"]
+__all__ = ["LoopregLM", "check_loop_override", "hf_tokenizer", "load_model", "model_info", "model_name"]
 
 
 def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerBase:
@@ -55,6 +55,16 @@ def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerBase:
         raw.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
     return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, bos_token=bos, pad_token=find("<pad>") or eos,
                                    padding_side="left")
+
+
+def model_name(source: str | Path) -> str:
+    """A model's name in results and reports: a GGUF file's stem, a folder's or hub id's last part.
+
+    >>> model_name("x/SmolLM2-135M-Instruct.Q4_1.gguf")
+    'SmolLM2-135M-Instruct.Q4_1'
+    """
+    path = Path(source)
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def load_model(source: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -141,7 +151,7 @@ class LoopregLM(HFLM):
         if isinstance(pretrained, (str, Path)):
             model, loaded = load_model(pretrained)
             tokenizer = tokenizer or loaded
-            name = name or (Path(pretrained).stem if str(pretrained).endswith(".gguf") else Path(pretrained).name)
+            name = name or model_name(pretrained)
         if tokenizer is None:
             raise ValueError("LoopregLM: a loaded model needs its tokenizer (tokenizer=...)")
         exit = ExitRule.parse(exit) if isinstance(exit, str) else exit

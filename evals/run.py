@@ -88,13 +88,12 @@ def _short(task: str) -> str:
     return short if short in load_tasks() else task
 
 
-def _data_problem(err: BaseException) -> tuple[str, bool] | None:
-    """``(one line, missing)`` when building a task failed on its data (the task folder's ``TaskDataError``, a class
-    lm-eval imported from the folder's ``utils.py``; ``TaskDataMissing``: the file is not in the pack), else None."""
+def _data_error(err: BaseException | None) -> str | None:
+    """The one line of the task folder's ``TaskDataError`` (malformed data) behind ``err``, else None: its class is
+    the one lm-eval imported from the folder's ``utils.py`` by path, so it is known by name."""
     while err is not None:
-        kinds = {cls.__name__ for cls in type(err).__mro__}
-        if "TaskDataError" in kinds:
-            return str(err), "TaskDataMissing" in kinds
+        if any(cls.__name__ == "TaskDataError" for cls in type(err).__mro__):
+            return str(err)
         err = err.__cause__ or err.__context__
     return None
 
@@ -147,18 +146,19 @@ def evaluate(lm: Any, names: Sequence[str], *, limit: int | float | None = None,
     usage: dict[str, LoopUsage] = {}
     for name in resolved:
         short = _short(name)
+        problem = load_tasks()[short].missing_data() if short != name else None
+        if problem is not None:  # a task of a group whose file is not in the pack (named alone: resolve_tasks refused)
+            scores[short] = _missing(name, problem)
+            if progress:
+                progress(f"{short}: missing ({problem})")
+            continue
         try:
             built = manager.load([name])["tasks"]
-        except Exception as err:  # a task's data loader runs here: only a data problem is a missing task
-            problem = _data_problem(err)
-            if problem is None:
+        except Exception as err:  # a task's data loader runs here: malformed data is the user's
+            line = _data_error(err)
+            if line is None:
                 raise
-            if not problem[1] or short == name:  # malformed data, or the file of another folder's task
-                raise UserError(problem[0]) from None
-            scores[short] = _missing(name, problem[0])
-            if progress:
-                progress(f"{short}: missing ({problem[0]})")
-            continue
+            raise UserError(line) from None
         if lm.exit_stats is not None:
             lm.exit_stats = ExitStats()
         out = lm_eval.simple_evaluate(model=lm, tasks=list(built.values()), task_manager=manager, limit=limit,

@@ -33,10 +33,6 @@ class TaskDataError(ValueError):
     """A task's data is missing or malformed; ``str()`` is one line naming the task, the file and the line."""
 
 
-class TaskDataMissing(TaskDataError):
-    """A task's data file is not in the pack (and the hub is not allowed): the task is reported missing."""
-
-
 # ------------------------------------------------------------------------------------------------- data
 def data_dir() -> Path | None:
     """``$LOOPREG_EVALDATA``, else the first ``../shared/evaldata`` next to the working directory or the checkout
@@ -161,7 +157,7 @@ def read_items(task: str, template: str, local: str | None = None, hub: Mapping[
         return _unique(task, _generated(task, generator, split), f"generator:{generator['task']}[{split}]")
     problem = missing_data(task, local, hub)
     if problem is not None:
-        raise TaskDataMissing(problem)
+        raise TaskDataError(problem)
     uses_context = "context" in _template_fields(template)
     path = _local_path(local)
     if path is not None and path.is_file():
