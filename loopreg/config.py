@@ -57,7 +57,7 @@ class TokenizerSection:
 @dataclass
 class DataSection:
     # an entry of loopreg.registry.DATA_KINDS: text | mds (pre-tokenized shards) | synthetic | paired (CoT/latent
-    # problems for cot_distillation)
+    # problems for cot_distillation) | mixture (weighted text and synthetic sources in one packed stream)
     kind: str = "text"
     # text: a hub dataset id, or a local file / folder of .txt, .jsonl, .json or .parquet files; mds: a folder or
     # remote URI of MDS shards (loopreg data prepare)
@@ -69,6 +69,9 @@ class DataSection:
     # synthetic / paired: a task from loopreg.data.synthetic with its knobs (paired: or a JSONL source)
     task: Optional[str] = None
     task_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # mixture: name -> a text or synthetic data section of its own, with a weight (loopreg.data.mixture)
+    sources: Dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0  # a mixture source's share (relative to the other sources' weights)
     # eval_data only: named eval sets, each overriding task knobs (e.g. {n24: {n_operands: 24}})
     eval_variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     eval_size: int = 1024  # sequences (text, mds) or examples (synthetic) in the fixed eval set

@@ -1,47 +1,110 @@
-"""``loopreg reproduce``: every row of the paper's synthetic tables (Tables 1–2) at CPU-mini scale.
+"""``loopreg reproduce``: the paper's tables at CPU-mini scale, every row at several seeds, resumable.
 
-Each row trains the task's CPU-mini recipe (``recipes/cpu_{addition,phop,igsm}.yaml``) with the row's
-loop spec, then ``docs/REPRODUCTION.md`` puts our accuracies beside the paper's.
+* ``addition``, ``phop``, ``igsm``: the synthetic Tables 1–2; each row trains the task's CPU-mini recipe
+  (``recipes/cpu_{addition,phop,igsm}.yaml``) with the row's loop spec, beside the paper's accuracies.
+* ``lm_mini``: Table 3 / Fig. 1 in miniature (``recipes/lm_mini.yaml``): byte-level LMs pretrained on a mixture
+  of Wikipedia and reasoning documents, scored on held-out perplexity and held-out problems: non-looped
+  baselines, looped and middle-looped models, the untied model under the cosine regularizer (Table 4), and a
+  RandomLoops model swept over loop counts 1–8 for the depth scaling law.
 
-    loopreg reproduce --out runs/repro                  # all three tables, each at its own step budget
-    loopreg reproduce --tasks phop --steps 1500         # one table, shorter runs
-    loopreg reproduce --tasks igsm --rows 8x1,1x8 &     # split a table over processes: same --out,
-    loopreg reproduce --tasks igsm --rows 1x1,1x2 &     # rows merge into one results.json
+``docs/REPRODUCTION.md`` is rendered from ``OUT/results.json`` (mean ± std over seeds, each table dated and
+with its command), and ``lm_mini`` also draws reasoning against perplexity and the log-depth fits.
+
+    loopreg reproduce --out runs/repro                            # every table, 3 seeds, each its own budget
+    loopreg reproduce --tables lm_mini --seeds 3 --rows 8x1,2x4 &    # split a table over processes: same --out,
+    loopreg reproduce --tables lm_mini --seeds 3 --rows 4x1,4x2 &    # rows merge into one results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import fcntl
 import json
+import math
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loopreg.config import load_recipe
 from loopreg.errors import UserError
 from loopreg.spec import LoopSpec
 
-__all__ = ["TABLES", "reproduce", "cli_main"]
+__all__ = ["TABLES", "ReproTable", "reproduce", "render_markdown", "cli_main"]
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SEED = 17  # the first seed of every table; --seeds N runs SEED .. SEED+N-1
 
 
 @dataclass(frozen=True)
-class PaperTable:
-    """One synthetic table: its CPU-mini recipe, our eval columns and the paper's rows."""
+class ReproTable:
+    """One reproduced table: its CPU-mini recipe, its rows (id -> recipe overrides) and what it reports.
+
+    ``columns`` are result keys: an evaluator label (its answer exact match, %) or ``<label>_ppl`` (its
+    perplexity). ``more_loops`` re-evaluates a row at another loop count after training (keys get
+    ``@<loops>``); ``loop_sweep`` does so at each of several counts (the scaling law of one model).
+    """
 
     title: str
     recipe: str
-    mini_columns: tuple[str, ...]  # our Composer evaluator labels
-    paper_columns: tuple[str, ...]
-    paper_rows: dict[str, tuple[float, ...]]  # spec -> the paper's accuracies (%)
-    mini_note: str
+    note: str
     steps: int  # the CPU-mini training budget per row (``--steps`` overrides it)
+    rows: dict[str, tuple[str, ...]]
+    columns: tuple[str, ...]
+    paper_columns: tuple[str, ...] = ()
+    paper_rows: dict[str, tuple[float, ...]] = field(default_factory=dict)  # row -> the paper's values (%)
+    labels: dict[str, str] = field(default_factory=dict)  # row -> its name in the table (default: from its spec)
+    more_loops: dict[str, int] = field(default_factory=dict)
+    loop_sweep: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def label(self, row: str) -> str:
+        if row in self.labels:
+            return self.labels[row]
+        spec = LoopSpec.parse(row)
+        return f"{'Loop' if spec.is_looped else 'Base'} {spec.paper_label}"
 
 
-TABLES: dict[str, PaperTable] = {
-    "addition": PaperTable(
+def _paper_table(title: str, recipe: str, columns: tuple[str, ...], paper_columns: tuple[str, ...],
+                 paper_rows: dict[str, tuple[float, ...]], note: str, steps: int) -> ReproTable:
+    return ReproTable(title, recipe, note, steps, {spec: (f"model.spec={spec}",) for spec in paper_rows}, columns,
+                      paper_columns, paper_rows)
+
+
+# lm_mini: the reasoning evaluators of recipes/lm_mini.yaml, in distribution and on the harder split
+REASONING = ("vars_d2", "phop_p2", "addition_n2")
+HARDER = ("vars_d4", "phop_p3", "addition_n3")
+_REG = "algorithms.loop_regularizer"
+
+
+def _regularized(spec: str, lam: int) -> tuple[str, ...]:
+    """(8⊗1) untied, pulled toward ``spec`` by the cosine regularizer with λ warmed up over the first quarter."""
+    return (f"model.spec={spec}", "model.tied=false", f"{_REG}.lambda_reg={lam}", f"{_REG}.schedule=linear_warmup",
+            f"{_REG}.t_warmup=500ba")
+
+
+LM_MINI_ROWS: dict[str, tuple[str, ...]] = {
+    **{spec: (f"model.spec={spec}",) for spec in ("2x1", "4x1", "6x1", "8x1", "2x2", "2x3", "2x4", "4x2",
+                                                  "2x(1,2,1)")},
+    **{f"reg_{spec}_l{lam}": _regularized(spec, lam) for spec in ("4x2", "2x4") for lam in (1, 10)},
+    "2x4_random": ("model.spec=2x4", "algorithms.random_loops.distribution={kind: uniform, low: 1, high: 6}"),
+}
+
+TABLES: dict[str, ReproTable] = {
+    "lm_mini": ReproTable(
+        "Reasoning against perplexity (Table 3 / Fig. 1 and Table 4 in miniature)", "lm_mini.yaml",
+        "byte-level LMs, d=64, 64-byte sequences, batch 32, pretrained on equal parts of Wikipedia passages, "
+        "3-variable assignment chains of depth 0–2, 2-hop induction over 16 letters and 2-operand 2-digit "
+        "addition; scored on `wiki_passages_heldout.jsonl` perplexity and on held-out problems, in "
+        "distribution (depth 2, 2 hops, 2 operands) and harder (depth 4, 3 hops, 3 operands)", 3000,
+        LM_MINI_ROWS, ("wiki_ppl", *REASONING, *HARDER),
+        labels={**{f"reg_{spec}_l{lam}": f"Reg (8⊗1)→{LoopSpec.parse(spec).paper_label}, λ={lam}"
+                   for spec in ("4x2", "2x4") for lam in (1, 10)},
+                "2x4_random": "Loop (2⊗1..6), RandomLoops"},
+        more_loops={"2x2": 4, "2x3": 6, "2x4": 8, "4x2": 4},
+        loop_sweep={"2x4_random": tuple(range(1, 9))}),
+    "addition": _paper_table(
         "n-ary addition (Table 1, left)", "cpu_addition.yaml", ("n2", "n3", "n4"),
         ("n=8", "n=16", "n=24", "n=32"),
         {"12x1": (100.0, 100.0, 100.0, 100.0), "1x1": (0.1, 0.1, 0.1, 0.0), "1x12": (99.9, 100.0, 99.9, 99.6),
@@ -49,12 +112,12 @@ TABLES: dict[str, PaperTable] = {
          "3x4": (100.0, 99.1, 97.0, 96.6)},
         "four 3-digit operand slots, 1–4 of them real in training (the rest 000), eval on 2, 3 and 4 real operands; "
         "d=64, lr 2e-3; paper: 2–32 operands, d=256, 200k steps", 3000),
-    "phop": PaperTable(
+    "phop": _paper_table(
         "p-hop induction (Table 1, right)", "cpu_phop.yaml", ("eval",), ("p=16", "p=32"),
         {"6x1": (99.9, 99.6), "1x1": (48.9, 49.0), "1x6": (99.9, 99.5), "2x1": (68.8, 59.4), "2x3": (99.9, 99.8),
          "3x1": (97.2, 73.0), "3x2": (99.9, 99.5)},
         "|Σ|=4, n=32, p=2, a label at every position; d=64; paper: n=256, p=16/32, d=128, 200k steps", 2000),
-    "igsm": PaperTable(
+    "igsm": _paper_table(
         "symbolic i-GSM (Table 2)", "cpu_igsm.yaml", ("eval",), ("accuracy",),
         {"8x1": (73.2,), "1x1": (24.5,), "1x2": (52.3,), "1x4": (69.9,), "1x8": (73.2,), "2x1": (54.0,),
          "2x2": (66.9,), "2x4": (73.6,), "4x1": (71.3,), "4x2": (71.6,)},
@@ -63,77 +126,267 @@ TABLES: dict[str, PaperTable] = {
 }
 
 
-def _row_label(spec: LoopSpec) -> str:
-    return f"{'Loop' if spec.is_looped else 'Base'} {spec.paper_label}"
+def _scores(trainer: Any, suffix: str = "") -> dict[str, float]:
+    """Every evaluator's answer exact match (%) and perplexity, keyed ``label`` / ``label_ppl`` (+ suffix)."""
+    scores = {}
+    for label, metrics in trainer.state.eval_metrics.items():
+        if "AnswerExactMatch" in metrics:
+            scores[label + suffix] = round(float(metrics["AnswerExactMatch"].compute()) * 100, 2)
+        if "LanguagePerplexity" in metrics and "AnswerExactMatch" not in metrics:
+            scores[f"{label}_ppl{suffix}"] = round(float(metrics["LanguagePerplexity"].compute()), 4)
+    return scores
 
 
-def train_row(table: PaperTable, spec: str, steps: int, overrides: list[str]) -> dict:
-    """Train one table row; returns its accuracies per eval column (in %)."""
+def train_row(table: ReproTable, row: str, seed: int, steps: int, overrides: list[str]) -> dict:
+    """Train one row at one seed; returns its scores (and those at the table's other loop counts)."""
     from composer.utils import reproducibility
 
     from loopreg.train import build_trainer
 
-    run_name = f"repro_{Path(table.recipe).stem.removeprefix('cpu_')}_{spec}"  # e.g. repro_igsm_1x4: one per row
-    recipe = load_recipe(RECIPES / table.recipe, [f"model.spec={spec}", f"run_name={run_name}",
+    slug = row.replace("(", "").replace(")", "").replace(",", "-")
+    run_name = f"repro_{Path(table.recipe).stem.removeprefix('cpu_')}_{slug}_s{seed}"
+    recipe = load_recipe(RECIPES / table.recipe, [*table.rows[row], f"seed={seed}", f"run_name={run_name}",
                                                   f"max_duration={steps}ba", f"eval_interval={steps}ba", *overrides])
     reproducibility.seed_all(recipe.seed)
     start = time.perf_counter()
     trainer = build_trainer(recipe)
     trainer.fit()
-    scores = {label: round(float(metrics["AnswerExactMatch"].compute()) * 100, 1)
-              for label, metrics in trainer.state.eval_metrics.items()}
+    scores = _scores(trainer)
+    model = trainer.state.model.model
+    for loops in (*table.loop_sweep.get(row, ()), *([table.more_loops[row]] if row in table.more_loops else [])):
+        model.config.loops = loops  # the forward's default loop count: the trained block run `loops` times
+        trainer.eval()
+        scores.update(_scores(trainer, f"@{loops}"))
+    model.config.loops = None
     trainer.close()
-    return {"spec": spec, "scores": [scores[c] for c in table.mini_columns],
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {"row": row, "seed": seed, "scores": scores, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def render_markdown(results: dict) -> str:
-    """``docs/REPRODUCTION.md``: our CPU-mini accuracies beside the paper's, one table per task."""
-    minutes = sum(row["seconds"] for task in results["tasks"].values() for row in task["rows"]) / 60
-    lines = ["# Reproduction of the paper's synthetic tables at CPU-mini scale", "",
-             f"Seed {results['seed']}; per-row training times (wall clock, one thread per run, runs sharing the "
-             f"machine's cores) sum to {minutes:.0f} min.", ""]
-    for name in TABLES:
-        if name not in results["tasks"]:
+# ---------------------------------------------------------------------------------------------- rendering
+def _stats(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _cell(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "—"
+    mean, std = _stats(values)
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def row_values(entry: dict, row: str, key: str) -> list[float]:
+    """``key``'s value at every seed of ``row`` (a mean over keys when ``key`` is a tuple of them)."""
+    values = []
+    for result in entry["rows"]:
+        if result["row"] != row:
             continue
-        task, table = results["tasks"][name], TABLES[name]
-        steps = task.get("steps", results.get("steps"))
-        command = task.get("command", results.get("command"))
-        lines += [f"## {table.title}", "", f"CPU-mini: {table.mini_note}; {steps} steps per model.", "",
-                  f"Command: `{command}`", ""]
-        header = ["Model", "Params/FLOPs", *[f"ours {c}" for c in table.mini_columns],
-                  *[f"paper {c}" for c in table.paper_columns]]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for row in task["rows"]:
-            spec = LoopSpec.parse(row["spec"])
-            cells = [_row_label(spec), spec.units_label.replace(" ", ""), *[f"{s:.1f}" for s in row["scores"]],
-                     *[f"{s:.1f}" for s in table.paper_rows[row["spec"]]]]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Discussion", "", results.get("discussion", "(add the discussion after reading the numbers)"), ""]
+        keys = key if isinstance(key, tuple) else (key,)
+        if all(k in result["scores"] for k in keys):
+            values.append(statistics.fmean(result["scores"][k] for k in keys))
+    return values
+
+
+def percent_gap(looped: float, iso_param: float, iso_flop: float) -> float | None:
+    """The paper's % Gap: how much of the iso-param → iso-FLOP gain the looped model closes."""
+    return None if iso_flop == iso_param else 100 * (looped - iso_param) / (iso_flop - iso_param)
+
+
+def _spec(table: ReproTable, row: str) -> LoopSpec:
+    return LoopSpec.parse(next(o.partition("=")[2] for o in table.rows[row] if o.startswith("model.spec=")))
+
+
+def _iso_rows(table: ReproTable, row: str, rows: list[str]) -> tuple[str, str] | None:
+    """The iso-param and iso-FLOP non-looped rows of a plain looped row (one spec override), when both ran."""
+    spec = _spec(table, row)
+    if len(table.rows[row]) > 1 or not spec.is_looped:
+        return None
+    iso_param, iso_flop = f"{spec.params_units}x1", f"{spec.flops_units}x1"
+    return (iso_param, iso_flop) if iso_param in rows and iso_flop in rows else None
+
+
+def _z(a: list[float], b: list[float]) -> str:
+    """The difference of two seed sets' means in units of their pooled standard deviation."""
+    if len(a) < 2 or len(b) < 2:
+        return "n/a (one seed)"
+    pooled = math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    return f"{diff:+.2f} ({diff / pooled:+.1f} σ)" if pooled > 0 else f"{diff:+.2f} (no spread)"
+
+
+def _lm_mini_markdown(entry: dict, table: ReproTable) -> list[str]:
+    rows = [row for row in table.rows if row_values(entry, row, "wiki_ppl")]
+    header = ["Model", "Params/FLOPs", "seeds", "wiki PPL", *REASONING, "reasoning", "% Gap", *HARDER, "harder",
+              "harder, 2× loops"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        spec = _spec(table, row)
+        untied = "model.tied=false" in table.rows[row]
+        units = f"{spec.flops_units}x/{spec.flops_units}x" if untied else spec.units_label.replace(" ", "")
+        gap = "—"
+        iso = _iso_rows(table, row, rows)
+        if iso:
+            means = [statistics.fmean(row_values(entry, r, REASONING)) for r in (row, *iso)]
+            value = percent_gap(*means)
+            gap = "—" if value is None else f"{value:.0f}%"
+        more = table.more_loops.get(row)
+        cells = [table.label(row), units, str(len(row_values(entry, row, "wiki_ppl"))),
+                 _cell(row_values(entry, row, "wiki_ppl"), 2), *[_cell(row_values(entry, row, k)) for k in REASONING],
+                 _cell(row_values(entry, row, REASONING)), gap, *[_cell(row_values(entry, row, k)) for k in HARDER],
+                 _cell(row_values(entry, row, HARDER)),
+                 f"{_cell(row_values(entry, row, tuple(f'{k}@{more}' for k in HARDER)))} ({more} loops)" if more else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    base = "8x1"
+    claims = []
+    for row in rows:
+        if row.startswith("reg_") and row_values(entry, base, "wiki_ppl"):
+            claims.append(f"- {table.label(row)} vs Base (8⊗1): perplexity "
+                          f"{_z(row_values(entry, row, 'wiki_ppl'), row_values(entry, base, 'wiki_ppl'))}, "
+                          f"reasoning {_z(row_values(entry, row, REASONING), row_values(entry, base, REASONING))}, "
+                          f"harder {_z(row_values(entry, row, HARDER), row_values(entry, base, HARDER))}")
+    if claims:
+        lines += ["Differences to the iso-FLOP baseline (regularized − base, in the pooled seed standard deviation):",
+                  "", *claims, ""]
+    lines += _scaling_lines(entry, table)
+    return lines
+
+
+def scaling_fits(entry: dict, table: ReproTable) -> dict[str, Any]:
+    """``Acc = α·ln D + β`` (accuracy in points) over the looped (2⊗L) rows trained at L = 1..4 and over the
+    RandomLoops model evaluated at loops 1–8, on the in-distribution and the harder reasoning means."""
+    from loopreg.evals.scaling import fit_log_depth
+
+    fits: dict[str, Any] = {}
+    family = [row for row in ("2x1", "2x2", "2x3", "2x4") if row_values(entry, row, REASONING)]
+    for name, keys in (("reasoning", REASONING), ("harder", HARDER)):
+        points = [(LoopSpec.parse(row).flops_units, value) for row in family for value in row_values(entry, row, keys)]
+        if len({depth for depth, _ in points}) >= 2:
+            fits[f"(2⊗L) trained at L, {name}"] = (points, fit_log_depth(*zip(*points)))
+        sweep = table.loop_sweep.get("2x4_random", ())
+        points = [(2 * loops, value) for loops in sweep
+                  for value in row_values(entry, "2x4_random", tuple(f"{k}@{loops}" for k in keys))]
+        if len({depth for depth, _ in points}) >= 2:
+            fits[f"RandomLoops (2⊗L) at L = 1–8, {name}"] = (points, fit_log_depth(*zip(*points)))
+    return fits
+
+
+def _scaling_lines(entry: dict, table: ReproTable) -> list[str]:
+    fits = scaling_fits(entry, table)
+    if not fits:
+        return []
+    lines = ["Depth scaling law `Acc = α·ln D + β` (D = layer applications, accuracy in points, every seed a point):",
+             "", "| fit | α | β | R² | n |", "|---|---|---|---|---|"]
+    for name, (_, fit) in fits.items():
+        r2 = "—" if fit.r2 is None else f"{fit.r2:.2f}"
+        lines.append(f"| {name} | {fit.alpha:.2f} | {fit.beta:.1f} | {r2} | {fit.n} |")
+    return [*lines, ""]
+
+
+def plot_lm_mini(entry: dict, table: ReproTable, path: Path) -> Path:
+    """Reasoning (in distribution) against held-out perplexity, mean ± std over seeds: the non-looped
+    baselines' frontier as a line, looped and regularized rows as points; a second panel the scaling fits."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    frontier_axis, scaling_axis = figure.subplots(1, 2)
+    baselines = [row for row in ("2x1", "4x1", "6x1", "8x1") if row_values(entry, row, "wiki_ppl")]
+    for index, row in enumerate(row for row in table.rows if row_values(entry, row, "wiki_ppl")):
+        ppl, acc = row_values(entry, row, "wiki_ppl"), row_values(entry, row, REASONING)
+        (x, dx), (y, dy) = _stats(ppl), _stats(acc)
+        marker = "s" if row in baselines else "^" if row.startswith("reg_") else "o"
+        frontier_axis.errorbar(x, y, xerr=dx or 0, yerr=dy or 0, fmt=marker, color=f"C{index % 10}",
+                               label=table.label(row), capsize=2)
+    if len(baselines) > 1:
+        frontier_axis.plot([_stats(row_values(entry, r, "wiki_ppl"))[0] for r in baselines],
+                           [_stats(row_values(entry, r, REASONING))[0] for r in baselines], "k--", linewidth=1,
+                           label="non-looped frontier")
+    frontier_axis.set_xlabel("held-out Wikipedia perplexity (bytes)")
+    frontier_axis.set_ylabel("reasoning accuracy, in distribution (%)")
+    frontier_axis.invert_xaxis()  # better models to the right
+    frontier_axis.legend(fontsize="xx-small", ncol=2)
+    for index, (name, (points, fit)) in enumerate(scaling_fits(entry, table).items()):
+        depths, scores = zip(*points)
+        scaling_axis.scatter(depths, scores, color=f"C{index}", s=12)
+        grid = np.geomspace(min(depths), max(depths), 50)
+        scaling_axis.plot(grid, fit.predict(grid), color=f"C{index}",
+                          label=f"{name}: α={fit.alpha:.1f}, β={fit.beta:.1f}, {fit.r2_label}")
+    scaling_axis.set_xscale("log")
+    scaling_axis.set_xlabel("effective depth D (log scale)")
+    scaling_axis.set_ylabel("accuracy (%)")
+    scaling_axis.legend(fontsize="xx-small")
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _paper_markdown(entry: dict, table: ReproTable) -> list[str]:
+    header = ["Model", "Params/FLOPs", "seeds", *[f"ours {c}" for c in table.columns],
+              *[f"paper {c}" for c in table.paper_columns]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.rows:
+        values = [row_values(entry, row, column) for column in table.columns]
+        if not values[0]:
+            continue
+        cells = [table.label(row), LoopSpec.parse(row).units_label.replace(" ", ""), str(len(values[0])),
+                 *[_cell(v) for v in values], *[f"{s:.1f}" for s in table.paper_rows[row]]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def render_markdown(results: dict, doc: Path | None = None) -> str:
+    """``docs/REPRODUCTION.md``: every table of ``results`` (mean ± std over seeds, dated, with its command)
+    and its discussion; with ``doc``, the lm_mini plot is written beside it."""
+    lines = ["# Reproduction of the paper's tables at CPU-mini scale", "",
+             "Written by `loopreg reproduce` from its results file; every number below comes from it "
+             "(`docs/reproduction_results.json`). Mean ± standard deviation over seeds.", ""]
+    for name, table in TABLES.items():
+        entry = results.get("tasks", {}).get(name)
+        if not entry or not entry["rows"]:
+            continue
+        minutes = sum(row["seconds"] for row in entry["rows"]) / 60
+        seeds = sorted({row["seed"] for row in entry["rows"]})
+        lines += [f"## {table.title}", "",
+                  f"CPU-mini: {table.note}; {entry['steps']} steps per model. Seeds {', '.join(map(str, seeds))}; "
+                  f"{minutes:.0f} min of training in all (one thread a run). Measured {entry.get('date', '—')}.", "",
+                  f"Command: `{entry['command']}`", ""]
+        if name == "lm_mini":
+            lines += _lm_mini_markdown(entry, table)
+            if doc is not None:
+                plot = plot_lm_mini(entry, table, doc.with_name("lm_mini.png"))
+                lines += [f"![reasoning against perplexity; scaling fits]({plot.name})", ""]
+        else:
+            lines += _paper_markdown(entry, table)
+        if entry.get("discussion"):
+            lines += [entry["discussion"], ""]
+    if results.get("discussion"):
+        lines += ["## Discussion", "", results["discussion"], ""]
     return "\n".join(lines)
 
 
-def _record(saved: Path, name: str, steps: int, overrides: list[str], row: dict | None = None) -> dict:
-    """Read ``OUT/results.json``, start (or keep) table ``name``'s entry, add ``row``, write it back.
+# ----------------------------------------------------------------------------------------------- running
+def _record(saved: Path, name: str, steps: int, overrides: list[str], result: dict | None = None) -> dict:
+    """Read ``OUT/results.json``, start (or keep) table ``name``'s entry, add ``result``, write it back.
 
     Each table keeps its own steps and overrides, so tables run with different budgets merge into one
-    file, and a table's rows are kept while both match (resume). The read-modify-write happens under
+    file, and a table's results are kept while both match (resume). The read-modify-write happens under
     an exclusive ``flock``, so processes that run different ``--rows`` of a table into the same
-    ``--out`` merge their rows instead of overwriting each other's.
+    ``--out`` merge their results instead of overwriting each other's.
     """
     table = TABLES[name]
     with open(saved.with_name(saved.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = json.loads(saved.read_text()) if saved.is_file() else {}
-        results["seed"] = load_recipe(RECIPES / table.recipe).seed
         entry = results.setdefault("tasks", {}).get(name, {})
         if entry.get("steps") != steps or entry.get("overrides") != overrides:
             entry = {"steps": steps, "overrides": overrides, "rows": []}
-        entry["command"] = " ".join(["loopreg reproduce", f"--tasks {name} --steps {steps}", *overrides])
-        if row is not None:
-            entry["rows"] = [old for old in entry["rows"] if old["spec"] != row["spec"]] + [row]
-            entry["rows"].sort(key=lambda item: list(table.paper_rows).index(item["spec"]))
+        entry["command"] = " ".join(["loopreg reproduce", f"--tables {name} --steps {steps}", *overrides])
+        if result is not None:
+            entry["rows"] = [old for old in entry["rows"]
+                             if (old["row"], old["seed"]) != (result["row"], result["seed"])] + [result]
+            entry["rows"].sort(key=lambda item: (list(table.rows).index(item["row"]), item["seed"]))
+            entry["date"] = datetime.date.today().isoformat()
         results["tasks"][name] = entry
         staging = saved.with_name(saved.name + ".tmp")
         staging.write_text(json.dumps(results, indent=2) + "\n")
@@ -141,56 +394,64 @@ def _record(saved: Path, name: str, steps: int, overrides: list[str], row: dict 
     return results
 
 
-def reproduce(out: Path, tasks: list[str], steps: int | None, overrides: list[str], doc: Path | None,
+def reproduce(out: Path, tables: list[str], seeds: int, steps: int | None, overrides: list[str], doc: Path | None,
               only: list[str] | None = None) -> dict:
-    """Train every row of ``tasks`` (or the specs in ``only``) not yet in ``OUT/results.json``, for ``steps``
-    steps (None: each table's own budget); write the markdown report to ``doc``.
+    """Train every row of ``tables`` (or the rows in ``only``) at seeds ``SEED .. SEED+seeds-1`` that
+    ``OUT/results.json`` does not hold yet, for ``steps`` steps (None: each table's own budget); write the
+    markdown report to ``doc``.
 
-    >>> reproduce(Path("runs/repro"), ["phop"], None, [], Path("docs/REPRODUCTION.md"))  # doctest: +SKIP
+    >>> reproduce(Path("runs/repro"), ["phop"], 3, None, [], Path("docs/REPRODUCTION.md"))  # doctest: +SKIP
     """
     from rich.console import Console
 
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "results.json"
-    for name in tasks:
+    for name in tables:
         table = TABLES[name]
         budget = steps or table.steps
-        done = {row["spec"] for row in _record(saved, name, budget, overrides)["tasks"][name]["rows"]}
-        for spec in table.paper_rows:
-            if spec in done or (only is not None and spec not in only):
-                continue
-            console.print(f"[bold]{name}[/bold] {_row_label(LoopSpec.parse(spec))} ({budget} steps)")
-            row = train_row(table, spec, budget, overrides)
-            _record(saved, name, budget, overrides, row)  # progress survives a stop
-            console.print(f"  accuracy {row['scores']} in {row['seconds']:.0f}s")
+        done = {(r["row"], r["seed"]) for r in _record(saved, name, budget, overrides)["tasks"][name]["rows"]}
+        for seed in range(SEED, SEED + seeds):
+            for row in table.rows:
+                if (row, seed) in done or (only is not None and row not in only):
+                    continue
+                console.print(f"[bold]{name}[/bold] {table.label(row)}, seed {seed} ({budget} steps)")
+                result = train_row(table, row, seed, budget, overrides)
+                _record(saved, name, budget, overrides, result)  # progress survives a stop
+                console.print(f"  {result['scores']} in {result['seconds']:.0f}s")
     results = json.loads(saved.read_text())
     if doc is not None:
         doc.parent.mkdir(parents=True, exist_ok=True)
-        doc.write_text(render_markdown(results))
+        doc.write_text(render_markdown(results, doc))
         console.print(f"wrote {doc}")
     return results
 
 
 def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loopreg reproduce", description=__doc__.splitlines()[0])
+    from loopreg.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="loopreg reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"))
-    parser.add_argument("--tasks", default="addition,phop,igsm", help="comma-separated: addition, phop, igsm")
+    parser.add_argument("--tables", "--tasks", dest="tables", default=",".join(TABLES),
+                        help=f"comma-separated: {', '.join(TABLES)} (default: all)")
+    parser.add_argument("--seeds", type=int, default=3, help=f"seeds per row, {SEED} on (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="training steps per model (default: each table's own: "
                         + ", ".join(f"{name} {table.steps}" for name, table in TABLES.items()) + ")")
     parser.add_argument("--doc", type=Path, default=Path("docs/REPRODUCTION.md"), help="markdown report path")
-    parser.add_argument("--rows", help="comma-separated loop specs to run (default: every row), e.g. to split a "
+    parser.add_argument("--rows", help="comma-separated rows to run (default: every row), e.g. to split a "
                         "table over processes that share one --out")
     parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every row")
     args = parser.parse_args(argv)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TABLES]
-    if unknown or not tasks:
-        raise UserError(f"unknown task(s) {unknown}; choose from {', '.join(TABLES)}", key="--tasks")
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown or not tables:
+        raise UserError(f"unknown table(s) {unknown}; choose from {', '.join(TABLES)}", key="--tables")
+    if args.seeds < 1:
+        raise UserError(f"must be >= 1, got {args.seeds}", key="--seeds")
     rows = None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
-    known = {spec for name in tasks for spec in TABLES[name].paper_rows}
+    known = {row for name in tables for row in TABLES[name].rows}
     if rows is not None and (not rows or set(rows) - known):
-        raise UserError(f"{sorted(set(rows) - known) or rows} not a row of {', '.join(tasks)}; choose from "
+        raise UserError(f"{sorted(set(rows) - known) or rows} not a row of {', '.join(tables)}; choose from "
                         f"{', '.join(sorted(known))}", key="--rows")
-    reproduce(args.out, tasks, args.steps, args.overrides, args.doc, rows)
+    reproduce(args.out, tables, args.seeds, args.steps, args.overrides, args.doc, rows)
     return 0

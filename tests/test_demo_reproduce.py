@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from loopreg.reproduce import TABLES, render_markdown
+from loopreg.reproduce import HARDER, REASONING, TABLES, render_markdown
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_demo_bad_flag_exits_2():
 
 @pytest.mark.slow
 def test_reproduce_resumes_and_renders(tmp_path):
-    args = [sys.executable, "-m", "loopreg.cli", "reproduce", "--tasks", "igsm", "--steps", "2", "--out",
+    args = [sys.executable, "-m", "loopreg.cli", "reproduce", "--tables", "igsm", "--seeds", "1", "--steps", "2", "--out",
             str(tmp_path), "--doc", str(tmp_path / "REPRO.md"), "eval_data.eval_size=8", "model.d_model=16",
             f"export_folder={tmp_path}/model"]
     # Two processes split the table with --rows into the same --out; their rows merge in table order.
@@ -41,28 +41,58 @@ def test_reproduce_resumes_and_renders(tmp_path):
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-2000:]
     data = json.loads((tmp_path / "results.json").read_text())
-    assert [row["spec"] for row in data["tasks"]["igsm"]["rows"]] == ["1x1", "1x8", "2x1"]
+    assert [row["row"] for row in data["tasks"]["igsm"]["rows"]] == ["1x1", "1x8", "2x1"]
     first = subprocess.run(args, capture_output=True, text=True, timeout=600)  # the remaining rows only
     assert first.returncode == 0, first.stderr[-2000:]
-    assert first.stdout.count("steps)") == len(TABLES["igsm"].paper_rows) - 3
+    assert first.stdout.count("steps)") == len(TABLES["igsm"].rows) - 3
     data = json.loads((tmp_path / "results.json").read_text())
-    assert [row["spec"] for row in data["tasks"]["igsm"]["rows"]] == list(TABLES["igsm"].paper_rows)
+    assert [row["row"] for row in data["tasks"]["igsm"]["rows"]] == list(TABLES["igsm"].rows)
+    assert {row["seed"] for row in data["tasks"]["igsm"]["rows"]} == {17}
     second = subprocess.run(args, capture_output=True, text=True, timeout=600)  # everything done: no training
     assert second.returncode == 0 and "steps)" not in second.stdout
     doc = (tmp_path / "REPRO.md").read_text()
-    assert "| Loop (1⊗8) | 1x/8x |" in doc and "73.2" in doc  # the paper's value beside ours
+    assert "| Loop (1⊗8) | 1x/8x | 1 |" in doc and "73.2" in doc  # the paper's value beside ours
 
 
 def test_reproduce_unknown_row_exits_2():
-    result = subprocess.run([sys.executable, "-m", "loopreg.cli", "reproduce", "--tasks", "phop", "--rows", "1x1,8x1"],
+    result = subprocess.run([sys.executable, "-m", "loopreg.cli", "reproduce", "--tables", "phop", "--rows", "1x1,8x1"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("error:") == 1 and "8x1" in result.stderr
 
 
 def test_render_markdown_rows():
-    results = {"seed": 17, "tasks": {"phop": {"steps": 10, "command": "loopreg reproduce --tasks phop --steps 10",
-                                              "rows": [{"spec": "1x6", "scores": [97.0], "seconds": 1.0}]}}}
+    rows = [{"row": "1x6", "seed": seed, "scores": {"eval": score}, "seconds": 1.0}
+            for seed, score in ((17, 97.0), (18, 99.0))]
+    results = {"tasks": {"phop": {"steps": 10, "command": "loopreg reproduce --tables phop --steps 10",
+                                  "date": "2026-12-06", "rows": rows}}}
     text = render_markdown(results)
-    assert "| Loop (1⊗6) | 1x/6x | 97.0 | 99.9 | 99.5 |" in text
-    assert "10 steps per model" in text and "`loopreg reproduce --tasks phop --steps 10`" in text
+    assert "| Loop (1⊗6) | 1x/6x | 2 | 98.0 ± 1.4 | 99.9 | 99.5 |" in text  # mean ± std over the two seeds
+    assert "10 steps per model" in text and "`loopreg reproduce --tables phop --steps 10`" in text
+    assert "Seeds 17, 18" in text and "Measured 2026-12-06" in text
+
+
+def lm_mini_result(row: str, seed: int, reasoning: float, ppl: float) -> dict:
+    table = TABLES["lm_mini"]
+    scores = {"wiki_ppl": ppl, **{key: reasoning for key in REASONING}, **{key: reasoning / 2 for key in HARDER}}
+    for loops in (*table.loop_sweep.get(row, ()), *([table.more_loops[row]] if row in table.more_loops else [])):
+        scores.update({f"{key}@{loops}": reasoning + loops for key in (*REASONING, *HARDER)})
+    return {"row": row, "seed": seed, "scores": scores, "seconds": 60.0}
+
+
+def test_lm_mini_renders_gaps_regularizer_deltas_scaling_fits_and_the_plot(tmp_path):
+    accuracy = {"2x1": 20.0, "4x1": 40.0, "8x1": 60.0, "2x2": 35.0, "2x4": 50.0, "reg_4x2_l10": 70.0, "2x4_random": 30.0}
+    rows = [lm_mini_result(row, seed, value + (seed - 17), 8.0 - value / 20)
+            for row, value in accuracy.items() for seed in (17, 18, 19)]
+    results = {"tasks": {"lm_mini": {"steps": 5, "command": "loopreg reproduce --tables lm_mini --steps 5",
+                                     "date": "2026-12-06", "rows": rows}}}
+    text = render_markdown(results, tmp_path / "REPRO.md")
+    line = next(line for line in text.splitlines() if line.startswith("| Loop (2⊗4) |"))
+    assert "| 2x/8x | 3 |" in line and "51.0 ± 1.0" in line  # seeds 17-19 add 0, 1, 2
+    assert "| 75% |" in line  # % Gap: (51 - 21) / (61 - 21)
+    assert "59.0 ± 1.0 (8 loops)" in line  # the harder split re-scored at 2x the trained loops
+    reg = next(line for line in text.splitlines() if line.startswith("- Reg (8⊗1)→(4⊗2), λ=10"))
+    assert "reasoning +10.00 (+10.0 σ)" in reg and "perplexity -0.50" in reg
+    assert "| (2⊗L) trained at L, reasoning | 21.64 |" in text  # 20 + 15/ln2 * ln(D/2) through three depths
+    assert "| RandomLoops (2⊗L) at L = 1–8, reasoning | 0.00 |" not in text
+    assert (tmp_path / "lm_mini.png").stat().st_size > 10_000

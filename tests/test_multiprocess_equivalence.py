@@ -1,5 +1,5 @@
 """``composer -n 2`` (gloo, CPU) gives the loss curve of one process with the same global batch, for a
-plain looped, a regularized and a middle-looped model (text and synthetic streams); and NonFiniteGuard's
+plain looped, a regularized and a middle-looped model (text, synthetic and mixture streams); and NonFiniteGuard's
 decision is collective: a NaN on rank 1 only skips the batch on both ranks.
 
 The two-rank side is this module run by the launcher (``composer -n 2 -m tests.test_multiprocess_equivalence
@@ -43,6 +43,9 @@ def cases(corpus: Path) -> dict[str, list[str]]:
                                    "algorithms.loop_regularizer.block_size=2"],
         "middle_looped_1x(1,2,1)": [*text, "model.spec=1x(1,2,1)"],
         "random_loops_1x(1,2,1)": [*text, "model.spec=1x(1,2,1)", *RANDOM_LOOPS],
+        "mixture_2x2": ["recipes/lm_mini.yaml", *COMMON, "model.spec=2x2", "model.d_model=32", "model.n_heads=2",
+                        "model.d_ff=64", "max_seq_len=32", f"train_data.sources.wiki.source={corpus}",
+                        "eval_data=null"],  # text and three synthetic sources in one packed stream
     }
 
 
@@ -124,7 +127,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -> di
 
 
 @pytest.mark.parametrize("name", ["plain_looped_1x4", "regularized_4x1_untied", "middle_looped_1x(1,2,1)",
-                                  "random_loops_1x(1,2,1)"])
+                                  "random_loops_1x(1,2,1)", "mixture_2x2"])
 def test_two_ranks_follow_the_one_process_loss_curve(two_ranks: dict, text_corpus: Path, name: str):
     recipe, *overrides = cases(text_corpus)[name]
     one, _ = train(recipe, overrides)

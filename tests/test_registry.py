@@ -35,7 +35,7 @@ def test_the_built_in_kinds_are_registered():
     from loopreg import registry
 
     assert registry.DATA_KINDS is DATA_KINDS and registry.TOKENIZERS is TOKENIZERS
-    assert sorted(DATA_KINDS) == ["mds", "paired", "synthetic", "text"]
+    assert sorted(DATA_KINDS) == ["mds", "mixture", "paired", "synthetic", "text"]
     assert sorted(TOKENIZERS) == ["byte_level", "file", "hub", "source", "synthetic"]
 
 
@@ -43,7 +43,7 @@ def test_unknown_kinds_are_one_line_did_you_mean_errors():
     with pytest.raises(RecipeError) as err:
         load_recipe(RECIPE, ["train_data.kind=txt"])
     assert str(err.value) == (f"{RECIPE}: unknown train_data.kind 'txt' (did you mean 'text'?); "
-                              "valid: mds, paired, synthetic, text")
+                              "valid: mds, mixture, paired, synthetic, text")
     with pytest.raises(RecipeError) as err:
         load_recipe(RECIPE, ["tokenizer.kind=bytelevel"])
     assert str(err.value) == (f"{RECIPE}: unknown tokenizer.kind 'bytelevel' (did you mean 'byte_level'?); valid: "

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import random
 import re
 import string
+from collections import Counter
 
 import pytest
+import torch
 
 from loopreg.data.synthetic import (
     Multiplication,
@@ -362,3 +365,43 @@ def test_multiplication_renders_the_icot_line() -> None:
     )
     task = Multiplication(digits=4)
     assert task.render_cot(task.sample(ScriptedOperands(5431, 3918))) == expected
+
+
+def test_igsm_has_no_shortcut_around_its_chain() -> None:
+    """Every constant the query reads moves its answer (no ``X − X`` cancellation), so neither the majority
+    answer nor a linear probe on shallow features (digits, signs, statement count, the query's letters)
+    beats chance on held-out problems of the CPU-mini setting (``recipes/cpu_igsm.yaml``)."""
+    from loopreg.config import load_recipe
+
+    from .conftest import REPO
+
+    task = SymbolicIGSM(**load_recipe(REPO / "recipes" / "cpu_igsm.yaml").train_data.task_kwargs)
+    sampled = list(itertools.islice(task.stream("train", seed=0), 4000))
+    for example in sampled[:300]:
+        definitions, query = parse_igsm(example.prompt)
+        for name in needed_by(definitions, query):
+            if definitions[name].isdigit():  # a constant the query reads: change it, the answer changes
+                moved = {**definitions, name: str((int(definitions[name]) + 1) % task.modulus)}
+                assert solve_igsm(moved, query, task.modulus, {}) != int(example.answer), example.prompt
+
+    def features(example) -> list[float]:
+        text, query = example.prompt, example.prompt.split()[-1]
+        return [*(text.count(d) for d in "0123456"), text.count("-"), text.count("+"), text.count(":="),
+                *(float(query[0] == c) for c in "ABCDEFGHIJKL"), *(float(query[2] == c) for c in "EFGHIJKLMNOP")]
+
+    train, test = sampled[:3000], sampled[3000:]
+    x = torch.tensor([features(e) for e in train]), torch.tensor([features(e) for e in test])
+    y = torch.tensor([int(e.answer) for e in train]), torch.tensor([int(e.answer) for e in test])
+    chance = 1 / task.modulus
+    majority = Counter(e.answer for e in train).most_common(1)[0][0]
+    assert sum(e.answer == majority for e in test) / len(test) < chance + 0.04
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x[0].shape[1], task.modulus)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.05)
+    mean, std = x[0].mean(0), x[0].std(0) + 1e-6
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(probe((x[0] - mean) / std), y[0]).backward()
+        optimizer.step()
+    accuracy = (probe((x[1] - mean) / std).argmax(-1) == y[1]).float().mean().item()
+    assert accuracy < chance + 0.05, accuracy

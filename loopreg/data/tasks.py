@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -30,9 +31,11 @@ from loopreg.data import DATA_KINDS, IGNORE_INDEX, TOKENIZERS, Data, DataKind
 from loopreg.data.resumable import ResumableStream
 from loopreg.data.synthetic import Example, SyntheticTask, build_task, char_tokenizer
 from loopreg.data.synthetic.tokenizer import BOS, EOS, PAD
+from loopreg.data.text import eos_id
 from loopreg.errors import RecipeError
 
-__all__ = ["TaskData", "AnswerExactMatch", "synthetic_dataloaders", "pad_collate", "train_examples"]
+__all__ = ["TaskData", "AnswerExactMatch", "synthetic_dataloaders", "task_evaluators", "pad_collate",
+           "train_examples"]
 
 
 @dataclass
@@ -45,6 +48,8 @@ class TaskData:
     def __post_init__(self) -> None:
         self.tokenizer = self.tokenizer or char_tokenizer(self.task.symbols)
         self.pad_id, self.bos_id, self.eos_id = (self.tokenizer.token_to_id(t) for t in (PAD, BOS, EOS))
+        if self.bos_id is None:  # a text tokenizer (a mixture): a problem is a document, after an end-of-text
+            self.pad_id = self.bos_id = self.eos_id = eos_id(self.tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -116,7 +121,7 @@ class TrainStream(ResumableStream):
             yield self.data.encode(example)
 
 
-def train_examples(task: SyntheticTask, seed: int, indices: Iterable[int], chunk_size: int = 256) -> Iterator[Example]:
+def train_examples(task: SyntheticTask, seed: int | str, indices: Iterable[int], chunk_size: int = 256) -> Iterator[Example]:
     """The train-split examples at increasing global ``indices`` of the seeded stream; each chunk of
     ``chunk_size`` examples has its own ``random.Random(f"{seed}/{chunk}")``, so jumping ahead is cheap.
 
@@ -187,9 +192,6 @@ def synthetic_dataloaders(recipe: Any, per_device: int, world_size: int, rank: i
     """:class:`~loopreg.data.Data` for ``train_data.kind: synthetic``: a train stream, one Composer
     ``Evaluator`` per eval variant and the answer exact-match metric (``pretrained``: never set, the recipe
     schema allows ``model.pretrained`` with text data only)."""
-    from composer.core import Evaluator
-    from composer.utils import dist
-
     section = recipe.train_data
     try:
         data = TaskData(build_task(section.task, **section.task_kwargs))
@@ -201,22 +203,39 @@ def synthetic_dataloaders(recipe: Any, per_device: int, world_size: int, rank: i
     collate = lambda items: pad_collate(items, data.pad_id)  # noqa: E731
     train = DataLoader(TrainStream(data, recipe.seed, rank, world_size, per_device), batch_size=per_device,
                        collate_fn=collate, num_workers=section.num_workers)
-    evaluators = []
     eval_section = recipe.eval_data or section
-    variants = eval_section.eval_variants or {"eval": {}}
-    for label, overrides in variants.items():
-        try:
-            task = build_task(eval_section.task or section.task, **{**section.task_kwargs, **eval_section.task_kwargs,
-                                                                    **overrides})
-        except (ValueError, TypeError) as err:
-            raise RecipeError(f"eval_data.eval_variants.{label}: {err}") from None
-        variant = TaskData(task, data.tokenizer)
-        dataset = FixedSet(variant, eval_section.eval_size, seed=recipe.seed + 1)
-        loader = DataLoader(dataset, batch_size=recipe.device_eval_batch_size, collate_fn=collate,
-                            sampler=dist.get_sampler(dataset, shuffle=False))
-        evaluators.append(Evaluator(label=label, dataloader=loader,
-                                    metric_names=["LanguageCrossEntropy", "AnswerExactMatch"]))
+    merged = SimpleNamespace(task=eval_section.task or section.task, eval_size=eval_section.eval_size,
+                             task_kwargs={**section.task_kwargs, **eval_section.task_kwargs},
+                             eval_variants=eval_section.eval_variants)
+    evaluators = task_evaluators(merged, data.tokenizer, recipe.device_eval_batch_size, recipe.seed + 1)
     return Data(train, evaluators, data.tokenizer, {"AnswerExactMatch": AnswerExactMatch()}, data)
+
+
+def task_evaluators(section: Any, tokenizer: Tokenizer, batch_size: int, seed: int, label: str | None = None,
+                    where: str = "eval_data") -> list[Any]:
+    """One Composer ``Evaluator`` (cross entropy and answer exact match) per eval variant of a synthetic
+    ``section`` (its ``task``, ``task_kwargs``, ``eval_variants`` and ``eval_size``): labelled by the variant
+    (``eval`` when there is none), or ``label`` / ``label_<variant>`` when ``label`` is given.
+
+    Example: ``task_evaluators(recipe.eval_data, tokenizer, 250, seed=18)``
+    """
+    from composer.core import Evaluator
+    from composer.utils import dist
+
+    evaluators = []
+    for variant, overrides in (section.eval_variants or {None: {}}).items():
+        try:
+            task = build_task(section.task, **{**section.task_kwargs, **overrides})
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"{where}.eval_variants.{variant}: {err}" if variant else f"{where}: {err}") from None
+        data = TaskData(task, tokenizer)
+        dataset = FixedSet(data, section.eval_size, seed=seed)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda items: pad_collate(items, data.pad_id),
+                            sampler=dist.get_sampler(dataset, shuffle=False))
+        name = "_".join(part for part in (label, variant) if part) or "eval"
+        evaluators.append(Evaluator(label=name, dataloader=loader,
+                                    metric_names=["LanguageCrossEntropy", "AnswerExactMatch"]))
+    return evaluators
 
 
 DATA_KINDS.register("synthetic")(DataKind(check=check_synthetic_section, build=synthetic_dataloaders))

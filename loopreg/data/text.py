@@ -211,7 +211,7 @@ class PackedText(ResumableStream):
             elif not produced:
                 raise ValueError("the text source yielded no documents")
 
-    def _windows(self) -> Iterator[list[int]]:
+    def windows(self) -> Iterator[list[int]]:
         """Every packed sequence of the shared stream: ``seq_len + 1`` tokens, overlapping by one (the last
         target is the next sequence's first input)."""
         buffer: list[int] = []
@@ -228,7 +228,7 @@ class PackedText(ResumableStream):
         target = next(wanted, None)
         if target is None:
             return
-        for index, window in enumerate(self._windows()):
+        for index, window in enumerate(self.windows()):
             if index == target:
                 tensor = torch.tensor(window, dtype=torch.long)
                 # a copy: HuggingFaceModel shifts an eval batch's labels in place

@@ -7,6 +7,14 @@ parameter is a constant ``0..modulus-1`` or a sum/difference of others, with opt
 The query needs exactly ``num_ops`` parameters (itself included); ``num_distractors`` more are defined
 from any parameters but are never needed by the query.
 
+No shortcuts: the query's value is a linear form of the constants it reads (mod ``modulus``), and a problem
+is drawn again until that form has a nonzero coefficient on every one of them and reads at least two
+(where two leaves fit: ``num_ops >= 3`` and ``max_edges >= 2``). So no chain cancels (``X − X`` is 0 whatever X is), the answer is uniform over
+``0..modulus-1`` (no majority answer to learn), and it is never a function of one digit of the prompt (a
+copy chain ``A := B. B := 5.`` is answered by the only needed constant, whatever the chain).
+``tests/test_synthetic_generators.py`` checks that a majority rule and a linear probe on shallow features
+stay at chance.
+
 Prompt: every statement ``NAME := expr.`` in scrambled order, joined by single spaces, then ``NAME?``.
 Answer: the query's value, one digit. CoT: the needed parameters in topological order (operands first,
 query last), each step written without spaces as ``X=expr=>X=v.``
@@ -81,7 +89,14 @@ class SymbolicIGSM(SyntheticTask):
         return (self.levels - 1) * self.entities_per_level**2
 
     def sample(self, rng: random.Random) -> Example:
-        """One problem: a fresh structure graph, dependency DAG, scrambled statements and the query."""
+        """One problem: a fresh structure graph, dependency DAG, scrambled statements and the query, whose
+        value depends on every constant it reads (drawn again until it does)."""
+        while True:
+            example = self._draw(rng)
+            if example is not None:
+                return example
+
+    def _draw(self, rng: random.Random) -> Example | None:
         names = self._sample_parameter_names(rng)
         needed, distractors = names[: self.num_ops], names[self.num_ops :]
         query = needed[0]
@@ -90,6 +105,9 @@ class SymbolicIGSM(SyntheticTask):
             for node, operands in enumerate(self._sample_dependency_dag(rng))
         }
         order = topological_order(definitions, query)
+        dependence = self._dependence(definitions, order)
+        if not all(dependence.values()) or len(dependence) < self._min_constants:
+            return None  # a constant cancels out, or one digit decides the answer: a shortcut around the chain
         values: dict[str, int] = {}
         heights: dict[str, int] = {}
         for name in order:
@@ -154,6 +172,26 @@ class SymbolicIGSM(SyntheticTask):
             coefficient = rng.randrange(2, self.modulus) if rng.random() < self.coefficient_rate else 1
             terms.append((sign, coefficient, operand))
         return terms
+
+    @property
+    def _min_constants(self) -> int:
+        """Constants the query must read: two where the dependency tree can have two leaves."""
+        return 2 if self.num_ops >= 3 and self.max_edges >= 2 else 1
+
+    def _dependence(self, definitions: dict[str, Definition], order: list[str]) -> dict[str, int]:
+        """The query's coefficient (mod ``modulus``) on each constant it reads: its value as a linear form."""
+        forms: dict[str, dict[str, int]] = {}
+        for name in order:  # operands first
+            definition = definitions[name]
+            if isinstance(definition, int):
+                forms[name] = {name: 1}
+                continue
+            form: dict[str, int] = {}
+            for sign, coefficient, operand in definition:
+                for constant, weight in forms[operand].items():
+                    form[constant] = (form.get(constant, 0) + sign * coefficient * weight) % self.modulus
+            forms[name] = form
+        return forms[order[-1]]
 
     def _evaluate(self, definition: Definition, values: dict[str, int]) -> int:
         if isinstance(definition, int):

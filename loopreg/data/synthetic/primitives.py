@@ -1,8 +1,11 @@
-"""Reasoning primitives (paper Sec. 3.2, from Saunshi et al. 2024): variable assignment, depth 0 and 1.
+"""Reasoning primitives (paper Sec. 3.2, from Saunshi et al. 2024): variable assignment at any depth.
 
 ``num_variables`` constants get values in ``[min_value, max_value]`` and the names ``a, b, c, ..``.
-Depth 0 queries one of them. Depth 1 then assigns one alias per constant (the next letters, pointing
-at the constants in shuffled order) and queries an alias. Two surface formats:
+Depth 0 queries one of them. Each further level of depth assigns one alias per variable of the level
+before (the next letters, pointing at that level in shuffled order), and the query names a variable of
+the last level, so answering takes ``depth`` pointer hops. The paper's primitives are depths 0 and 1;
+deeper chains (a tuple of depths mixes them) are the multi-step reasoning documents of the pretraining
+mixture (``recipes/lm_mini.yaml``). Two surface formats:
 
 * ``fmt="math"``: ``a=1, b=2, c=6, b=?`` -> ``2``; depth 1: ``a=1, b=2, c=a, d=b, d=?`` -> ``2``.
 * ``fmt="code"``: one Python statement per line, ending in a newline, so the answer is what the
@@ -32,7 +35,7 @@ _FORMAT_SYMBOLS = {"math": "=, ?", "code": " =\nprint()"}
 
 @dataclass(frozen=True)
 class VariableAssignment(SyntheticTask):
-    """Depth-0/1 variable-assignment problems in math or code notation.
+    """Variable-assignment problems of ``depth`` hops (an int, or a tuple to draw from) in math or code notation.
 
     >>> VariableAssignment(depth=1, num_variables=2).sample(random.Random(0)).prompt
     'a=6, b=6, c=a, d=b, d=?'
@@ -40,7 +43,7 @@ class VariableAssignment(SyntheticTask):
 
     name: ClassVar[str] = "primitives"
 
-    depth: int = 0
+    depth: int | tuple[int, ...] = 0
     fmt: Literal["math", "code"] = "math"
     num_variables: int = 3
     min_value: int = 0
@@ -48,37 +51,43 @@ class VariableAssignment(SyntheticTask):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_knob(self.depth in (0, 1), self.name, "depth", self.depth, "must be 0 or 1")
+        if not isinstance(self.depth, (int, tuple)):  # a recipe's YAML list
+            object.__setattr__(self, "depth", tuple(self.depth))
+        check_knob(all(isinstance(d, int) and d >= 0 for d in self.depths) and self.depths, self.name, "depth",
+                   self.depth, "must be an int >= 0 or a non-empty list of them")
         check_knob(self.fmt in _ANSWER_GAP, self.name, "fmt", self.fmt, f"expected one of {sorted(_ANSWER_GAP)}")
-        names_needed = self.num_variables * (self.depth + 1)
+        names_needed = self.num_variables * (max(self.depths) + 1)
         check_knob(self.num_variables >= 1 and names_needed <= 26, self.name, "num_variables", self.num_variables,
                    "needs num_variables >= 1 and num_variables * (depth + 1) <= 26 single-letter names")
         check_knob(self.min_value >= 0, self.name, "min_value", self.min_value, "must be >= 0")
         check_knob(self.max_value >= self.min_value, self.name, "max_value", self.max_value, "must be >= min_value")
 
     @property
+    def depths(self) -> tuple[int, ...]:
+        return self.depth if isinstance(self.depth, tuple) else (self.depth,)
+
+    @property
     def num_problems(self) -> int:
         """How many distinct problems the knobs allow (values x alias permutations x query choices)."""
         value_choices = (self.max_value - self.min_value + 1) ** self.num_variables
-        alias_choices = math.factorial(self.num_variables) if self.depth == 1 else 1
-        return value_choices * alias_choices * self.num_variables
+        return sum(value_choices * math.factorial(self.num_variables) ** depth * self.num_variables
+                   for depth in self.depths)
 
     def sample(self, rng: random.Random) -> Example:
         """One problem; the answer is the queried variable's value."""
+        depth = rng.choice(self.depth) if isinstance(self.depth, tuple) else self.depth
         count = self.num_variables
-        constants = list(string.ascii_lowercase[:count])
-        values = {name: str(rng.randint(self.min_value, self.max_value)) for name in constants}
+        level = list(string.ascii_lowercase[:count])
+        values = {name: str(rng.randint(self.min_value, self.max_value)) for name in level}
         assignments = list(values.items())
-        if self.depth == 0:
-            query = rng.choice(constants)
-            answer = values[query]
-        else:
-            aliases = string.ascii_lowercase[count : 2 * count]
-            targets = rng.sample(constants, count)
+        for hop in range(1, depth + 1):
+            aliases = string.ascii_lowercase[hop * count : (hop + 1) * count]
+            targets = rng.sample(level, count)
             assignments += list(zip(aliases, targets))
-            query = rng.choice(aliases)
-            answer = values[targets[aliases.index(query)]]
-        return Example(prompt=self._render(assignments, query), answer=answer)
+            values.update((alias, values[target]) for alias, target in zip(aliases, targets))
+            level = list(aliases)
+        query = rng.choice(level)
+        return Example(prompt=self._render(assignments, query), answer=values[query])
 
     def _render(self, assignments: list[tuple[str, str]], query: str) -> str:
         if self.fmt == "math":
@@ -105,5 +114,5 @@ class VariableAssignment(SyntheticTask):
         return Example(prompt=prompt, answer=query.answer)
 
     def _problem_symbols(self) -> str:
-        names = string.ascii_lowercase[: self.num_variables * (self.depth + 1)]
+        names = string.ascii_lowercase[: self.num_variables * (max(self.depths) + 1)]
         return names + string.digits + _FORMAT_SYMBOLS[self.fmt] + SHOT_SEPARATOR + _ANSWER_GAP[self.fmt]
