@@ -17,7 +17,9 @@ task scores with the current group YAMLs (``groups`` in a file is a convenience 
 models with Params/FLOPs; columns = perplexity, closed-book, open-book, math, All, primitives), ``% Gap``
 rows for ``--pair ISO_PARAM:LOOPED`` against ``--baseline ISO_FLOP``, or with ``--scaling`` the
 log-depth fits and their plot, or with ``--compute`` accuracy against mean thinking iterations for runs
-with an adaptive exit rule (``loopreg eval --exit``); ``--markdown`` / ``--json`` export any of them.
+with an adaptive exit rule (``loopreg eval --exit``), or with ``--frontier GROUP`` a group's score against
+held-out perplexity beside the non-looped baselines' frontier (Fig. 1); ``--markdown`` / ``--json`` export
+any of them.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from rich.table import Table
 from loopreg.errors import ArgumentParser, UserError, writing
 from loopreg.spec import LoopSpec
 
-from .aggregate import GroupScore, TaskScore, aggregate_groups, percent_gap
+from .aggregate import GroupScore, TaskScore, aggregate_group, aggregate_groups, percent_gap
+from .frontier import FrontierPoint, frontier_at, plot_frontier
 from .scaling import DepthPoint, alpha_ratios, fit_scaling, plot_scaling, plotted_groups
 from .catalog import GroupSpec, load_groups
 
@@ -53,6 +56,8 @@ __all__ = [
     "ReportRow",
     "ReportTable",
     "compute_report",
+    "frontier_points",
+    "frontier_report",
     "load_results",
     "report_main",
     "scaling_report",
@@ -375,6 +380,52 @@ def scaling_report(results: Sequence[EvalResults], groups: Mapping[str, GroupSpe
                        tuple(notes))
 
 
+def frontier_points(results: Sequence[EvalResults], groups: Mapping[str, GroupSpec], group: str,
+                    centered: bool = False) -> list[FrontierPoint]:
+    """Each model's perplexity and ``group`` score (%, with its stderr); a baseline is a spec with no looped
+    block. ``group`` is a catalog group, or else the tasks a results file marks with that group name."""
+    points = []
+    for r in results:
+        spec = groups.get(group) or GroupSpec(group, group, [name for name, t in r.tasks.items() if t.group == group])
+        score = aggregate_group(spec, r.tasks, centered)
+        if score.score is None:
+            raise UserError(f"model {r.info.label!r} has no score in group {group!r}")
+        if r.info.perplexity is None or r.info.spec is None:
+            raise UserError(f"model {r.info.label!r} has no perplexity or no loop spec (loopreg eval --ppl-text)")
+        points.append(FrontierPoint(r.info.label, r.info.perplexity, 100 * score.score,
+                                    None if score.stderr is None else 100 * score.stderr,
+                                    not LoopSpec.parse(r.info.spec).is_looped))
+    return points
+
+
+def frontier_report(results: Sequence[EvalResults], groups: Mapping[str, GroupSpec], group: str,
+                    centered: bool = False, png: str | Path | None = None) -> ReportTable:
+    """``group``'s score against held-out perplexity for every model, and how far above the frontier of the
+    non-looped baselines each other model sits (points, at its perplexity); optionally the plot (Fig. 1).
+
+    ``group``: see :func:`frontier_points` (``loopreg reproduce`` marks its ``reasoning`` and ``harder`` tasks).
+
+    Example: ``to_markdown(frontier_report(load_results(["runs/"]), load_groups(), "reasoning_primitives"))``
+    """
+    points = frontier_points(results, groups, group, centered)
+    rows = []
+    for point in sorted(points, key=lambda p: (not p.baseline, p.perplexity)):
+        frontier = None if point.baseline else frontier_at(points, point.perplexity)
+        above = None if frontier is None else point.score - frontier
+        error = MISSING_CELL if point.stderr is None else f"{point.stderr:.1f}"
+        rows.append(ReportRow("model", (point.model, "baseline" if point.baseline else "looped / regularized",
+                                        f"{point.perplexity:.3f}", f"{point.score:.1f}", error,
+                                        MISSING_CELL if above is None else f"{above:+.1f}"),
+                              (point.model, point.baseline, point.perplexity, point.score, point.stderr, above)))
+    notes = [f"score: {group} accuracy (%); above frontier: score minus the baselines' score interpolated at the "
+             f"model's perplexity ({MISSING_CELL}: outside the baselines' perplexity range)"]
+    if png is not None:
+        plot_frontier(points, png, f"{group} (%)")
+        notes.append(f"plot: {png}")
+    return ReportTable(f"{group} against perplexity", ("Model", "Kind", "Perplexity", "Score", "± stderr",
+                                                       "Above frontier"), tuple(rows), tuple(notes))
+
+
 TARGET_FEWER, TARGET_LOST = 30.0, 1.0  # issue #17: >= 30% fewer thinking iterations at <= 1 point lost
 
 
@@ -503,8 +554,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scaling", action="store_true", help="fit Acc = α·ln D + β instead of Table 3")
     parser.add_argument("--compute", action="store_true",
                         help="accuracy vs mean thinking iterations of runs with an exit rule (loopreg eval --exit)")
-    parser.add_argument("--png", type=Path,
-                        help="with --scaling or --compute: write the accuracy-vs-depth or -vs-loops plot here")
+    parser.add_argument("--frontier", metavar="GROUP",
+                        help="GROUP's score against held-out perplexity beside the non-looped frontier (Fig. 1)")
+    parser.add_argument("--png", type=Path, help="with --scaling, --compute or --frontier: write its plot here")
     parser.add_argument("--markdown", type=Path, help="also write the table as markdown")
     parser.add_argument("--json", type=Path, help="also write the table as JSON")
     return parser
@@ -521,18 +573,20 @@ def report_main(argv: list[str]) -> int:
     except SystemExit as done:  # --help
         return int(done.code or 0)
     pairs = [_parse_pair(text) for text in args.pair]
-    if args.png and not (args.scaling or args.compute):
-        raise UserError("--png needs --scaling or --compute")
-    if args.scaling and args.compute:
-        raise UserError("--scaling and --compute are two different reports; give one")
-    if (args.scaling or args.compute) and (pairs or args.baseline):
-        report = "--scaling" if args.scaling else "--compute"
-        raise UserError(f"--pair/--baseline belong to the Table 3 report, not {report}")
+    chosen = [flag for flag, on in (("--scaling", args.scaling), ("--compute", args.compute),
+                                    ("--frontier", args.frontier)) if on]
+    if args.png and not chosen:
+        raise UserError("--png needs --scaling, --compute or --frontier")
+    if len(chosen) > 1:
+        raise UserError(f"{' and '.join(chosen)} are different reports; give one")
+    if chosen and (pairs or args.baseline):
+        raise UserError(f"--pair/--baseline belong to the Table 3 report, not {chosen[0]}")
     columns = [name.strip() for name in args.groups.split(",") if name.strip()]
     results, groups = load_results(args.results), load_groups()
-    if args.compute or args.scaling:
+    if chosen:
         with writing(args.png):  # the --png plot is drawn as the report is built
             table = (compute_report(results, args.png) if args.compute else
+                     frontier_report(results, groups, args.frontier, args.centered, args.png) if args.frontier else
                      scaling_report(results, groups, columns, args.centered, args.png))
     else:
         table = table3(results, groups, pairs, args.baseline, columns, args.centered)

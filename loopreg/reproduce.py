@@ -8,7 +8,9 @@
   RandomLoops model swept over loop counts 1–8 for the depth scaling law.
 
 ``docs/REPRODUCTION.md`` is rendered from ``OUT/results.json`` (mean ± std over seeds, each table dated and
-with its command), and ``lm_mini`` also draws reasoning against perplexity and the log-depth fits.
+with its command). ``lm_mini`` also writes one ``loopreg.eval/1`` file per row (seed means) to ``OUT/lm_mini/``,
+so ``loopreg report OUT/lm_mini --frontier reasoning --png f.png`` redraws its Fig. 1, and the page gets that
+plot beside the log-depth fits.
 
     loopreg reproduce --out runs/repro                            # every table, 3 seeds, each its own budget
     loopreg reproduce --tables lm_mini --seeds 3 --rows 8x1,2x4 &    # split a table over processes: same --out,
@@ -17,7 +19,6 @@ with its command), and ``lm_mini`` also draws reasoning against perplexity and t
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import fcntl
 import json
@@ -213,10 +214,38 @@ def _z(a: list[float], b: list[float]) -> str:
     return f"{diff:+.2f} ({diff / pooled:+.1f} σ)" if pooled > 0 else f"{diff:+.2f} (no spread)"
 
 
+def lm_mini_eval_results(entry: dict, table: ReproTable) -> list[Any]:
+    """One ``loopreg.eval/1`` result per row: seed means, the stderr and ``n`` over seeds, each reasoning task
+    in group ``reasoning`` or ``harder``, the held-out perplexity (an untied row counts all its layers)."""
+    from loopreg.evals.aggregate import TaskScore
+    from loopreg.evals.report import EvalResults, ModelInfo
+
+    results = []
+    for row in table.rows:
+        if not row_values(entry, row, "wiki_ppl"):
+            continue
+        tasks = {}
+        for key in (*REASONING, *HARDER):
+            values = row_values(entry, row, key)
+            mean, std = _stats(values)
+            tasks[key] = TaskScore(mean / 100, None if std is None else std / 100 / math.sqrt(len(values)),
+                                   len(values), "exact_match", "reasoning" if key in REASONING else "harder")
+        spec, untied = _spec(table, row), "model.tied=false" in table.rows[row]
+        info = ModelInfo(table.label(row), str(spec), max(b.loops for b in spec.blocks),
+                         spec.flops_units if untied else spec.params_units, spec.flops_units,
+                         _stats(row_values(entry, row, "wiki_ppl"))[0])
+        results.append(EvalResults(info, tasks))
+    return results
+
+
 def _lm_mini_markdown(entry: dict, table: ReproTable) -> list[str]:
+    from loopreg.evals.frontier import frontier_at
+    from loopreg.evals.report import frontier_points
+
     rows = [row for row in table.rows if row_values(entry, row, "wiki_ppl")]
-    header = ["Model", "Params/FLOPs", "seeds", "wiki PPL", *REASONING, "reasoning", "% Gap", *HARDER, "harder",
-              "harder, 2× loops"]
+    points = frontier_points(lm_mini_eval_results(entry, table), {}, "reasoning")
+    header = ["Model", "Params/FLOPs", "seeds", "wiki PPL", *REASONING, "reasoning", "above frontier", "% Gap",
+              *HARDER, "harder", "harder, 2× loops"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         spec = _spec(table, row)
@@ -229,11 +258,16 @@ def _lm_mini_markdown(entry: dict, table: ReproTable) -> list[str]:
             value = percent_gap(*means)
             gap = "—" if value is None else f"{value:.0f}%"
         more = table.more_loops.get(row)
+        point = next(p for p in points if p.model == table.label(row))
+        frontier = None if point.baseline else frontier_at(points, point.perplexity)
+        above = "—" if frontier is None else f"{point.score - frontier:+.1f}"
         cells = [table.label(row), units, str(len(row_values(entry, row, "wiki_ppl"))),
                  _cell(row_values(entry, row, "wiki_ppl"), 2), *[_cell(row_values(entry, row, k)) for k in REASONING],
-                 _cell(row_values(entry, row, REASONING)), gap, *[_cell(row_values(entry, row, k)) for k in HARDER],
+                 _cell(row_values(entry, row, REASONING)), above, gap,
+                 *[_cell(row_values(entry, row, k)) for k in HARDER],
                  _cell(row_values(entry, row, HARDER)),
-                 f"{_cell(row_values(entry, row, tuple(f'{k}@{more}' for k in HARDER)))} ({more} loops)" if more else "—"]
+                 f"{_cell(row_values(entry, row, tuple(f'{k}@{more}' for k in HARDER)))} ({more} loops)"
+                 if more else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     base = "8x1"
@@ -283,30 +317,20 @@ def _scaling_lines(entry: dict, table: ReproTable) -> list[str]:
 
 
 def plot_lm_mini(entry: dict, table: ReproTable, path: Path) -> Path:
-    """Reasoning (in distribution) against held-out perplexity, mean ± std over seeds: the non-looped
-    baselines' frontier as a line, looped and regularized rows as points; a second panel the scaling fits."""
+    """Reasoning (in distribution) against held-out perplexity (seed means ± stderr) beside the non-looped
+    baselines' frontier, as ``loopreg report --frontier`` draws it; a second panel the scaling fits."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from loopreg.evals.frontier import draw_frontier
+    from loopreg.evals.report import frontier_points
+
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     frontier_axis, scaling_axis = figure.subplots(1, 2)
-    baselines = [row for row in ("2x1", "4x1", "6x1", "8x1") if row_values(entry, row, "wiki_ppl")]
-    for index, row in enumerate(row for row in table.rows if row_values(entry, row, "wiki_ppl")):
-        ppl, acc = row_values(entry, row, "wiki_ppl"), row_values(entry, row, REASONING)
-        (x, dx), (y, dy) = _stats(ppl), _stats(acc)
-        marker = "s" if row in baselines else "^" if row.startswith("reg_") else "o"
-        frontier_axis.errorbar(x, y, xerr=dx or 0, yerr=dy or 0, fmt=marker, color=f"C{index % 10}",
-                               label=table.label(row), capsize=2)
-    if len(baselines) > 1:
-        frontier_axis.plot([_stats(row_values(entry, r, "wiki_ppl"))[0] for r in baselines],
-                           [_stats(row_values(entry, r, REASONING))[0] for r in baselines], "k--", linewidth=1,
-                           label="non-looped frontier")
-    frontier_axis.set_xlabel("held-out Wikipedia perplexity (bytes)")
-    frontier_axis.set_ylabel("reasoning accuracy, in distribution (%)")
-    frontier_axis.invert_xaxis()  # better models to the right
-    frontier_axis.legend(fontsize="xx-small", ncol=2)
+    draw_frontier(frontier_axis, frontier_points(lm_mini_eval_results(entry, table), {}, "reasoning"),
+                  "reasoning accuracy, in distribution (%)")
     for index, (name, (points, fit)) in enumerate(scaling_fits(entry, table).items()):
         depths, scores = zip(*points)
         scaling_axis.scatter(depths, scores, color=f"C{index}", s=12)
@@ -420,6 +444,12 @@ def reproduce(out: Path, tables: list[str], seeds: int, steps: int | None, overr
                 _record(saved, name, budget, overrides, result)  # progress survives a stop
                 console.print(f"  {result['scores']} in {result['seconds']:.0f}s")
     results = json.loads(saved.read_text())
+    if "lm_mini" in tables:
+        from loopreg.evals.report import write_results
+
+        for result in lm_mini_eval_results(results["tasks"]["lm_mini"], TABLES["lm_mini"]):
+            slug = "".join(c if c.isalnum() else "_" for c in result.info.name).strip("_")
+            write_results(out / "lm_mini" / f"{slug}.json", result)
     if doc is not None:
         doc.parent.mkdir(parents=True, exist_ok=True)
         doc.write_text(render_markdown(results, doc))

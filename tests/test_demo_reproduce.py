@@ -31,7 +31,8 @@ def test_demo_bad_flag_exits_2():
 
 @pytest.mark.slow
 def test_reproduce_resumes_and_renders(tmp_path):
-    args = [sys.executable, "-m", "loopreg.cli", "reproduce", "--tables", "igsm", "--seeds", "1", "--steps", "2", "--out",
+    args = [sys.executable, "-m", "loopreg.cli", "reproduce", "--tables", "igsm", "--seeds", "1", "--steps", "2",
+            "--out",
             str(tmp_path), "--doc", str(tmp_path / "REPRO.md"), "eval_data.eval_size=8", "model.d_model=16",
             f"export_folder={tmp_path}/model"]
     # Two processes split the table with --rows into the same --out; their rows merge in table order.
@@ -81,7 +82,8 @@ def lm_mini_result(row: str, seed: int, reasoning: float, ppl: float) -> dict:
 
 
 def test_lm_mini_renders_gaps_regularizer_deltas_scaling_fits_and_the_plot(tmp_path):
-    accuracy = {"2x1": 20.0, "4x1": 40.0, "8x1": 60.0, "2x2": 35.0, "2x4": 50.0, "reg_4x2_l10": 70.0, "2x4_random": 30.0}
+    accuracy = {"2x1": 20.0, "4x1": 40.0, "8x1": 60.0, "2x2": 35.0, "2x4": 50.0, "reg_4x2_l10": 70.0,
+                "2x4_random": 30.0}
     rows = [lm_mini_result(row, seed, value + (seed - 17), 8.0 - value / 20)
             for row, value in accuracy.items() for seed in (17, 18, 19)]
     results = {"tasks": {"lm_mini": {"steps": 5, "command": "loopreg reproduce --tables lm_mini --steps 5",

@@ -247,7 +247,7 @@ def test_compute_figure_one_panel_per_model() -> None:
 @pytest.mark.parametrize(("files", "message"), [
     (["lonely"], "lonely.json: no mean_loops (run loopreg eval with --exit)"),
     (["fixed", "broken_exit"], "broken_exit.json: no mean_loops (run loopreg eval with --exit)"),
-    (["fixed", "kl", "--scaling"], "--scaling and --compute are two different reports"),
+    (["fixed", "kl", "--scaling"], "--scaling and --compute are different reports; give one"),
 ])
 def test_compute_report_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture, files: list[str],
                                     message: str) -> None:
@@ -257,3 +257,37 @@ def test_compute_report_user_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     status, out, err = run_cli(["report", *argv, "--compute"], capsys)
     assert status == 2 and out == "" and err.count("\n") == 1
     assert err.startswith("error: ") and message in err
+
+
+def test_frontier_report_places_looped_models_against_the_baselines(results_dir: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """Fig. 1 from results files: a looped model's score minus the baselines' score interpolated at its
+    perplexity, recomputed here from the paper's rows; the plot is written."""
+    png, exported = tmp_path / "frontier.png", tmp_path / "frontier.json"
+    status, out, err = run_cli(["report", str(results_dir), "--frontier", "reasoning_primitives", "--png", str(png),
+                                "--json", str(exported)], capsys)
+    assert status == 0, err
+    rows = {row["values"]["Model"]: list(row["values"].values()) for row in json.loads(exported.read_text())["rows"]}
+    score = {name: 100 * aggregate_groups(load_groups(), paper_results(name).tasks)["reasoning_primitives"].score
+             for name in rows}
+    baselines = sorted((PAPER_ROWS[name][1], score[name]) for name in rows if not LoopSpec.parse(
+        PAPER_ROWS[name][0]).is_looped)
+    for name, (_, baseline, perplexity, value, _, above) in rows.items():
+        assert baseline == (not LoopSpec.parse(PAPER_ROWS[name][0]).is_looped) and value == pytest.approx(score[name])
+        low, high = max(b for b in baselines if b[0] <= perplexity), min(b for b in baselines if b[0] >= perplexity)
+        if not baseline:
+            frontier = low[1] + (perplexity - low[0]) / (high[0] - low[0]) * (high[1] - low[1])
+            assert above == pytest.approx(value - frontier)
+    assert rows["loop-12x2"][5] > 0  # the paper's claim 2: above the frontier at its perplexity
+    assert png.stat().st_size > 10_000
+
+
+def test_frontier_report_needs_perplexity_and_the_group(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    no_ppl = dataclasses.replace(paper_results("base-12x1"), info=ModelInfo.from_spec("base-12x1", "12x1"))
+    path = write_results(tmp_path / "x.json", no_ppl)
+    status, out, err = run_cli(["report", str(path), "--frontier", "reasoning_primitives"], capsys)
+    assert status == 2 and "'base-12x1' has no perplexity" in err and err.count("\n") == 1
+    status, out, err = run_cli(["report", str(path), "--frontier", "sudoku"], capsys)
+    assert status == 2 and "no score in group 'sudoku'" in err
+    status, out, err = run_cli(["report", str(path), "--frontier", "sudoku", "--scaling"], capsys)
+    assert status == 2 and "--scaling and --frontier are different reports" in err

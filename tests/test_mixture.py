@@ -16,7 +16,7 @@ from loopreg.data.mixture import CHUNK, MixtureStream, chunk_counts
 from loopreg.data.synthetic import VariableAssignment
 from loopreg.data.tasks import TaskData
 from loopreg.data.text import byte_level_tokenizer, eos_id
-from loopreg.errors import RecipeError
+from loopreg.errors import RecipeError, UserError
 from loopreg.train import build_dataloaders
 
 from .conftest import REPO
@@ -126,10 +126,10 @@ def test_recipe_builds_one_evaluator_per_source_and_variant(text_corpus: Path):
     assert labels == ["wiki", "vars_d2", "vars_d4", "phop_p2", "phop_p3", "addition_n2", "addition_n3"]
     hard = next(e for e in data.evaluation if e.label == "vars_d4").dataloader.dataloader.dataset
     assert {follow(example.prompt)[0] for example in hard.examples} == {4}  # the harder split: 4 hops
-    batch = next(iter(data.train))
-    assert batch["input_ids"].shape == (8, recipe.max_seq_len)
-    text = "".join(byte_level_tokenizer().decode(row.tolist()) for row in batch["input_ids"])
-    assert "=?" in text  # problems are in the packed stream beside the corpus text
+    batches = list(islice(data.train, 8))
+    assert batches[0]["input_ids"].shape == (8, recipe.max_seq_len)
+    text = "".join(byte_level_tokenizer().decode(row.tolist()) for b in batches for row in b["input_ids"])
+    assert "=?" in text and "looped" in text  # problems are in the packed stream beside the corpus text
 
 
 def test_a_short_mixture_run_trains_and_scores(text_corpus: Path):
@@ -145,16 +145,18 @@ def test_a_short_mixture_run_trains_and_scores(text_corpus: Path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train_data.sources.wiki.kind=mds", "train_data.sources.wiki.kind=mds: a mixture source is one of text, synthetic"),
+    ("train_data.sources.wiki.kind=mds", "sources.wiki.kind=mds: a mixture source is one of text, synthetic"),
     ("train_data.sources.vars.weight=0", "train_data.sources.vars.weight must be > 0, got 0"),
     ("train_data.sources.vars.weight=0.001", "train_data.sources.vars.weight is below 1/256 of the total"),
     ("train_data.sources.vars.wieght=1", "train_data.sources.vars: Key 'wieght' not in 'DataSection'"),
     ("train_data.sources.phop.task_kwargs.per_position_labels=true", "set per_position_labels: false"),
     ("train_data.sources.vars.task_kwargs.depth=-2", "train_data.sources.vars.task_kwargs: primitives: bad knob depth"),
     ("eval_data.kind=text", "eval_data.kind=text with a mixture: use eval_data.kind=mixture"),
+    ("tokenizer.kind=synthetic", "a mixture needs a text tokenizer"),
+    ("train_data.sources.wiki.source=/nonexistent/wiki.jsonl", "train_data.sources.wiki.source"),
 ])
 def test_bad_mixture_sections_are_one_line_errors(text_corpus: Path, override: str, message: str):
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(UserError) as error:  # a RecipeError, or a DataError for the missing file
         build_dataloaders(load_recipe(RECIPE, [*tiny(text_corpus), override, "eval_data.source=x"]), 1, 0)
     assert message in str(error.value) and "\n" not in str(error.value)
 

@@ -66,8 +66,8 @@ def chunk_counts(weights: list[float], chunk: int = CHUNK) -> list[int]:
 class MixtureStream(ResumableStream):
     """Packed training windows drawn from named sources in proportion to their weights.
 
-    >>> stream = MixtureStream({"a": (1.0, lambda: iter([[1, 2, 3]] * 999)), "b": (1.0, lambda: iter([[4, 5, 6]] * 999))}, seed=0)
-    >>> next(iter(stream))["input_ids"].tolist() in ([1, 2], [4, 5])
+    >>> windows = {"a": (1.0, lambda: iter([[1, 2, 3]] * 999)), "b": (1.0, lambda: iter([[4, 5, 6]] * 999))}
+    >>> next(iter(MixtureStream(windows, seed=0)))["input_ids"].tolist() in ([1, 2], [4, 5])
     True
     """
 
@@ -145,9 +145,14 @@ def check_mixture_section(section: Any, where: str) -> None:
                               "would never be drawn")
 
 
-def _task(source: Any, key: str, overrides: dict[str, Any] | None = None) -> Any:
+def _text_documents(source: Any, key: str) -> Callable[[], Iterator[str]]:
+    with under_key(f"{key}.source", OSError, ValueError, error=DataError):  # a missing file, an unreachable hub id
+        return text_stream(source.source, source.split, source.subset, source.text_field, source.streaming)
+
+
+def _task(source: Any, key: str) -> Any:
     with under_key(f"{key}.task_kwargs", ValueError, TypeError):
-        task = build_task(source.task, **{**source.task_kwargs, **(overrides or {})})
+        task = build_task(source.task, **source.task_kwargs)
     if task.sample(random.Random(0)).position_labels is not None:
         raise RecipeError(f"{key}.task_kwargs: {source.task} labels every position; in a mixture a problem is a "
                           "prompt + answer document (set per_position_labels: false)")
@@ -156,16 +161,15 @@ def _task(source: Any, key: str, overrides: dict[str, Any] | None = None) -> Any
 
 def mixture_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pretrained: Any = None) -> Data:
     """:class:`~loopreg.data.Data` for ``train_data.kind: mixture``: one packed stream of weighted sources
-    and, with an ``eval_data`` of kind mixture, one evaluator per source (``pretrained``'s tokenizer when
-    given, else ``tokenizer.kind``'s)."""
+    and, with an ``eval_data`` of kind mixture, one evaluator per source, all in ``tokenizer.kind``'s tokens
+    (``pretrained``: never set, the recipe schema allows ``model.pretrained`` with text data only)."""
     from composer.core import Evaluator
 
-    if recipe.tokenizer.kind == "synthetic" and pretrained is None:
+    if recipe.tokenizer.kind == "synthetic":
         raise RecipeError("tokenizer.kind=synthetic is one task's vocabulary; a mixture needs a text tokenizer "
                           "(e.g. byte_level)")
-    tokenizer = pretrained.tokenizer if pretrained is not None else load_tokenizer(recipe.tokenizer.kind,
-                                                                                   recipe.tokenizer.name)
-    if pretrained is None and tokenizer.get_vocab_size() > recipe.model.vocab_size:
+    tokenizer = load_tokenizer(recipe.tokenizer.kind, recipe.tokenizer.name)
+    if tokenizer.get_vocab_size() > recipe.model.vocab_size:
         raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.get_vocab_size()} tokens)")
     train_sources = _sources(recipe.train_data, "train_data")
@@ -173,8 +177,7 @@ def mixture_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int
     def documents(name: str, source: Any) -> Callable[[], Iterator[str]]:
         key = f"train_data.sources.{name}"
         if source.kind == "text":
-            with under_key(f"{key}.source", OSError, ValueError, error=DataError):
-                return text_stream(source.source, source.split, source.subset, source.text_field, source.streaming)
+            return _text_documents(source, key)
         task = _task(source, key)
         seed = f"{recipe.seed}/{name}"  # each source its own problems
         return lambda: (example.prompt + example.answer for example in train_examples(task, seed, itertools.count()))
@@ -192,10 +195,9 @@ def mixture_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int
     for name, source in _sources(recipe.eval_data, "eval_data").items():
         key = f"eval_data.sources.{name}"
         if source.kind == "text":
-            with under_key(f"{key}.source", OSError, ValueError, error=DataError):
-                docs = text_stream(source.source, source.split, source.subset, source.text_field, source.streaming)
-            windows = PackedText(docs, tokenizer, recipe.max_seq_len, rank=rank, world_size=world_size,
-                                 max_sequences=source.eval_size, batch_size=recipe.device_eval_batch_size)
+            windows = PackedText(_text_documents(source, key), tokenizer, recipe.max_seq_len, rank=rank,
+                                 world_size=world_size, max_sequences=source.eval_size,
+                                 batch_size=recipe.device_eval_batch_size)
             loader = DataLoader(windows, batch_size=recipe.device_eval_batch_size)
             evaluators.append(Evaluator(label=name, dataloader=loader,
                                         metric_names=["LanguageCrossEntropy", "LanguagePerplexity"]))

@@ -17,6 +17,7 @@ Registers the data kind ``synthetic`` and the tokenizer kind ``synthetic`` (the 
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -121,7 +122,8 @@ class TrainStream(ResumableStream):
             yield self.data.encode(example)
 
 
-def train_examples(task: SyntheticTask, seed: int | str, indices: Iterable[int], chunk_size: int = 256) -> Iterator[Example]:
+def train_examples(task: SyntheticTask, seed: int | str, indices: Iterable[int],
+                   chunk_size: int = 256) -> Iterator[Example]:
     """The train-split examples at increasing global ``indices`` of the seeded stream; each chunk of
     ``chunk_size`` examples has its own ``random.Random(f"{seed}/{chunk}")``, so jumping ahead is cheap.
 
@@ -230,7 +232,8 @@ def task_evaluators(section: Any, tokenizer: Tokenizer, batch_size: int, seed: i
             raise RecipeError(f"{where}.eval_variants.{variant}: {err}" if variant else f"{where}: {err}") from None
         data = TaskData(task, tokenizer)
         dataset = FixedSet(data, section.eval_size, seed=seed)
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda items: pad_collate(items, data.pad_id),
+        collate = functools.partial(pad_collate, pad_id=data.pad_id)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                             sampler=dist.get_sampler(dataset, shuffle=False))
         name = "_".join(part for part in (label, variant) if part) or "eval"
         evaluators.append(Evaluator(label=name, dataloader=loader,

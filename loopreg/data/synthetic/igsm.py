@@ -9,9 +9,10 @@ from any parameters but are never needed by the query.
 
 No shortcuts: the query's value is a linear form of the constants it reads (mod ``modulus``), and a problem
 is drawn again until that form has a nonzero coefficient on every one of them and reads at least two
-(where two leaves fit: ``num_ops >= 3`` and ``max_edges >= 2``). So no chain cancels (``X − X`` is 0 whatever X is), the answer is uniform over
-``0..modulus-1`` (no majority answer to learn), and it is never a function of one digit of the prompt (a
-copy chain ``A := B. B := 5.`` is answered by the only needed constant, whatever the chain).
+(where two leaves fit: ``num_ops >= 3`` and ``max_edges >= 2``). So no chain cancels (``X − X`` is 0
+whatever X is), the answer is uniform over ``0..modulus-1`` (no majority answer to learn), and it is
+never a function of one digit of the prompt (a copy chain ``A := B. B := 5.`` is answered by the only needed
+constant, whatever the chain).
 ``tests/test_synthetic_generators.py`` checks that a majority rule and a linear probe on shallow features
 stay at chance.
 
