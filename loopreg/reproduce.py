@@ -187,11 +187,6 @@ def row_values(entry: dict, row: str, key: str) -> list[float]:
     return values
 
 
-def percent_gap(looped: float, iso_param: float, iso_flop: float) -> float | None:
-    """The paper's % Gap: how much of the iso-param → iso-FLOP gain the looped model closes."""
-    return None if iso_flop == iso_param else 100 * (looped - iso_param) / (iso_flop - iso_param)
-
-
 def _spec(table: ReproTable, row: str) -> LoopSpec:
     return LoopSpec.parse(next(o.partition("=")[2] for o in table.rows[row] if o.startswith("model.spec=")))
 
@@ -239,6 +234,7 @@ def lm_mini_eval_results(entry: dict, table: ReproTable) -> list[Any]:
 
 
 def _lm_mini_markdown(entry: dict, table: ReproTable) -> list[str]:
+    from loopreg.evals.aggregate import percent_gap
     from loopreg.evals.frontier import frontier_at
     from loopreg.evals.report import frontier_points
 
@@ -256,7 +252,7 @@ def _lm_mini_markdown(entry: dict, table: ReproTable) -> list[str]:
         if iso:
             means = [statistics.fmean(row_values(entry, r, REASONING)) for r in (row, *iso)]
             value = percent_gap(*means)
-            gap = "—" if value is None else f"{value:.0f}%"
+            gap = "—" if math.isnan(value) else f"{value:.0f}%"
         more = table.more_loops.get(row)
         point = next(p for p in points if p.model == table.label(row))
         frontier = None if point.baseline else frontier_at(points, point.perplexity)
@@ -462,7 +458,7 @@ def cli_main(argv: list[str]) -> int:
 
     parser = ArgumentParser(prog="loopreg reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"))
-    parser.add_argument("--tables", "--tasks", dest="tables", default=",".join(TABLES),
+    parser.add_argument("--tables", default=",".join(TABLES),
                         help=f"comma-separated: {', '.join(TABLES)} (default: all)")
     parser.add_argument("--seeds", type=int, default=3, help=f"seeds per row, {SEED} on (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="training steps per model (default: each table's own: "

@@ -106,7 +106,7 @@ def test_the_recipe_entry_prints_the_same_one_line_and_exits_2(text_corpus, monk
     (["reproduce", "--tables", "sudoku"], "error: --tables: unknown table(s) ['sudoku']; "
                                           "choose from lm_mini, addition, phop, igsm"),
     (["reproduce", "--seeds", "0"], "error: --seeds: must be >= 1, got 0"),
-    (["reproduce", "--tasks", "phop", "--rows", "7x7"], "error: --rows: ['7x7'] not a row of phop; choose from "),
+    (["reproduce", "--tables", "phop", "--rows", "7x7"], "error: --rows: ['7x7'] not a row of phop; choose from "),
 ])
 def test_command_errors_are_raised_and_printed_once(argv, line, capsys):
     status, out, err = run_cli(argv, capsys)
