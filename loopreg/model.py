@@ -257,6 +257,9 @@ class LoopedLM(PreTrainedModel, GenerationMixin):
         x = self.embed(input_ids)
         positions, mask = self._positions_and_mask(batch, length, past, attention_mask, x.device)
         if arch.learned_positions:
+            if past + length > arch.max_seq_len:  # the position table ends there; RoPE alone has no such end
+                raise UserError(f"{past + length} positions exceed max_seq_len={arch.max_seq_len}, the learned "
+                                "position table of this model")
             x = x + self.position_embed(positions)
         rope = rotary(positions, arch.head_dim, arch.rope_theta, x.dtype)
         latent = arch.latent_mask or arch.latent_feedback == "soft_token"

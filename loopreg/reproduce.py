@@ -95,9 +95,9 @@ LM_MINI_ROWS: dict[str, tuple[str, ...]] = {
 TABLES: dict[str, ReproTable] = {
     "lm_mini": ReproTable(
         "Reasoning against perplexity (Table 3 / Fig. 1 and Table 4 in miniature)", "lm_mini.yaml",
-        "byte-level LMs, d=64, 64-byte sequences, batch 32, pretrained on equal parts of Wikipedia passages, "
-        "3-variable assignment chains of depth 0–2, 2-hop induction over 16 letters and 2-operand 2-digit "
-        "addition; scored on `wiki_passages_heldout.jsonl` perplexity and on held-out problems, in "
+        "byte-level LMs, d=64, learned positions, 80-byte sequences, batch 32, pretrained on equal parts of "
+        "Wikipedia passages, 3-variable assignment chains of depth 0–2, 2-hop induction over 16 letters and "
+        "2-operand 2-digit addition; scored on `wiki_passages_heldout.jsonl` perplexity and on held-out problems, in "
         "distribution (depth 2, 2 hops, 2 operands) and harder (depth 4, 3 hops, 3 operands)", 3000,
         LM_MINI_ROWS, ("wiki_ppl", *REASONING, *HARDER),
         labels={**{f"reg_{spec}_l{lam}": f"Reg (8⊗1)→{LoopSpec.parse(spec).paper_label}, λ={lam}"

@@ -15,7 +15,8 @@ def test_downstream_eval_logs_group_scores_during_training():
         "model.d_model=16", "max_duration=4ba", "eval_interval=2ba", "eval_data.eval_size=8",
         "global_train_batch_size=8", "device_train_microbatch_size=8", "export_folder=null",
         "loggers.in_memory={}", "callbacks.downstream_eval.groups=[phop]", "callbacks.downstream_eval.interval=2ba",
-        "callbacks.downstream_eval.limit=4", "train_data.task_kwargs.length=256", "train_data.task_kwargs.hops=16"])
+        "callbacks.downstream_eval.limit=4", "train_data.task_kwargs.length=256", "train_data.task_kwargs.hops=16",
+        "max_seq_len=257"])
     trainer = build_trainer(recipe)
     trainer.fit()
     memory = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))

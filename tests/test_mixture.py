@@ -9,6 +9,7 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from loopreg.config import load_recipe
@@ -135,7 +136,7 @@ def test_recipe_builds_one_evaluator_per_source_and_variant(text_corpus: Path):
 def test_a_short_mixture_run_trains_and_scores(text_corpus: Path):
     from loopreg.train import build_trainer
 
-    trainer = build_trainer(load_recipe(RECIPE, tiny(text_corpus, "max_duration=6ba", "eval_interval=6ba",
+    trainer = build_trainer(load_recipe(RECIPE, tiny(text_corpus, "max_duration=20ba", "eval_interval=20ba",
                                                      "model.spec=1x2", "console_log_interval=100ba")))
     trainer.fit()
     metrics = trainer.state.eval_metrics
@@ -153,6 +154,7 @@ def test_a_short_mixture_run_trains_and_scores(text_corpus: Path):
     ("train_data.sources.vars.task_kwargs.depth=-2", "train_data.sources.vars.task_kwargs: primitives: bad knob depth"),
     ("eval_data.kind=text", "eval_data.kind=text with a mixture: use eval_data.kind=mixture"),
     ("tokenizer.kind=synthetic", "a mixture needs a text tokenizer"),
+    ("max_seq_len=64", "sources.vars.eval_variants.d4: problems of up to 80 tokens do not fit max_seq_len=64"),
     ("train_data.sources.wiki.source=/nonexistent/wiki.jsonl", "train_data.sources.wiki.source"),
 ])
 def test_bad_mixture_sections_are_one_line_errors(text_corpus: Path, override: str, message: str):
@@ -164,3 +166,24 @@ def test_bad_mixture_sections_are_one_line_errors(text_corpus: Path, override: s
 def test_a_mixture_needs_sources():
     with pytest.raises(RecipeError, match=r"train_data.sources is required for a mixture"):
         load_recipe(REPO / "recipes" / "cpu_tiny_text.yaml", ["train_data.kind=mixture"])
+
+
+def test_learned_positions_end_at_max_seq_len_with_a_clear_error():
+    from loopreg.configuration_loopreg import LoopedLMConfig
+    from loopreg.model import LoopedLM
+
+    model = LoopedLM(LoopedLMConfig(spec="1x2", vocab_size=16, d_model=8, n_heads=2, d_ff=16, max_seq_len=6,
+                                    learned_positions=True))
+    assert model(torch.zeros(1, 6, dtype=torch.long)).logits.shape == (1, 6, 16)
+    with pytest.raises(UserError, match=r"7 positions exceed max_seq_len=6, the learned position table"):
+        model(torch.zeros(1, 7, dtype=torch.long))
+
+
+def test_a_source_set_to_null_is_off(text_corpus: Path):
+    recipe = load_recipe(RECIPE, tiny(text_corpus, "train_data.sources.phop=null", "eval_data.sources.phop=null"))
+    data = build_dataloaders(recipe, 1, 0)
+    assert [e.label for e in data.evaluation] == ["wiki", "vars_d2", "vars_d4", "addition_n2", "addition_n3"]
+    assert data.train.dataset.names == ["wiki", "vars", "addition"]
+    with pytest.raises(RecipeError, match=r"train_data.sources is required"):
+        load_recipe(RECIPE, [*tiny(text_corpus), *(f"train_data.sources.{n}=null" for n in
+                                                   ("wiki", "vars", "phop", "addition"))])

@@ -150,7 +150,7 @@ BAD_KNOBS = [
     ("igsm", {"num_distractors": 100}, "num_distractors"),
     ("igsm", {"modulus": 11}, "modulus"),
     ("igsm", {"entities_per_level": 7}, "entities_per_level"),
-    ("primitives", {"depth": 2}, "depth"),
+    ("primitives", {"depth": -1}, "depth"),
     ("primitives", {"fmt": "latex"}, "fmt"),
     ("primitives", {"num_variables": 14, "depth": 1}, "num_variables"),
     ("primitives", {"min_value": 5, "max_value": 4}, "max_value"),

@@ -114,11 +114,13 @@ def _sources(section: Any, where: str) -> dict[str, Any]:
     """The ``sources`` of a mixture section, each checked as a data section of its own kind."""
     from loopreg.config import DataSection
 
-    if not section.sources:
+    if not any(raw is not None for raw in (section.sources or {}).values()):
         raise RecipeError(f"{where}.sources is required for a mixture (name: a text or synthetic data section "
                           "with a weight)")
     sources = {}
     for name, raw in section.sources.items():
+        if raw is None:  # a source set to null is off (how an override drops one of a recipe's sources)
+            continue
         key = f"{where}.sources.{name}"
         try:
             source = OmegaConf.merge(OmegaConf.structured(DataSection), raw)
@@ -207,8 +209,8 @@ def mixture_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int
             source = dataclasses.replace(OmegaConf.to_object(source),
                                          task_kwargs={**trained.task_kwargs, **source.task_kwargs})
         _task(source, key)
-        evaluators += task_evaluators(source, tokenizer, recipe.device_eval_batch_size, seed=recipe.seed + 1,
-                                      label=name, where=key)
+        evaluators += task_evaluators(source, tokenizer, recipe.device_eval_batch_size, recipe.seed + 1,
+                                      recipe.max_seq_len, label=name, where=key)
     return Data(train, evaluators, tokenizer, {"AnswerExactMatch": AnswerExactMatch()})
 
 

@@ -209,17 +209,19 @@ def synthetic_dataloaders(recipe: Any, per_device: int, world_size: int, rank: i
     merged = SimpleNamespace(task=eval_section.task or section.task, eval_size=eval_section.eval_size,
                              task_kwargs={**section.task_kwargs, **eval_section.task_kwargs},
                              eval_variants=eval_section.eval_variants)
-    evaluators = task_evaluators(merged, data.tokenizer, recipe.device_eval_batch_size, recipe.seed + 1)
+    evaluators = task_evaluators(merged, data.tokenizer, recipe.device_eval_batch_size, recipe.seed + 1,
+                                 recipe.max_seq_len)
     return Data(train, evaluators, data.tokenizer, {"AnswerExactMatch": AnswerExactMatch()}, data)
 
 
-def task_evaluators(section: Any, tokenizer: Tokenizer, batch_size: int, seed: int, label: str | None = None,
-                    where: str = "eval_data") -> list[Any]:
+def task_evaluators(section: Any, tokenizer: Tokenizer, batch_size: int, seed: int, max_seq_len: int,
+                    label: str | None = None, where: str = "eval_data") -> list[Any]:
     """One Composer ``Evaluator`` (cross entropy and answer exact match) per eval variant of a synthetic
     ``section`` (its ``task``, ``task_kwargs``, ``eval_variants`` and ``eval_size``): labelled by the variant
-    (``eval`` when there is none), or ``label`` / ``label_<variant>`` when ``label`` is given.
+    (``eval`` when there is none), or ``label`` / ``label_<variant>`` when ``label`` is given. A variant whose
+    problems are longer than ``max_seq_len`` tokens is a :class:`RecipeError` naming it.
 
-    Example: ``task_evaluators(recipe.eval_data, tokenizer, 250, seed=18)``
+    Example: ``task_evaluators(recipe.eval_data, tokenizer, 250, seed=18, max_seq_len=64)``
     """
     from composer.core import Evaluator
     from composer.utils import dist
@@ -232,6 +234,11 @@ def task_evaluators(section: Any, tokenizer: Tokenizer, batch_size: int, seed: i
             raise RecipeError(f"{where}.eval_variants.{variant}: {err}" if variant else f"{where}: {err}") from None
         data = TaskData(task, tokenizer)
         dataset = FixedSet(data, section.eval_size, seed=seed)
+        longest = max((len(item["input_ids"]) for item in dataset.items), default=0)
+        if longest > max_seq_len:
+            raise RecipeError(f"{where}.eval_variants.{variant}: problems of up to {longest} tokens do not fit "
+                              f"max_seq_len={max_seq_len}" if variant else
+                              f"{where}: problems of up to {longest} tokens do not fit max_seq_len={max_seq_len}")
         collate = functools.partial(pad_collate, pad_id=data.pad_id)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                             sampler=dist.get_sampler(dataset, shuffle=False))
