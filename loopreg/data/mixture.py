@@ -111,9 +111,9 @@ class MixtureStream(ResumableStream):
 
 
 def _sources(section: Any, where: str) -> dict[str, Any]:
-    """The ``sources`` of a mixture section, each checked as a data section of its own kind."""
-    from loopreg.config import DataSection
-
+    """The ``sources`` of a mixture section, each checked as a data section of its own kind (the schema of
+    ``section`` itself, so this module needs no import of the recipe's)."""
+    schema = OmegaConf.get_type(section) if OmegaConf.is_config(section) else type(section)
     if not any(raw is not None for raw in (section.sources or {}).values()):
         raise RecipeError(f"{where}.sources is required for a mixture (name: a text or synthetic data section "
                           "with a weight)")
@@ -123,7 +123,7 @@ def _sources(section: Any, where: str) -> dict[str, Any]:
             continue
         key = f"{where}.sources.{name}"
         try:
-            source = OmegaConf.merge(OmegaConf.structured(DataSection), raw)
+            source = OmegaConf.merge(OmegaConf.structured(schema), raw)
         except OmegaConfBaseException as err:  # an unknown key or a value of the wrong type
             raise RecipeError(f"{key}: {str(err).splitlines()[0]}") from None
         if source.kind not in PACKABLE:
