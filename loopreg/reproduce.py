@@ -122,8 +122,8 @@ TABLES: dict[str, ReproTable] = {
         "symbolic i-GSM (Table 2)", "cpu_igsm.yaml", ("eval",), ("accuracy",),
         {"8x1": (73.2,), "1x1": (24.5,), "1x2": (52.3,), "1x4": (69.9,), "1x8": (73.2,), "2x1": (54.0,),
          "2x2": (66.9,), "2x4": (73.6,), "4x1": (71.3,), "4x2": (71.6,)},
-        "3 needed parameters, 1 distractor, ≤ 2 operands, depth ≤ 2, mod 7; d=64; paper: larger graphs, d=128, "
-        "200k steps", 2000),
+        "4 needed parameters, 1 distractor, ≤ 2 operands, depth ≤ 3, mod 7, no shortcut problems; d=64; paper: "
+        "larger graphs, d=128, 200k steps", 2000),
 }
 
 
@@ -368,7 +368,8 @@ def render_markdown(results: dict, doc: Path | None = None) -> str:
         minutes = sum(row["seconds"] for row in entry["rows"]) / 60
         seeds = sorted({row["seed"] for row in entry["rows"]})
         lines += [f"## {table.title}", "",
-                  f"CPU-mini: {table.note}; {entry['steps']} steps per model. Seeds {', '.join(map(str, seeds))}; "
+                  f"CPU-mini: {table.note}; {entry['steps']} steps per model. Seed{'s' * (len(seeds) > 1)} "
+                  f"{', '.join(map(str, seeds))}; "
                   f"{minutes:.0f} min of training in all (one thread a run). Measured {entry.get('date', '—')}.", "",
                   f"Command: `{entry['command']}`", ""]
         if name == "lm_mini":
