@@ -78,6 +78,7 @@ class MixtureStream(ResumableStream):
         self.windows = [sources[name][1] for name in self.names]
         self.counts = chunk_counts([sources[name][0] for name in self.names])
         self.seed = seed
+        self._chunk: tuple[int, list[int], list[int]] = (-1, [], [])  # the last chunk located, laid out
 
     def chunk_order(self, chunk: int) -> list[int]:
         """The source of each sequence of ``chunk``, shuffled by ``(seed, chunk)``."""
@@ -92,9 +93,15 @@ class MixtureStream(ResumableStream):
         True
         """
         chunk, offset = divmod(index, CHUNK)
-        order = self.chunk_order(chunk)
+        if self._chunk[0] != chunk:  # positions only increase: each chunk is laid out once
+            order, seen, rank_in_source = self.chunk_order(chunk), [0] * len(self.counts), []
+            for source in order:
+                rank_in_source.append(seen[source])
+                seen[source] += 1
+            self._chunk = (chunk, order, rank_in_source)
+        _, order, rank_in_source = self._chunk
         source = order[offset]
-        return source, chunk * self.counts[source] + order[:offset].count(source)
+        return source, chunk * self.counts[source] + rank_in_source[offset]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         streams: list[Iterator[list[int]] | None] = [None] * len(self.names)
