@@ -44,7 +44,7 @@ def cases(corpus: Path) -> dict[str, list[str]]:
         "middle_looped_1x(1,2,1)": [*text, "model.spec=1x(1,2,1)"],
         "random_loops_1x(1,2,1)": [*text, "model.spec=1x(1,2,1)", *RANDOM_LOOPS],
         "mixture_2x2": ["recipes/lm_mini.yaml", *COMMON, "model.spec=2x2", "model.d_model=32", "model.n_heads=2",
-                        "model.d_ff=64", "max_seq_len=32", f"train_data.sources.wiki.source={corpus}",
+                        "model.d_ff=64", "max_seq_len=64", f"train_data.sources.wiki.source={corpus}",
                         "eval_data=null"],  # text and three synthetic sources in one packed stream
     }
 

@@ -37,7 +37,7 @@ from loopreg.data import DATA_KINDS, Data, DataKind
 from loopreg.data.resumable import ResumableStream
 from loopreg.data.synthetic import build_task
 from loopreg.data.tasks import AnswerExactMatch, task_evaluators, train_examples
-from loopreg.data.text import PackedText, load_tokenizer, text_stream
+from loopreg.data.text import PackedText, load_tokenizer, text_stream, text_tokenizer
 from loopreg.errors import DataError, RecipeError, under_key
 
 __all__ = ["CHUNK", "MixtureStream", "chunk_counts", "mixture_dataloaders"]
@@ -168,6 +168,17 @@ def _task(source: Any, key: str) -> Any:
     return task
 
 
+def _check_problems_fit(source: Any, tokenizer: Any, max_seq_len: int, key: str, sample: int = 256) -> None:
+    """The first ``sample`` training problems, each with the end-of-text before and after it, fit a window (a
+    longer one met later stops the stream with the same complaint, from ``PackedText.whole_windows``)."""
+    task = _task(source, key)
+    documents = [example.prompt + example.answer for example in train_examples(task, 0, range(sample))]
+    longest = max(len(encoding.ids) for encoding in text_tokenizer(tokenizer).encode_batch(documents))
+    if longest + 2 > max_seq_len + 1:
+        raise RecipeError(f"{key}.task_kwargs: problems of up to {longest} tokens do not fit max_seq_len="
+                          f"{max_seq_len} with their end-of-text markers")
+
+
 def mixture_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pretrained: Any = None) -> Data:
     """:class:`~loopreg.data.Data` for ``train_data.kind: mixture``: one packed stream of weighted sources
     and, with an ``eval_data`` of kind mixture, one evaluator per source, all in ``tokenizer.kind``'s tokens
@@ -191,8 +202,14 @@ def mixture_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int
         seed = f"{recipe.seed}/{name}"  # each source its own problems
         return lambda: (example.prompt + example.answer for example in train_examples(task, seed, itertools.count()))
 
-    packed = {name: (source.weight, PackedText(documents(name, source), tokenizer, recipe.max_seq_len).windows)
-              for name, source in train_sources.items()}
+    def windows(name: str, source: Any) -> Windows:
+        packed = PackedText(documents(name, source), tokenizer, recipe.max_seq_len)
+        if source.kind == "text":
+            return packed.windows
+        _check_problems_fit(source, tokenizer, recipe.max_seq_len, f"train_data.sources.{name}")
+        return packed.whole_windows  # a problem cut from its prompt would teach guessing
+
+    packed = {name: (source.weight, windows(name, source)) for name, source in train_sources.items()}
     train = DataLoader(MixtureStream(packed, recipe.seed, rank, world_size, per_device), batch_size=per_device,
                        num_workers=recipe.train_data.num_workers)
     if recipe.eval_data is None:
