@@ -16,7 +16,7 @@ from loopreg.config import load_recipe
 from loopreg.data.mixture import CHUNK, MixtureStream, chunk_counts
 from loopreg.data.synthetic import VariableAssignment
 from loopreg.data.tasks import TaskData
-from loopreg.data.text import byte_level_tokenizer, eos_id
+from loopreg.data.text import PackedText, byte_level_tokenizer, eos_id
 from loopreg.errors import RecipeError, UserError
 from loopreg.train import build_dataloaders
 
@@ -32,6 +32,14 @@ def tagged(tag: int) -> callable:
 
 def stream(weights=(2.0, 1.0, 1.0), **kwargs) -> MixtureStream:
     return MixtureStream({f"s{t}": (w, tagged(t)) for t, w in enumerate(weights)}, seed=3, **kwargs)
+
+
+def split_at(tokens: list[int], separator: int) -> list[list[int]]:
+    """The non-empty runs of ``tokens`` between ``separator`` tokens."""
+    runs: list[list[int]] = [[]]
+    for token in tokens:
+        runs.append([]) if token == separator else runs[-1].append(token)
+    return [run for run in runs if run]
 
 
 def windows(items) -> list[tuple[int, int]]:
@@ -95,6 +103,21 @@ def test_text_tokenizer_encodes_a_problem_as_a_document():
     assert item["labels"][-1] == eos and item["answer_mask"].sum() == len(example.answer) + 1
 
 
+def test_problem_windows_hold_whole_problems_in_order():
+    tokenizer = byte_level_tokenizer()
+    eos = eos_id(tokenizer)
+    task = VariableAssignment(depth=(0, 2), num_variables=3)
+    rng = random.Random(0)
+    problems = [task.sample(rng) for _ in range(400)]
+    documents = [example.prompt + example.answer for example in problems]
+    windows = list(islice(PackedText(lambda: iter(documents), tokenizer, seq_len=64).whole_windows(), 150))
+    assert all(len(window) == 65 and window[0] == eos for window in windows)
+    pieces = [tokenizer.decode(piece) for window in windows for piece in split_at(window, eos)]
+    assert pieces == documents[: len(pieces)] and len(pieces) > 150  # whole, in order, none skipped
+    with pytest.raises(ValueError, match="does not fit in a window of 8 tokens"):
+        next(PackedText(lambda: iter(documents), tokenizer, seq_len=8).whole_windows())
+
+
 def follow(prompt: str) -> tuple[int, str]:
     """(pointer hops, value) of a math-format variable-assignment query, by following its chain."""
     statements = dict(part.split("=") for part in prompt.split(", ")[:-1])
@@ -131,6 +154,13 @@ def test_recipe_builds_one_evaluator_per_source_and_variant(text_corpus: Path):
     assert batches[0]["input_ids"].shape == (8, recipe.max_seq_len)
     text = "".join(byte_level_tokenizer().decode(row.tolist()) for b in batches for row in b["input_ids"])
     assert "=?" in text and "looped" in text  # problems are in the packed stream beside the corpus text
+    eos = eos_id(byte_level_tokenizer())
+    for row in (torch.cat([b["input_ids"], b["labels"][:, -1:]], 1) for b in batches):
+        for window in row.tolist():
+            problems = [byte_level_tokenizer().decode(piece) for piece in split_at(window, eos)]
+            if any("=?" in problem for problem in problems):  # a variable-assignment window: whole problems only
+                assert window[0] == eos and all(follow(p[:p.index("?") + 1])[1] == p[p.index("?") + 1:]
+                                                for p in problems)
 
 
 def test_a_short_mixture_run_trains_and_scores(text_corpus: Path):
@@ -156,6 +186,7 @@ def test_a_short_mixture_run_trains_and_scores(text_corpus: Path):
     ("tokenizer.kind=synthetic", "a mixture needs a text tokenizer"),
     ("max_seq_len=64", "sources.vars.eval_variants.d4: problems of up to 80 tokens do not fit max_seq_len=64"),
     ("train_data.sources.wiki.source=/nonexistent/wiki.jsonl", "train_data.sources.wiki.source"),
+    ("max_seq_len=24", "train_data.sources.vars.task_kwargs: problems of up to 4"),  # 2 end-of-texts + 40-odd bytes
 ])
 def test_bad_mixture_sections_are_one_line_errors(text_corpus: Path, override: str, message: str):
     with pytest.raises(UserError) as error:  # a RecipeError, or a DataError for the missing file
