@@ -77,6 +77,11 @@ class ComposerLoopedLM(ComposerModel):
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         return F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
 
+    def loss_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many targets :meth:`loss` averages over in ``batch`` (the trainer weighs microbatches and ranks
+        by it, so the loss is the mean over every target of the global batch however the batch is split)."""
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
     def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any | None = None) -> torch.Tensor:
         return outputs if outputs is not None else self.forward(batch)
 
@@ -101,3 +106,7 @@ class PretrainedLM(HuggingFaceModel):
     def __init__(self, model: Any, tokenizer: Any | None = None) -> None:
         super().__init__(model, tokenizer, use_logits=True, metrics=[LanguageCrossEntropy()],
                          eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()], shift_labels=True)
+
+    def loss_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many targets the shifted loss averages over in ``batch`` (see ``ComposerLoopedLM.loss_targets``)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

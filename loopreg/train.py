@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from composer.core import Callback
+from composer.core import Callback, DataSpec
 
 from loopreg.composer_model import ComposerLoopedLM, PretrainedLM
 from loopreg.config import Recipe, check_kwargs, load_recipe, lookup, model_config
@@ -153,10 +153,18 @@ def build_trainer(recipe: Recipe, extra_callbacks: list[Any] | None = None):
     loggers = [_build(LOGGERS, name, kwargs, f"loggers.{name}") for name, kwargs in recipe.loggers.items()]
     precision = recipe.precision or ("amp_bf16" if device == "gpu" else "fp32")
     restore_rng = _RestoreRNG()
+    # Composer weighs microbatches (and ranks) by sample count unless told the targets per batch: with
+    # answer-only or padded labels the loss would then depend on how the global batch is split. (A raw batch
+    # that an algorithm renders at AFTER_DATALOADER, e.g. paired problems, has no tokens yet: 0, as by default.)
+    targets = getattr(model, "loss_targets", None)
+    train = data.train if targets is None else DataSpec(data.train, get_num_tokens_in_batch=lambda batch: {
+        "total": batch["input_ids"].numel() if "input_ids" in batch else 0,
+        "loss_generating": targets(batch) if "labels" in batch else 0})
     trainer = Trainer(
         run_name=recipe.run_name,
         model=model,
-        train_dataloader=data.train,
+        train_dataloader=train,
+        accumulate_train_batch_on_tokens=targets is not None,
         eval_dataloader=data.evaluation,
         eval_interval=recipe.eval_interval if data.evaluation is not None else 1,
         eval_subset_num_batches=recipe.eval_subset_num_batches,

@@ -43,6 +43,7 @@ def cases(corpus: Path) -> dict[str, list[str]]:
                                    "algorithms.loop_regularizer.block_size=2"],
         "middle_looped_1x(1,2,1)": [*text, "model.spec=1x(1,2,1)"],
         "random_loops_1x(1,2,1)": [*text, "model.spec=1x(1,2,1)", *RANDOM_LOOPS],
+        "answer_only_2x1": ["recipes/cpu_addition.yaml", *PHOP_TINY, *COMMON, "model.spec=2x1"],  # targets vary
         "mixture_2x2": ["recipes/lm_mini.yaml", *COMMON, "model.spec=2x2", "model.d_model=32", "model.n_heads=2",
                         "model.d_ff=64", "max_seq_len=64", f"train_data.sources.wiki.source={corpus}",
                         "eval_data=null"],  # text and three synthetic sources in one packed stream
@@ -127,7 +128,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -> di
 
 
 @pytest.mark.parametrize("name", ["plain_looped_1x4", "regularized_4x1_untied", "middle_looped_1x(1,2,1)",
-                                  "random_loops_1x(1,2,1)", "mixture_2x2"])
+                                  "random_loops_1x(1,2,1)", "answer_only_2x1",
+                                  "mixture_2x2"])
 def test_two_ranks_follow_the_one_process_loss_curve(two_ranks: dict, text_corpus: Path, name: str):
     recipe, *overrides = cases(text_corpus)[name]
     one, _ = train(recipe, overrides)

@@ -84,3 +84,22 @@ def test_short_training_run_lowers_loss():
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     accuracy = trainer.state.eval_metrics["eval"]["AnswerExactMatch"].compute().item()
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_the_loss_is_the_mean_over_every_answer_target_however_the_batch_is_split():
+    """Answer-only labels: microbatches hold different numbers of targets. The first step's gradient (so the
+    second step's weights and loss) is the one of the whole batch's target mean at any microbatch size."""
+
+    def losses(microbatch: int) -> list[float]:
+        recipe = load_recipe(REPO / "recipes" / "cpu_addition.yaml", [
+            "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.spec=1x2", "max_duration=3ba",
+            "eval_interval=3ba", "eval_data.eval_size=8", "global_train_batch_size=8", "scheduler.t_warmup=1ba",
+            f"device_train_microbatch_size={microbatch}", "loggers.in_memory={}", "progress_bar=false"])
+        trainer = build_trainer(recipe)
+        trainer.fit()
+        memory = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+        trainer.close()
+        return [float(value) for _, value in memory.data["loss/train/total"]]
+
+    whole, split = losses(8), losses(1)
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(whole, split)), (whole, split)
