@@ -59,6 +59,10 @@ class LoopedLMConfig:
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     init_std: float = 0.02
+    # the depth D that residual output projections are initialised for, std = init_std / sqrt(2D) (GPT-2's rule);
+    # None: this model's effective depth. A table comparing depths gives every row one D: at D = 8 the smaller
+    # init kept d=64 models on the addition plateau that D <= 4 left (docs/REPRODUCTION.md, lm_mini)
+    init_depth: int | None = None
     # learned absolute positions added to the token embedding, besides RoPE (GPT-2 style); they make
     # fixed-offset lookups (CoT step j ↔ operand j+1) easy to learn on small synthetic tasks
     learned_positions: bool = False
@@ -86,6 +90,8 @@ class LoopedLMConfig:
             raise UserError(f"model.latent_feedback must be 'residual' or 'soft_token', got {self.latent_feedback!r}")
         if self.latent_feedback == "soft_token" and self.placeholder_id is None:
             raise UserError("model.latent_feedback='soft_token' needs model.placeholder_id (the placeholder token id)")
+        if self.init_depth is not None and self.init_depth < 1:
+            raise UserError(f"model.init_depth must be >= 1 (or null: the effective depth), got {self.init_depth}")
         if self.placeholders_per_step < 1:
             raise UserError(f"model.placeholders_per_step must be >= 1, got {self.placeholders_per_step}")
         if self.mlp not in ("swiglu", "gelu"):

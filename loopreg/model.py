@@ -188,10 +188,10 @@ class LoopedLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------ init (and FSDP hooks)
     def param_init_fn(self, module: nn.Module) -> None:
         """Initialise one submodule in place; also the FSDP ``param_init_fn`` for ``init_device: meta``.
-        Residual output projections are scaled by 1/sqrt(2·D) for the effective depth D."""
-        std = self.config.init_std
+        Residual output projections are scaled by 1/sqrt(2·D) for the effective depth D (or ``init_depth``)."""
+        std, depth = self.config.init_std, self.config.arch.init_depth or self.spec.effective_depth
         if isinstance(module, nn.Linear):
-            scale = math.sqrt(2 * self.spec.effective_depth) if getattr(module, "residual_out", False) else 1.0
+            scale = math.sqrt(2 * depth) if getattr(module, "residual_out", False) else 1.0
             nn.init.normal_(module.weight, mean=0.0, std=std / scale)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)

@@ -95,7 +95,8 @@ LM_MINI_ROWS: dict[str, tuple[str, ...]] = {
 TABLES: dict[str, ReproTable] = {
     "lm_mini": ReproTable(
         "Reasoning against perplexity (Table 3 / Fig. 1 and Table 4 in miniature)", "lm_mini.yaml",
-        "byte-level LMs, d=64, learned positions, 80-byte sequences, batch 32, AdamW with weight decay 0.1, "
+        "byte-level LMs, d=64, learned positions, residual projections initialised as for depth 2 in every row, "
+        "80-byte sequences, batch 32, AdamW with weight decay 0.1, "
         "pretrained on equal parts of "
         "Wikipedia passages, 3-variable assignment chains of depth 0–2, 2-hop induction over 16 letters and "
         "2-operand 2-digit addition; scored on `wiki_passages_heldout.jsonl` perplexity and on held-out problems, in "

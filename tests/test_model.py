@@ -144,6 +144,18 @@ def test_fsdp_units_are_distinct_layers():
     assert len(units) == 12 and all(isinstance(m, Layer) for m in units)
 
 
+@pytest.mark.parametrize("spec, init_depth, depth", [("8x1", None, 8), ("2x2", None, 4), ("8x1", 2, 2),
+                                                     ("2x4", 2, 2)])
+def test_residual_projections_are_initialised_for_init_depth(spec: str, init_depth: int | None, depth: int):
+    model = LoopedLM(LoopedLMConfig(spec=spec, vocab_size=61, d_model=256, n_heads=4, init_depth=init_depth))
+    std = 0.02 / (2 * depth) ** 0.5
+    for layer in model.layers:  # residual outputs at std / sqrt(2D), every other projection at std
+        assert abs(layer.attn.o_proj.weight.std().item() / std - 1) < 0.02
+        assert abs(layer.attn.q_proj.weight.std().item() / 0.02 - 1) < 0.02
+    with pytest.raises(UserError, match="model.init_depth must be >= 1"):
+        LoopedLMConfig(spec=spec, init_depth=0)
+
+
 def test_bad_configs():
     with pytest.raises(ValueError, match="n_heads"):
         LoopedLMConfig(spec="2x2", d_model=30, n_heads=4)
