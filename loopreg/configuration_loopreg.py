@@ -60,8 +60,8 @@ class LoopedLMConfig:
     tie_word_embeddings: bool = False
     init_std: float = 0.02
     # the depth D that residual output projections are initialised for, std = init_std / sqrt(2D) (GPT-2's rule);
-    # None: this model's effective depth. A table comparing depths gives every row one D: at D = 8 the smaller
-    # init kept d=64 models on the addition plateau that D <= 4 left (docs/REPRODUCTION.md, lm_mini)
+    # None: this model's effective depth. A table comparing depths can give every row one D, so that its rows
+    # differ in depth only (recipes/lm_mini.yaml)
     init_depth: int | None = None
     # learned absolute positions added to the token embedding, besides RoPE (GPT-2 style); they make
     # fixed-offset lookups (CoT step j ↔ operand j+1) easy to learn on small synthetic tasks
