@@ -22,6 +22,7 @@ SmolLM2-135M-Instruct GGUF. The tokenizer is then the source's own (``tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 from dataclasses import dataclass, field, fields
@@ -174,9 +175,42 @@ def _explain(err: OmegaConfBaseException, where: str) -> RecipeError:
     return RecipeError(f"{where}: {str(err).splitlines()[0]}")
 
 
+def recipe_fingerprint(path: str | Path, overrides: list[str] | None = None) -> str:
+    """A short hash of what a recipe (its bases, the file, the overrides) sets, before interpolation: the same on
+    every machine, changed by any setting (not by comments). ``loopreg reproduce`` keys its results by it.
+
+    >>> len(recipe_fingerprint("recipes/lm_mini.yaml", ["seed=17"]))
+    12
+    """
+    merged, _, _ = _compose(Path(path), overrides)
+    return hashlib.sha256(OmegaConf.to_yaml(merged, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load, merge overrides into and validate a recipe; raises :class:`RecipeError` on user errors."""
     path = Path(path)
+    merged, raw, dotlist = _compose(path, overrides)
+    model_keys = _given_keys(raw, dotlist, "model")
+    if not merged.model._get_node("pretrained")._is_none():  # before LoopedLM's checks judge unused keys
+        _check_architecture_unset(model_keys, str(path))
+    try:
+        OmegaConf.resolve(merged)
+        recipe: Recipe = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _explain(err, str(path)) from None
+    except ValueError as err:  # LoopedLMConfig's own checks (spec grammar, head counts)
+        raise RecipeError(f"{path}: model: {err}") from None
+    for section in (recipe.algorithms, recipe.callbacks, recipe.loggers):
+        for name in [name for name, kwargs in section.items() if kwargs is None]:
+            del section[name]
+    _check_pretrained(recipe, _given_keys(raw, dotlist, "tokenizer"), str(path))
+    _check_max_seq_len(recipe, str(path))
+    _check_values(recipe, str(path))
+    return recipe
+
+
+def _compose(path: Path, overrides: list[str] | None) -> tuple[DictConfig, DictConfig, DictConfig]:
+    """The schema, the bases, the file and the overrides merged (unresolved); what the files set; the overrides."""
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' not found")
     layers = _read_chain(path)
@@ -198,23 +232,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except OmegaConfBaseException as err:
         raise _explain(err, f"override of {path}") from None
     raw = OmegaConf.merge(*(layer for _, layer in layers))  # what the files set, without the schema's defaults
-    model_keys = _given_keys(raw, dotlist, "model")
-    if not merged.model._get_node("pretrained")._is_none():  # before LoopedLM's checks judge unused keys
-        _check_architecture_unset(model_keys, str(path))
-    try:
-        OmegaConf.resolve(merged)
-        recipe: Recipe = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise _explain(err, str(path)) from None
-    except ValueError as err:  # LoopedLMConfig's own checks (spec grammar, head counts)
-        raise RecipeError(f"{path}: model: {err}") from None
-    for section in (recipe.algorithms, recipe.callbacks, recipe.loggers):
-        for name in [name for name, kwargs in section.items() if kwargs is None]:
-            del section[name]
-    _check_pretrained(recipe, _given_keys(raw, dotlist, "tokenizer"), str(path))
-    _check_max_seq_len(recipe, str(path))
-    _check_values(recipe, str(path))
-    return recipe
+    return merged, raw, dotlist
 
 
 def _read_file(path: Path) -> DictConfig:

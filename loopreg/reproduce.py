@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loopreg.config import load_recipe
+from loopreg.config import load_recipe, recipe_fingerprint
 from loopreg.errors import UserError
 from loopreg.spec import LoopSpec
 
@@ -162,7 +162,14 @@ def train_row(table: ReproTable, row: str, seed: int, steps: int, overrides: lis
         scores.update(_scores(trainer, f"@{loops}"))
     model.config.loops = None
     trainer.close()
-    return {"row": row, "seed": seed, "scores": scores, "seconds": round(time.perf_counter() - start, 1)}
+    return {"row": row, "seed": seed, "scores": scores, "seconds": round(time.perf_counter() - start, 1),
+            "recipe": row_fingerprint(table, row, overrides)}
+
+
+def row_fingerprint(table: ReproTable, row: str, overrides: list[str]) -> str:
+    """What a row trains under (:func:`~loopreg.config.recipe_fingerprint` of its recipe and overrides): a result
+    recorded under another fingerprint, or none, is stale and trained again."""
+    return recipe_fingerprint(RECIPES / table.recipe, [*table.rows[row], *overrides])
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -433,7 +440,9 @@ def reproduce(out: Path, tables: list[str], seeds: int, steps: int | None, overr
     for name in tables:
         table = TABLES[name]
         budget = steps or table.steps
-        done = {(r["row"], r["seed"]) for r in _record(saved, name, budget, overrides)["tasks"][name]["rows"]}
+        current = {row: row_fingerprint(table, row, overrides) for row in table.rows}
+        done = {(r["row"], r["seed"]) for r in _record(saved, name, budget, overrides)["tasks"][name]["rows"]
+                if r.get("recipe") == current[r["row"]]}
         for seed in range(SEED, SEED + seeds):
             for row in table.rows:
                 if (row, seed) in done or (only is not None and row not in only):

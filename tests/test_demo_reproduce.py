@@ -51,6 +51,12 @@ def test_reproduce_resumes_and_renders(tmp_path):
     assert {row["seed"] for row in data["tasks"]["igsm"]["rows"]} == {17}
     second = subprocess.run(args, capture_output=True, text=True, timeout=600)  # everything done: no training
     assert second.returncode == 0 and "steps)" not in second.stdout
+    stale = data["tasks"]["igsm"]["rows"][1]
+    stale["recipe"] = "0" * 12  # as if it had trained under another recipe
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    third = subprocess.run(args, capture_output=True, text=True, timeout=600)  # the stale row only
+    assert third.returncode == 0 and third.stdout.count("steps)") == 1, third.stdout
+    assert f"{TABLES['igsm'].label(stale['row'])}, seed 17" in third.stdout
     doc = (tmp_path / "REPRO.md").read_text()
     assert "| Loop (1⊗8) | 1x/8x | 1 |" in doc and "73.2" in doc  # the paper's value beside ours
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loopreg.config import load_recipe
+from loopreg.config import load_recipe, recipe_fingerprint
 from loopreg.errors import RecipeError
 
 from .conftest import REPO
@@ -173,3 +173,12 @@ def test_a_model_shorter_than_its_sequences_is_a_one_line_error(tmp_path: Path) 
     # model.pretrained: the length is the source's, the schema's model.max_seq_len is unused
     retrofit = load_recipe(REPO / "recipes" / "retrofit" / "smollm2_keepall_heal_cpu.yaml", ["max_seq_len=4096"])
     assert (retrofit.max_seq_len, retrofit.model.max_seq_len) == (4096, 2048)
+
+
+def test_the_fingerprint_follows_every_setting_and_no_machine_path(monkeypatch: pytest.MonkeyPatch):
+    recipe = REPO / "recipes" / "lm_mini.yaml"
+    first = recipe_fingerprint(recipe, ["seed=17"])
+    monkeypatch.setenv("LOOPREG_TEXTDATA", "/elsewhere/textdata")  # interpolations are hashed unresolved
+    assert recipe_fingerprint(recipe, ["seed=17"]) == first
+    assert recipe_fingerprint(recipe, ["seed=18"]) != first
+    assert recipe_fingerprint(recipe, ["model.init_depth=null", "seed=17"]) != first
