@@ -23,6 +23,7 @@ import datetime
 import fcntl
 import json
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -465,6 +466,15 @@ def reproduce(out: Path, tables: list[str], seeds: int, steps: int | None, overr
     return results
 
 
+def split_rows(text: str) -> list[str]:
+    """The rows of a ``--rows`` list: a comma inside parentheses belongs to a spec, not to the list.
+
+    >>> split_rows("8x1, 2x(1,2,1),reg_4x2_l10")
+    ['8x1', '2x(1,2,1)', 'reg_4x2_l10']
+    """
+    return [row.strip() for row in re.split(r",(?![^()]*\))", text) if row.strip()]
+
+
 def cli_main(argv: list[str]) -> int:
     from loopreg.errors import ArgumentParser
 
@@ -486,7 +496,7 @@ def cli_main(argv: list[str]) -> int:
         raise UserError(f"unknown table(s) {unknown}; choose from {', '.join(TABLES)}", key="--tables")
     if args.seeds < 1:
         raise UserError(f"must be >= 1, got {args.seeds}", key="--seeds")
-    rows = None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
+    rows = None if args.rows is None else split_rows(args.rows)
     known = {row for name in tables for row in TABLES[name].rows}
     if rows is not None and (not rows or set(rows) - known):
         raise UserError(f"{sorted(set(rows) - known) or rows} not a row of {', '.join(tables)}; choose from "

@@ -104,3 +104,10 @@ def test_lm_mini_renders_gaps_regularizer_deltas_scaling_fits_and_the_plot(tmp_p
     assert "| (2⊗L) trained at L, reasoning | 21.64 |" in text  # 20 + 15/ln2 * ln(D/2) through three depths
     assert "| RandomLoops (2⊗L) at L = 1–8, reasoning | 0.00 |" not in text
     assert (tmp_path / "lm_mini.png").stat().st_size > 10_000
+
+
+def test_rows_with_commas_inside_their_spec_can_be_chosen():
+    from loopreg.reproduce import split_rows
+
+    rows = split_rows("8x1, 2x(1,2,1),reg_4x2_l10,")
+    assert rows == ["8x1", "2x(1,2,1)", "reg_4x2_l10"] and set(rows) <= set(TABLES["lm_mini"].rows)
