@@ -73,6 +73,7 @@ class DataSection:
     # mixture: name -> a text or synthetic data section of its own, with a weight (loopreg.data.mixture)
     sources: Dict[str, Any] = field(default_factory=dict)
     weight: float = 1.0  # a mixture source's share (relative to the other sources' weights)
+    targets: str = "all"  # a mixture's synthetic source: train on all of a problem's tokens, or its answers only
     # eval_data only: named eval sets, each overriding task knobs (e.g. {n24: {n_operands: 24}})
     eval_variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     eval_size: int = 1024  # sequences (text, mds) or examples (synthetic) in the fixed eval set

@@ -13,10 +13,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from loopreg.config import load_recipe
-from loopreg.data.mixture import CHUNK, MixtureStream, chunk_counts
+from loopreg.data import IGNORE_INDEX
+from loopreg.data.mixture import CHUNK, MixtureStream, chunk_counts, problem_windows
 from loopreg.data.synthetic import VariableAssignment
-from loopreg.data.tasks import TaskData
-from loopreg.data.text import PackedText, byte_level_tokenizer, eos_id
+from loopreg.data.tasks import TaskData, train_examples
+from loopreg.data.text import EOS_TOKEN as EOS_TEXT, byte_level_tokenizer, eos_id
 from loopreg.errors import RecipeError, UserError
 from loopreg.train import build_dataloaders
 
@@ -26,8 +27,8 @@ RECIPE = REPO / "recipes" / "lm_mini.yaml"
 
 
 def tagged(tag: int) -> callable:
-    """A source whose k-th window is ``[tag, k, k]``: where each sequence came from is readable."""
-    return lambda: ([tag, k, k] for k in range(10**9))
+    """A source whose k-th window has inputs ``[tag, k]``: where each sequence came from is readable."""
+    return lambda: (([tag, k], [k, k]) for k in range(10**9))
 
 
 def stream(weights=(2.0, 1.0, 1.0), **kwargs) -> MixtureStream:
@@ -106,16 +107,35 @@ def test_text_tokenizer_encodes_a_problem_as_a_document():
 def test_problem_windows_hold_whole_problems_in_order():
     tokenizer = byte_level_tokenizer()
     eos = eos_id(tokenizer)
-    task = VariableAssignment(depth=(0, 2), num_variables=3)
-    rng = random.Random(0)
-    problems = [task.sample(rng) for _ in range(400)]
-    documents = [example.prompt + example.answer for example in problems]
-    windows = list(islice(PackedText(lambda: iter(documents), tokenizer, seq_len=64).whole_windows(), 150))
-    assert all(len(window) == 65 and window[0] == eos for window in windows)
-    pieces = [tokenizer.decode(piece) for window in windows for piece in split_at(window, eos)]
-    assert pieces == documents[: len(pieces)] and len(pieces) > 150  # whole, in order, none skipped
+    data = TaskData(VariableAssignment(depth=(0, 2), num_variables=3), tokenizer)
+    problems = list(train_examples(data.task, 0, range(400)))
+    windows = list(islice(problem_windows(data, problems, seq_len=64), 150))
+    assert all(len(inputs) == len(labels) == 64 and inputs[0] == eos for inputs, labels in windows)
+    assert all(labels == inputs[1:] + [eos] for inputs, labels in windows)  # every token a target
+    pieces = [tokenizer.decode(piece) for inputs, _ in windows for piece in split_at(inputs, eos)]
+    assert pieces == [p.prompt + p.answer for p in problems[: len(pieces)]] and len(pieces) > 150  # whole, in order
     with pytest.raises(ValueError, match="does not fit in a window of 8 tokens"):
-        next(PackedText(lambda: iter(documents), tokenizer, seq_len=8).whole_windows())
+        next(problem_windows(data, problems, seq_len=8))
+
+
+def test_answer_targets_train_on_answers_only():
+    """``targets: answers`` keeps the windows and masks every target but the answers and their end-of-text:
+    the prompts, and the filler after the last whole problem."""
+    tokenizer = byte_level_tokenizer()
+    eos = eos_id(tokenizer)
+    data = TaskData(VariableAssignment(depth=(0, 2), num_variables=3), tokenizer)
+    problems = list(train_examples(data.task, 0, range(200)))
+    every = list(islice(problem_windows(data, problems, seq_len=64), 50))
+    answers = list(islice(problem_windows(data, problems, seq_len=64, targets="answers"), 50))
+    assert [inputs for inputs, _ in every] == [inputs for inputs, _ in answers]
+    kept = [tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) for _, labels in answers]
+    in_window = [split_at(inputs, eos) for inputs, _ in answers]
+    expected = ["".join(problems[i].answer for i in range(sum(map(len, in_window[:w])), sum(map(len, in_window[:w + 1]))))
+                for w in range(len(in_window))]
+    assert [text.replace(EOS_TEXT, "") for text in kept] == expected
+    assert all(sum(t == eos for t in labels) == len(pieces) for (_, labels), pieces in zip(answers, in_window))
+    for (inputs, labels), (_, all_labels) in zip(answers, every):  # a kept target is the all-targets one
+        assert all(t == a for t, a in zip(labels, all_labels) if t != IGNORE_INDEX)
 
 
 def follow(prompt: str) -> tuple[int, str]:
@@ -186,7 +206,10 @@ def test_a_short_mixture_run_trains_and_scores(text_corpus: Path):
     ("tokenizer.kind=synthetic", "a mixture needs a text tokenizer"),
     ("max_seq_len=64", "sources.vars.eval_variants.d4: problems of up to 80 tokens do not fit max_seq_len=64"),
     ("train_data.sources.wiki.source=/nonexistent/wiki.jsonl", "train_data.sources.wiki.source"),
-    ("max_seq_len=24", "train_data.sources.vars.task_kwargs: problems of up to 4"),  # 2 end-of-texts + 40-odd bytes
+    ("train_data.sources.vars.targets=prompts", "train_data.sources.vars.targets=prompts: a synthetic source trains "
+                                                "on all or answers"),
+    ("train_data.sources.wiki.targets=answers", "train_data.sources.wiki.targets=answers: a text source trains on all"),
+    ("max_seq_len=24", "train_data.sources.vars.task_kwargs: problems of up to 50 tokens"),  # depth 2: 48 bytes + 2
 ])
 def test_bad_mixture_sections_are_one_line_errors(text_corpus: Path, override: str, message: str):
     with pytest.raises(UserError) as error:  # a RecipeError, or a DataError for the missing file

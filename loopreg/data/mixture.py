@@ -26,26 +26,28 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 
-from loopreg.data import DATA_KINDS, Data, DataKind
+from loopreg.data import DATA_KINDS, IGNORE_INDEX, Data, DataKind
 from loopreg.data.resumable import ResumableStream
-from loopreg.data.synthetic import build_task
-from loopreg.data.tasks import AnswerExactMatch, task_evaluators, train_examples
+from loopreg.data.synthetic import Example, build_task
+from loopreg.data.tasks import AnswerExactMatch, TaskData, task_evaluators, train_examples
 from loopreg.data.text import PackedText, load_tokenizer, text_stream, text_tokenizer
 from loopreg.errors import DataError, RecipeError, under_key
 
-__all__ = ["CHUNK", "MixtureStream", "chunk_counts", "mixture_dataloaders"]
+__all__ = ["CHUNK", "TARGETS", "MixtureStream", "chunk_counts", "mixture_dataloaders", "problem_windows"]
 
 CHUNK = 256  # sequences per interleaving chunk: the finest share a weight can get is 1/CHUNK
 PACKABLE = ("text", "synthetic")  # source kinds that are documents; mds shards are already packed
+TARGETS = ("all", "answers")  # which tokens of a synthetic source's problems are trained on
 
-Windows = Callable[[], Iterator[list[int]]]  # a fresh iterator over a source's packed windows
+Window = tuple[list[int], list[int]]  # (input ids, labels) of one packed sequence
+Windows = Callable[[], Iterator[Window]]  # a fresh iterator over a source's packed windows
 
 
 def chunk_counts(weights: list[float], chunk: int = CHUNK) -> list[int]:
@@ -66,7 +68,7 @@ def chunk_counts(weights: list[float], chunk: int = CHUNK) -> list[int]:
 class MixtureStream(ResumableStream):
     """Packed training windows drawn from named sources in proportion to their weights.
 
-    >>> windows = {"a": (1.0, lambda: iter([[1, 2, 3]] * 999)), "b": (1.0, lambda: iter([[4, 5, 6]] * 999))}
+    >>> windows = {"a": (1.0, lambda: iter([([1, 2], [2, 3])] * 999)), "b": (1.0, lambda: iter([([4, 5], [5, 6])] * 999))}
     >>> next(iter(MixtureStream(windows, seed=0)))["input_ids"].tolist() in ([1, 2], [4, 5])
     True
     """
@@ -111,10 +113,39 @@ class MixtureStream(ResumableStream):
             if streams[source] is None:
                 streams[source] = self.windows[source]()
             skipped = position - next_position[source]  # windows of this source other ranks or workers take
-            window = next(itertools.islice(streams[source], skipped, None))
+            inputs, labels = next(itertools.islice(streams[source], skipped, None))
             next_position[source] = position + 1
-            tensor = torch.tensor(window, dtype=torch.long)
-            yield {"input_ids": tensor[:-1], "labels": tensor[1:]}
+            yield {"input_ids": torch.tensor(inputs, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def problem_windows(data: TaskData, examples: Iterable[Example], seq_len: int,
+                    targets: str = "all") -> Iterator[Window]:
+    """Windows of ``seq_len`` (input ids, labels) that hold whole problems only, each encoded as evaluation
+    encodes it (end-of-text, prompt, answer; the answer and its end-of-text are the targets), as many as fit,
+    then end-of-text to the end. ``targets="all"`` trains on every token, prompt and filler included (a
+    problem as a document of text); ``"answers"`` on the answers only: a random prompt has nothing to learn,
+    and its tokens would outnumber the answer's tenfold in the loss.
+
+    >>> from loopreg.data.text import byte_level_tokenizer
+    >>> data = TaskData(build_task("addition", n_operands=2, digits=1), byte_level_tokenizer())
+    >>> inputs, labels = next(problem_windows(data, [Example("1+2=", "3")] * 3, seq_len=14, targets="answers"))
+    >>> len(inputs), [label for label in labels if label != -100]  # two problems fit: "3" (18), end-of-text
+    (14, [18, 256, 18, 256])
+    """
+    inputs: list[int] = []
+    labels: list[int] = []
+    for example in examples:
+        item = data.encode(example)
+        ids = item["input_ids"].tolist()
+        if len(ids) > seq_len:
+            raise ValueError(f"a problem of {len(ids)} tokens with its end-of-text markers does not fit in a "
+                             f"window of {seq_len} tokens")
+        if len(inputs) + len(ids) > seq_len:
+            filler = seq_len - len(inputs)
+            yield inputs + [data.eos_id] * filler, labels + [data.eos_id if targets == "all" else IGNORE_INDEX] * filler
+            inputs, labels = [], []
+        inputs += ids
+        labels += ids[1:] + [data.eos_id] if targets == "all" else item["labels"].tolist()
 
 
 def _sources(section: Any, where: str) -> dict[str, Any]:
@@ -137,6 +168,10 @@ def _sources(section: Any, where: str) -> dict[str, Any]:
             raise RecipeError(f"{key}.kind={source.kind}: a mixture source is one of {', '.join(PACKABLE)}")
         if not source.weight > 0:
             raise RecipeError(f"{key}.weight must be > 0, got {source.weight}")
+        if source.targets not in TARGETS or (source.kind == "text" and source.targets != "all"):
+            allowed = TARGETS if source.kind == "synthetic" else ("all",)
+            raise RecipeError(f"{key}.targets={source.targets}: a {source.kind} source trains on "
+                              f"{' or '.join(allowed)}")
         DATA_KINDS.lookup(source.kind, f"{key}.kind").check(source, key)
         sources[name] = source
     return sources
@@ -168,15 +203,13 @@ def _task(source: Any, key: str) -> Any:
     return task
 
 
-def _check_problems_fit(source: Any, tokenizer: Any, max_seq_len: int, key: str, sample: int = 256) -> None:
-    """The first ``sample`` training problems, each with the end-of-text before and after it, fit a window (a
-    longer one met later stops the stream with the same complaint, from ``PackedText.whole_windows``)."""
-    task = _task(source, key)
-    documents = [example.prompt + example.answer for example in train_examples(task, 0, range(sample))]
-    longest = max(len(encoding.ids) for encoding in text_tokenizer(tokenizer).encode_batch(documents))
-    if longest + 2 > max_seq_len + 1:
-        raise RecipeError(f"{key}.task_kwargs: problems of up to {longest} tokens do not fit max_seq_len="
-                          f"{max_seq_len} with their end-of-text markers")
+def _check_problems_fit(data: TaskData, max_seq_len: int, key: str, sample: int = 256) -> None:
+    """The first ``sample`` training problems fit a window (a longer one met later stops the stream with the
+    same complaint, from :func:`problem_windows`)."""
+    longest = max(len(data.encode(example)["input_ids"]) for example in train_examples(data.task, 0, range(sample)))
+    if longest > max_seq_len:
+        raise RecipeError(f"{key}.task_kwargs: problems of up to {longest} tokens with their end-of-text markers do "
+                          f"not fit max_seq_len={max_seq_len}")
 
 
 def mixture_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int, pretrained: Any = None) -> Data:
@@ -194,20 +227,17 @@ def mixture_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int
                           f"({tokenizer.get_vocab_size()} tokens)")
     train_sources = _sources(recipe.train_data, "train_data")
 
-    def documents(name: str, source: Any) -> Callable[[], Iterator[str]]:
+    def windows(name: str, source: Any) -> Windows:
         key = f"train_data.sources.{name}"
         if source.kind == "text":
-            return _text_documents(source, key)
-        task = _task(source, key)
+            packed = PackedText(_text_documents(source, key), tokenizer, recipe.max_seq_len)
+            return lambda: ((window[:-1], window[1:]) for window in packed.windows())
+        data = TaskData(_task(source, key), text_tokenizer(tokenizer))
+        _check_problems_fit(data, recipe.max_seq_len, key)
         seed = f"{recipe.seed}/{name}"  # each source its own problems
-        return lambda: (example.prompt + example.answer for example in train_examples(task, seed, itertools.count()))
-
-    def windows(name: str, source: Any) -> Windows:
-        packed = PackedText(documents(name, source), tokenizer, recipe.max_seq_len)
-        if source.kind == "text":
-            return packed.windows
-        _check_problems_fit(source, tokenizer, recipe.max_seq_len, f"train_data.sources.{name}")
-        return packed.whole_windows  # a problem cut from its prompt would teach guessing
+        # whole problems only: a problem cut from its prompt would teach guessing
+        return lambda: problem_windows(data, train_examples(data.task, seed, itertools.count()), recipe.max_seq_len,
+                                       source.targets)
 
     packed = {name: (source.weight, windows(name, source)) for name, source in train_sources.items()}
     train = DataLoader(MixtureStream(packed, recipe.seed, rank, world_size, per_device), batch_size=per_device,

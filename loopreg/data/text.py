@@ -221,26 +221,6 @@ class PackedText(ResumableStream):
                 yield buffer[: self.seq_len + 1]
                 buffer = buffer[self.seq_len:]
 
-    def whole_windows(self) -> Iterator[list[int]]:
-        """Windows of ``seq_len + 1`` tokens that hold whole documents only: an end-of-text, then as many
-        documents (each closed by end-of-text) as fit, then end-of-text to the end. For problem documents,
-        whose answer is worthless without its prompt. The filler is trained on like any token, not masked: every
-        sequence then has the same number of targets, so a loss averaged per rank is the one-process loss.
-
-        >>> windows = PackedText(lambda: iter(["ab"] * 9), byte_level_tokenizer(), seq_len=8).whole_windows()
-        >>> next(windows)  # end-of-text (256), "ab" (ids 64, 65) twice, and no room for a third
-        [256, 64, 65, 256, 64, 65, 256, 256, 256]
-        """
-        window = [self.eos]
-        for ids in self._token_stream():
-            if len(ids) > self.seq_len:
-                raise ValueError(f"a document of {len(ids) - 1} tokens does not fit in a window of {self.seq_len} "
-                                 "tokens with its end-of-text markers")
-            if len(window) + len(ids) > self.seq_len + 1:
-                yield window + [self.eos] * (self.seq_len + 1 - len(window))
-                window = [self.eos]
-            window.extend(ids)
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         wanted = self.my_positions()
         if self.max_sequences is not None:
