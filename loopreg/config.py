@@ -177,8 +177,9 @@ def _explain(err: OmegaConfBaseException, where: str) -> RecipeError:
 
 
 def recipe_fingerprint(path: str | Path, overrides: list[str] | None = None) -> str:
-    """A short hash of what a recipe (its bases, the file, the overrides) sets, before interpolation: the same on
-    every machine, changed by any setting (not by comments). ``loopreg reproduce`` keys its results by it.
+    """A short hash of the composed recipe (schema defaults, bases, the file, the overrides) before interpolation:
+    the same on every machine, changed by any setting or new schema key (not by comments). ``loopreg reproduce``
+    keys its results by it.
 
     >>> len(recipe_fingerprint("recipes/lm_mini.yaml", ["seed=17"]))
     12

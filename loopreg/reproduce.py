@@ -174,6 +174,20 @@ def row_fingerprint(table: ReproTable, row: str, overrides: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- rendering
+def shown_rows(entry: dict, table: ReproTable) -> tuple[dict, set[str]]:
+    """``entry`` with, for each row, only its results under the current recipe (its fingerprint), or its stale
+    results where it has no current one; and the rows shown stale (marked † in the tables)."""
+    current = {row: row_fingerprint(table, row, entry.get("overrides", [])) for row in table.rows}
+    fresh = [result for result in entry["rows"] if result.get("recipe") == current[result["row"]]]
+    have = {result["row"] for result in fresh}
+    old = [result for result in entry["rows"] if result["row"] not in have]
+    return {**entry, "rows": fresh + old}, {result["row"] for result in old}
+
+
+def _name(table: ReproTable, row: str, stale: set[str]) -> str:
+    return table.label(row) + (" †" if row in stale else "")
+
+
 def _stats(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
@@ -243,7 +257,7 @@ def lm_mini_eval_results(entry: dict, table: ReproTable) -> list[Any]:
     return results
 
 
-def _lm_mini_markdown(entry: dict, table: ReproTable) -> list[str]:
+def _lm_mini_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[str]:
     from loopreg.evals.aggregate import percent_gap
     from loopreg.evals.frontier import frontier_at
     from loopreg.evals.report import frontier_points
@@ -267,7 +281,7 @@ def _lm_mini_markdown(entry: dict, table: ReproTable) -> list[str]:
         point = next(p for p in points if p.model == table.label(row))
         frontier = None if point.baseline else frontier_at(points, point.perplexity)
         above = "—" if frontier is None else f"{point.score - frontier:+.1f}"
-        cells = [table.label(row), units, str(len(row_values(entry, row, "wiki_ppl"))),
+        cells = [_name(table, row, stale), units, str(len(row_values(entry, row, "wiki_ppl"))),
                  _cell(row_values(entry, row, "wiki_ppl"), 2), *[_cell(row_values(entry, row, k)) for k in REASONING],
                  _cell(row_values(entry, row, REASONING)), above, gap,
                  *[_cell(row_values(entry, row, k)) for k in HARDER],
@@ -351,7 +365,7 @@ def plot_lm_mini(entry: dict, table: ReproTable, path: Path) -> Path:
     return path
 
 
-def _paper_markdown(entry: dict, table: ReproTable) -> list[str]:
+def _paper_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[str]:
     header = ["Model", "Params/FLOPs", "seeds", *[f"ours {c}" for c in table.columns],
               *[f"paper {c}" for c in table.paper_columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -359,7 +373,7 @@ def _paper_markdown(entry: dict, table: ReproTable) -> list[str]:
         values = [row_values(entry, row, column) for column in table.columns]
         if not values[0]:
             continue
-        cells = [table.label(row), LoopSpec.parse(row).units_label.replace(" ", ""), str(len(values[0])),
+        cells = [_name(table, row, stale), LoopSpec.parse(row).units_label.replace(" ", ""), str(len(values[0])),
                  *[_cell(v) for v in values], *[f"{s:.1f}" for s in table.paper_rows[row]]]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
@@ -375,6 +389,7 @@ def render_markdown(results: dict, doc: Path | None = None) -> str:
         entry = results.get("tasks", {}).get(name)
         if not entry or not entry["rows"]:
             continue
+        entry, stale = shown_rows(entry, table)
         minutes = sum(row["seconds"] for row in entry["rows"]) / 60
         seeds = sorted({row["seed"] for row in entry["rows"]})
         lines += [f"## {table.title}", "",
@@ -383,12 +398,16 @@ def render_markdown(results: dict, doc: Path | None = None) -> str:
                   f"{minutes:.0f} min of training in all (one thread a run). Measured {entry.get('date', '—')}.", "",
                   f"Command: `{entry['command']}`", ""]
         if name == "lm_mini":
-            lines += _lm_mini_markdown(entry, table)
+            lines += _lm_mini_markdown(entry, table, stale)
             if doc is not None:
                 plot = plot_lm_mini(entry, table, doc.with_name("lm_mini.png"))
                 lines += [f"![reasoning against perplexity; scaling fits]({plot.name})", ""]
         else:
-            lines += _paper_markdown(entry, table)
+            lines += _paper_markdown(entry, table, stale)
+        if stale:
+            lines += [f"† Trained under an older `recipes/{table.recipe}` (or these rows' overrides) than today's: "
+                      "its recorded fingerprint differs or is missing. Shown until `loopreg reproduce` trains the row "
+                      "again.", ""]
         if entry.get("discussion"):
             lines += [entry["discussion"], ""]
     if results.get("discussion"):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from loopreg.reproduce import HARDER, REASONING, TABLES, render_markdown
+from loopreg.reproduce import HARDER, REASONING, TABLES, render_markdown, row_fingerprint
 
 
 @pytest.mark.slow
@@ -69,14 +69,19 @@ def test_reproduce_unknown_row_exits_2():
 
 
 def test_render_markdown_rows():
-    rows = [{"row": "1x6", "seed": seed, "scores": {"eval": score}, "seconds": 1.0}
+    current = row_fingerprint(TABLES["phop"], "1x6", [])
+    rows = [{"row": "1x6", "seed": seed, "scores": {"eval": score}, "seconds": 1.0, "recipe": current}
             for seed, score in ((17, 97.0), (18, 99.0))]
+    rows.append({"row": "1x6", "seed": 19, "scores": {"eval": 10.0}, "seconds": 1.0, "recipe": "0" * 12})  # stale
+    rows.append({"row": "2x3", "seed": 17, "scores": {"eval": 50.0}, "seconds": 1.0})  # stale: no fingerprint
     results = {"tasks": {"phop": {"steps": 10, "command": "loopreg reproduce --tables phop --steps 10",
                                   "date": "2026-12-06", "rows": rows}}}
     text = render_markdown(results)
-    assert "| Loop (1⊗6) | 1x/6x | 2 | 98.0 ± 1.4 | 99.9 | 99.5 |" in text  # mean ± std over the two seeds
+    assert "| Loop (1⊗6) | 1x/6x | 2 | 98.0 ± 1.4 | 99.9 | 99.5 |" in text  # current seeds only, mean ± std
+    assert "| Loop (2⊗3) † | 2x/6x | 1 | 50.0 | 99.9 | 99.8 |" in text  # no current result: the stale one, marked
+    assert "† Trained under an older `recipes/cpu_phop.yaml`" in text
     assert "10 steps per model" in text and "`loopreg reproduce --tables phop --steps 10`" in text
-    assert "Seeds 17, 18" in text and "Measured 2026-12-06" in text
+    assert "Seeds 17, 18;" in text and "Measured 2026-12-06" in text
 
 
 def lm_mini_result(row: str, seed: int, reasoning: float, ppl: float) -> dict:
@@ -84,7 +89,7 @@ def lm_mini_result(row: str, seed: int, reasoning: float, ppl: float) -> dict:
     scores = {"wiki_ppl": ppl, **{key: reasoning for key in REASONING}, **{key: reasoning / 2 for key in HARDER}}
     for loops in (*table.loop_sweep.get(row, ()), *([table.more_loops[row]] if row in table.more_loops else [])):
         scores.update({f"{key}@{loops}": reasoning + loops for key in (*REASONING, *HARDER)})
-    return {"row": row, "seed": seed, "scores": scores, "seconds": 60.0}
+    return {"row": row, "seed": seed, "scores": scores, "seconds": 60.0, "recipe": row_fingerprint(table, row, [])}
 
 
 def test_lm_mini_renders_gaps_regularizer_deltas_scaling_fits_and_the_plot(tmp_path):
