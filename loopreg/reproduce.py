@@ -257,13 +257,38 @@ def lm_mini_eval_results(entry: dict, table: ReproTable) -> list[Any]:
     return results
 
 
-def _lm_mini_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[str]:
-    from loopreg.evals.aggregate import percent_gap
+def frontier_distances(entry: dict, table: ReproTable) -> dict[str, list[float]]:
+    """Each looped or regularized row's in-distribution reasoning minus the non-looped baselines' frontier at its
+    perplexity, one value per seed: each seed's baselines draw that seed's frontier (claims 2 and 3)."""
     from loopreg.evals.frontier import frontier_at
     from loopreg.evals.report import frontier_points
 
+    distances: dict[str, list[float]] = {}
+    for seed in sorted({result["seed"] for result in entry["rows"]}):
+        one_seed = {**entry, "rows": [result for result in entry["rows"] if result["seed"] == seed]}
+        points = frontier_points(lm_mini_eval_results(one_seed, table), {}, "reasoning")
+        for row in table.rows:
+            point = next((p for p in points if p.model == table.label(row)), None)
+            frontier = None if point is None or point.baseline else frontier_at(points, point.perplexity)
+            if frontier is not None:
+                distances.setdefault(row, []).append(point.score - frontier)
+    return distances
+
+
+def _above(values: list[float]) -> str:
+    """Mean distance above the frontier ± its seed std, and the mean in standard errors (t)."""
+    if len(values) < 2:
+        return _cell(values)
+    mean, std = _stats(values)
+    t = "no spread" if std == 0 else f"t = {mean / (std / math.sqrt(len(values))):+.1f}"
+    return f"{mean:+.1f} ± {std:.1f} ({t})"
+
+
+def _lm_mini_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[str]:
+    from loopreg.evals.aggregate import percent_gap
+
     rows = [row for row in table.rows if row_values(entry, row, "wiki_ppl")]
-    points = frontier_points(lm_mini_eval_results(entry, table), {}, "reasoning")
+    distances = frontier_distances(entry, table)
     header = ["Model", "Params/FLOPs", "seeds", "wiki PPL", *REASONING, "reasoning", "above frontier", "% Gap",
               *HARDER, "harder", "harder, 2× loops"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -278,9 +303,7 @@ def _lm_mini_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[s
             value = percent_gap(*means)
             gap = "—" if math.isnan(value) else f"{value:.0f}%"
         more = table.more_loops.get(row)
-        point = next(p for p in points if p.model == table.label(row))
-        frontier = None if point.baseline else frontier_at(points, point.perplexity)
-        above = "—" if frontier is None else f"{point.score - frontier:+.1f}"
+        above = _above(distances.get(row, []))
         cells = [_name(table, row, stale), units, str(len(row_values(entry, row, "wiki_ppl"))),
                  _cell(row_values(entry, row, "wiki_ppl"), 2), *[_cell(row_values(entry, row, k)) for k in REASONING],
                  _cell(row_values(entry, row, REASONING)), above, gap,

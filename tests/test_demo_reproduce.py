@@ -116,3 +116,20 @@ def test_rows_with_commas_inside_their_spec_can_be_chosen():
 
     rows = split_rows("8x1, 2x(1,2,1),reg_4x2_l10,")
     assert rows == ["8x1", "2x(1,2,1)", "reg_4x2_l10"] and set(rows) <= set(TABLES["lm_mini"].rows)
+
+
+def test_frontier_distances_use_each_seeds_own_baselines():
+    from loopreg.reproduce import frontier_distances
+
+    table = TABLES["lm_mini"]
+    # seed 17: baselines (20% at ppl 8, 40% at ppl 6); seed 18: (30% at 8, 50% at 6); (2⊗4) at ppl 7 each time
+    rows = [lm_mini_result("2x1", 17, 20.0, 8.0), lm_mini_result("8x1", 17, 40.0, 6.0),
+            lm_mini_result("2x1", 18, 30.0, 8.0), lm_mini_result("8x1", 18, 50.0, 6.0),
+            lm_mini_result("2x4", 17, 35.0, 7.0), lm_mini_result("2x4", 18, 41.0, 7.0),
+            lm_mini_result("4x2", 17, 10.0, 9.0)]  # outside the frontier's perplexity range: no distance
+    entry = {"steps": 5, "rows": rows}
+    distances = frontier_distances(entry, table)
+    assert list(distances) == ["2x4"] and distances["2x4"] == pytest.approx([5.0, 1.0])  # 35 - 30, 41 - 40
+    text = render_markdown({"tasks": {"lm_mini": {**entry, "command": "c", "date": "d"}}})
+    line = next(line for line in text.splitlines() if line.startswith("| Loop (2⊗4) |"))
+    assert "| +3.0 ± 2.8 (t = +1.5) |" in line  # mean 3, std 2√2, t = 3 / (2√2 / √2)
