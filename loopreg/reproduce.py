@@ -100,7 +100,8 @@ TABLES: dict[str, ReproTable] = {
         "80-byte sequences, batch 32, AdamW with weight decay 0.1, "
         "pretrained on equal parts of "
         "Wikipedia passages, 3-variable assignment chains of depth 0–2, 2-hop induction over 16 letters and "
-        "2-operand 2-digit addition; scored on `wiki_passages_heldout.jsonl` perplexity and on held-out problems, in "
+        "2-operand 2-digit addition (problems trained on their answers only); scored on "
+        "`wiki_passages_heldout.jsonl` perplexity and on held-out problems, in "
         "distribution (depth 2, 2 hops, 2 operands) and harder (depth 4, 3 hops, 3 operands)", 3000,
         LM_MINI_ROWS, ("wiki_ppl", *REASONING, *HARDER),
         labels={**{f"reg_{spec}_l{lam}": f"Reg (8⊗1)→{LoopSpec.parse(spec).paper_label}, λ={lam}"

@@ -130,11 +130,11 @@ def test_answer_targets_train_on_answers_only():
     assert [inputs for inputs, _ in every] == [inputs for inputs, _ in answers]
     kept = [tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) for _, labels in answers]
     in_window = [split_at(inputs, eos) for inputs, _ in answers]
-    expected = ["".join(problems[i].answer for i in range(sum(map(len, in_window[:w])), sum(map(len, in_window[:w + 1]))))
-                for w in range(len(in_window))]
+    first = [sum(map(len, in_window[:w])) for w in range(len(in_window) + 1)]  # each window's first problem
+    expected = ["".join(p.answer for p in problems[first[w]:first[w + 1]]) for w in range(len(in_window))]
     assert [text.replace(EOS_TEXT, "") for text in kept] == expected
     assert all(sum(t == eos for t in labels) == len(pieces) for (_, labels), pieces in zip(answers, in_window))
-    for (inputs, labels), (_, all_labels) in zip(answers, every):  # a kept target is the all-targets one
+    for (_, labels), (_, all_labels) in zip(answers, every):  # a kept target is the all-targets one
         assert all(t == a for t, a in zip(labels, all_labels) if t != IGNORE_INDEX)
 
 

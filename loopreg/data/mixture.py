@@ -68,7 +68,8 @@ def chunk_counts(weights: list[float], chunk: int = CHUNK) -> list[int]:
 class MixtureStream(ResumableStream):
     """Packed training windows drawn from named sources in proportion to their weights.
 
-    >>> windows = {"a": (1.0, lambda: iter([([1, 2], [2, 3])] * 999)), "b": (1.0, lambda: iter([([4, 5], [5, 6])] * 999))}
+    >>> a, b = [([1, 2], [2, 3])] * 999, [([4, 5], [5, 6])] * 999  # (inputs, labels) windows
+    >>> windows = {"a": (1.0, lambda: iter(a)), "b": (1.0, lambda: iter(b))}
     >>> next(iter(MixtureStream(windows, seed=0)))["input_ids"].tolist() in ([1, 2], [4, 5])
     True
     """
@@ -115,7 +116,8 @@ class MixtureStream(ResumableStream):
             skipped = position - next_position[source]  # windows of this source other ranks or workers take
             inputs, labels = next(itertools.islice(streams[source], skipped, None))
             next_position[source] = position + 1
-            yield {"input_ids": torch.tensor(inputs, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+            yield {"input_ids": torch.tensor(inputs, dtype=torch.long),
+                   "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 def problem_windows(data: TaskData, examples: Iterable[Example], seq_len: int,
