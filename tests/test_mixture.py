@@ -175,12 +175,14 @@ def test_recipe_builds_one_evaluator_per_source_and_variant(text_corpus: Path):
     text = "".join(byte_level_tokenizer().decode(row.tolist()) for b in batches for row in b["input_ids"])
     assert "=?" in text and "looped" in text  # problems are in the packed stream beside the corpus text
     eos = eos_id(byte_level_tokenizer())
-    for row in (torch.cat([b["input_ids"], b["labels"][:, -1:]], 1) for b in batches):
-        for window in row.tolist():
-            problems = [byte_level_tokenizer().decode(piece) for piece in split_at(window, eos)]
+    for batch in batches:
+        for inputs, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+            problems = [byte_level_tokenizer().decode(piece) for piece in split_at(inputs, eos)]
             if any("=?" in problem for problem in problems):  # a variable-assignment window: whole problems only
-                assert window[0] == eos and all(follow(p[:p.index("?") + 1])[1] == p[p.index("?") + 1:]
+                assert inputs[0] == eos and all(follow(p[:p.index("?") + 1])[1] == p[p.index("?") + 1:]
                                                 for p in problems)
+                targets = [label for label in labels if label != IGNORE_INDEX]  # targets: answers
+                assert byte_level_tokenizer().decode(targets) == "".join(p[p.index("?") + 1:] for p in problems)
 
 
 def test_a_short_mixture_run_trains_and_scores(text_corpus: Path):
