@@ -189,7 +189,8 @@ class LoopedLM(PreTrainedModel, GenerationMixin):
     def param_init_fn(self, module: nn.Module) -> None:
         """Initialise one submodule in place; also the FSDP ``param_init_fn`` for ``init_device: meta``.
         Residual output projections are scaled by 1/sqrt(2·D) for the effective depth D (or ``init_depth``)."""
-        std, depth = self.config.init_std, self.config.arch.init_depth or self.spec.effective_depth
+        # .get: a folder saved before init_depth existed has no such key (and arch would rebuild the whole config)
+        std, depth = self.config.init_std, self.config.loopreg.get("init_depth") or self.spec.effective_depth
         if isinstance(module, nn.Linear):
             scale = math.sqrt(2 * depth) if getattr(module, "residual_out", False) else 1.0
             nn.init.normal_(module.weight, mean=0.0, std=std / scale)

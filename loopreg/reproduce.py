@@ -142,8 +142,9 @@ def _scores(trainer: Any, suffix: str = "") -> dict[str, float]:
     return scores
 
 
-def train_row(table: ReproTable, row: str, seed: int, steps: int, overrides: list[str]) -> dict:
-    """Train one row at one seed; returns its scores (and those at the table's other loop counts)."""
+def train_row(table: ReproTable, row: str, seed: int, steps: int, overrides: list[str], fingerprint: str) -> dict:
+    """Train one row at one seed; returns its scores (and those at the table's other loop counts), recorded under
+    ``fingerprint`` (:func:`row_fingerprint`)."""
     from composer.utils import reproducibility
 
     from loopreg.train import build_trainer
@@ -165,7 +166,7 @@ def train_row(table: ReproTable, row: str, seed: int, steps: int, overrides: lis
     model.config.loops = None
     trainer.close()
     return {"row": row, "seed": seed, "scores": scores, "seconds": round(time.perf_counter() - start, 1),
-            "recipe": row_fingerprint(table, row, overrides)}
+            "recipe": fingerprint}
 
 
 def row_fingerprint(table: ReproTable, row: str, overrides: list[str]) -> str:
@@ -492,7 +493,7 @@ def reproduce(out: Path, tables: list[str], seeds: int, steps: int | None, overr
                 if (row, seed) in done or (only is not None and row not in only):
                     continue
                 console.print(f"[bold]{name}[/bold] {table.label(row)}, seed {seed} ({budget} steps)")
-                result = train_row(table, row, seed, budget, overrides)
+                result = train_row(table, row, seed, budget, overrides, current[row])
                 _record(saved, name, budget, overrides, result)  # progress survives a stop
                 console.print(f"  {result['scores']} in {result['seconds']:.0f}s")
     results = json.loads(saved.read_text())
