@@ -186,6 +186,13 @@ def shown_rows(entry: dict, table: ReproTable) -> tuple[dict, set[str]]:
     return {**entry, "rows": fresh + old}, {result["row"] for result in old}
 
 
+def _stale_note(table: ReproTable, stale: set[str]) -> list[str]:
+    if not stale:
+        return []
+    return [f"† Trained under an older `recipes/{table.recipe}` (or these rows' overrides) than today's: the recorded "
+            "fingerprint differs or is missing.", ""]
+
+
 def _name(table: ReproTable, row: str, stale: set[str]) -> str:
     return table.label(row) + (" †" if row in stale else "")
 
@@ -429,12 +436,16 @@ def render_markdown(results: dict, doc: Path | None = None) -> str:
                 lines += [f"![reasoning against perplexity; scaling fits]({plot.name})", ""]
         else:
             lines += _paper_markdown(entry, table, stale)
-        if stale:
-            lines += [f"† Trained under an older `recipes/{table.recipe}` (or these rows' overrides) than today's: "
-                      "its recorded fingerprint differs or is missing. Shown until `loopreg reproduce` trains the row "
-                      "again.", ""]
+        lines += _stale_note(table, stale)
         if entry.get("discussion"):
             lines += [entry["discussion"], ""]
+        for earlier in entry.get("earlier", []):  # a setting the table was measured in before, kept as evidence
+            lines += [f"### {earlier['title']}", "", f"Command: `{earlier['command']}`, {earlier['steps']} steps; "
+                      f"measured {earlier.get('date', '—')}.", ""]
+            earlier, stale = shown_rows(earlier, table)
+            lines += (_lm_mini_markdown if name == "lm_mini" else _paper_markdown)(earlier, table, stale)
+            lines += _stale_note(table, stale)
+            lines += [earlier.get("discussion", ""), ""]
     if results.get("discussion"):
         lines += ["## Discussion", "", results["discussion"], ""]
     return "\n".join(lines)
@@ -455,7 +466,8 @@ def _record(saved: Path, name: str, steps: int, overrides: list[str], result: di
         results = json.loads(saved.read_text()) if saved.is_file() else {}
         entry = results.setdefault("tasks", {}).get(name, {})
         if entry.get("steps") != steps or entry.get("overrides") != overrides:
-            entry = {"steps": steps, "overrides": overrides, "rows": []}
+            earlier = {"earlier": entry["earlier"]} if entry.get("earlier") else {}  # settings measured before
+            entry = {"steps": steps, "overrides": overrides, "rows": [], **earlier}
         entry["command"] = " ".join(["loopreg reproduce", f"--tables {name} --steps {steps}", *overrides])
         if result is not None:
             entry["rows"] = [old for old in entry["rows"]

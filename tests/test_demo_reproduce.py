@@ -79,9 +79,16 @@ def test_render_markdown_rows():
     text = render_markdown(results)
     assert "| Loop (1⊗6) | 1x/6x | 2 | 98.0 ± 1.4 | 99.9 | 99.5 |" in text  # current seeds only, mean ± std
     assert "| Loop (2⊗3) † | 2x/6x | 1 | 50.0 | 99.9 | 99.8 |" in text  # no current result: the stale one, marked
-    assert "† Trained under an older `recipes/cpu_phop.yaml`" in text
+    assert "† Trained under an older `recipes/cpu_phop.yaml`" in text and text.count("† Trained") == 1
     assert "10 steps per model" in text and "`loopreg reproduce --tables phop --steps 10`" in text
     assert "Seeds 17, 18;" in text and "Measured 2026-12-06" in text
+    earlier = {"title": "Earlier setting: a shorter budget", "command": "loopreg reproduce --tables phop --steps 5",
+               "steps": 5, "date": "2026-12-01", "discussion": "It was too short.",
+               "rows": [{"row": "1x6", "seed": 17, "scores": {"eval": 33.0}, "seconds": 1.0, "recipe": current}]}
+    results["tasks"]["phop"]["earlier"] = [earlier]
+    text = render_markdown(results)
+    below = text[text.index("### Earlier setting: a shorter budget"):]
+    assert "| Loop (1⊗6) | 1x/6x | 1 | 33.0 | 99.9 | 99.5 |" in below and "It was too short." in below
 
 
 def lm_mini_result(row: str, seed: int, reasoning: float, ppl: float) -> dict:
