@@ -20,7 +20,7 @@ import torch
 from composer.core import Callback
 
 from loopreg.config import load_recipe
-from loopreg.data.mixture import MixtureStream
+from loopreg.data.mixture import MixtureStream, text_windows
 from loopreg.data.resumable import positions
 from loopreg.data.tasks import TaskData, TrainStream
 from loopreg.data.synthetic import PHop
@@ -181,9 +181,9 @@ def test_streams_resume_at_the_checkpointed_example_under_another_world_size():
               "text": lambda rank, world: PackedText(documents, byte_level_tokenizer(), 8, rank=rank,
                                                      world_size=world, batch_size=4),
               "mixture": lambda rank, world: MixtureStream(
-                  {"text": (2.0, PackedText(documents, byte_level_tokenizer(), 8).windows),
-                   "phop": (1.0, PackedText(lambda: (e.prompt for e in PHop(length=8, hops=2).stream("train", 1)),
-                                            byte_level_tokenizer(), 8).windows)},
+                  {"text": (2.0, text_windows(PackedText(documents, byte_level_tokenizer(), 8))),
+                   "phop": (1.0, text_windows(PackedText(lambda: (e.prompt for e in PHop(length=8, hops=2).stream(
+                       "train", 1)), byte_level_tokenizer(), 8)))},
                   seed=5, rank=rank, world_size=world, batch_size=4)}
     for name, make in makers.items():
         whole = [item["input_ids"].tolist() for item in _take(make(0, 1), 48)]

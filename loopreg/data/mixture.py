@@ -40,7 +40,8 @@ from loopreg.data.tasks import AnswerExactMatch, TaskData, task_evaluators, trai
 from loopreg.data.text import PackedText, load_tokenizer, text_stream, text_tokenizer
 from loopreg.errors import DataError, RecipeError, under_key
 
-__all__ = ["CHUNK", "TARGETS", "MixtureStream", "chunk_counts", "mixture_dataloaders", "problem_windows"]
+__all__ = ["CHUNK", "TARGETS", "MixtureStream", "chunk_counts", "mixture_dataloaders", "problem_windows",
+           "text_windows"]
 
 CHUNK = 256  # sequences per interleaving chunk: the finest share a weight can get is 1/CHUNK
 PACKABLE = ("text", "synthetic")  # source kinds that are documents; mds shards are already packed
@@ -118,6 +119,14 @@ class MixtureStream(ResumableStream):
             next_position[source] = position + 1
             yield {"input_ids": torch.tensor(inputs, dtype=torch.long),
                    "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def text_windows(packed: PackedText) -> Windows:
+    """A text source's windows: the packed sequences, each as (inputs, the next tokens).
+
+    Example: ``MixtureStream({"wiki": (1.0, text_windows(PackedText(documents, tokenizer, 64)))}, seed=0)``
+    """
+    return lambda: ((window[:-1], window[1:]) for window in packed.windows())
 
 
 def problem_windows(data: TaskData, examples: Iterable[Example], seq_len: int,
@@ -232,8 +241,7 @@ def mixture_dataloaders(recipe: Any, per_device: int, world_size: int, rank: int
     def windows(name: str, source: Any) -> Windows:
         key = f"train_data.sources.{name}"
         if source.kind == "text":
-            packed = PackedText(_text_documents(source, key), tokenizer, recipe.max_seq_len)
-            return lambda: ((window[:-1], window[1:]) for window in packed.windows())
+            return text_windows(PackedText(_text_documents(source, key), tokenizer, recipe.max_seq_len))
         data = TaskData(_task(source, key), text_tokenizer(tokenizer))
         _check_problems_fit(data, recipe.max_seq_len, key)
         seed = f"{recipe.seed}/{name}"  # each source its own problems
