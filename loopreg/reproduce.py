@@ -234,6 +234,14 @@ def _iso_rows(table: ReproTable, row: str, rows: list[str]) -> tuple[str, str] |
     return (iso_param, iso_flop) if iso_param in rows and iso_flop in rows else None
 
 
+def _within_noise(a: list[float], b: list[float]) -> bool:
+    """Whether two seed sets' means differ by less than two standard errors of their difference."""
+    if len(a) < 2 or len(b) < 2:
+        return False
+    error = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return abs(statistics.fmean(a) - statistics.fmean(b)) < 2 * error
+
+
 def _z(a: list[float], b: list[float]) -> str:
     """The difference of two seed sets' means in units of their pooled standard deviation."""
     if len(a) < 2 or len(b) < 2:
@@ -309,9 +317,11 @@ def _lm_mini_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[s
         gap = "—"
         iso = _iso_rows(table, row, rows)
         if iso:
-            means = [statistics.fmean(row_values(entry, r, REASONING)) for r in (row, *iso)]
-            value = percent_gap(*means)
+            seeds = [row_values(entry, r, REASONING) for r in (row, *iso)]
+            value = percent_gap(*map(statistics.fmean, seeds))
             gap = "—" if math.isnan(value) else f"{value:.0f}%"
+            if _within_noise(*seeds[1:]):
+                gap = "— (no gap)"  # a share of a baseline gap that the seeds cannot tell from zero means nothing
         more = table.more_loops.get(row)
         above = _above(distances.get(row, []))
         cells = [_name(table, row, stale), units, str(len(row_values(entry, row, "wiki_ppl"))),

@@ -140,3 +140,15 @@ def test_frontier_distances_use_each_seeds_own_baselines():
     text = render_markdown({"tasks": {"lm_mini": {**entry, "command": "c", "date": "d"}}})
     line = next(line for line in text.splitlines() if line.startswith("| Loop (2⊗4) |"))
     assert "| +3.0 ± 2.8 (t = +1.5) |" in line  # mean 3, std 2√2, t = 3 / (2√2 / √2)
+
+
+def test_percent_gap_is_not_read_off_a_baseline_gap_within_noise():
+    rows = [lm_mini_result(row, seed, value + noise, 8.0)
+            for row, value in (("2x1", 50.0), ("8x1", 51.0), ("2x4", 55.0)) for seed, noise in ((17, -3), (18, 3))]
+    text = render_markdown({"tasks": {"lm_mini": {"steps": 5, "command": "c", "date": "d", "rows": rows}}})
+    line = next(line for line in text.splitlines() if line.startswith("| Loop (2⊗4) |"))
+    assert "| — (no gap) |" in line  # 1 point between the baselines, seeds ±3: not 500%
+    rows = [lm_mini_result(row, seed, value + noise, 8.0)
+            for row, value in (("2x1", 20.0), ("8x1", 60.0), ("2x4", 50.0)) for seed, noise in ((17, -1), (18, 1))]
+    text = render_markdown({"tasks": {"lm_mini": {"steps": 5, "command": "c", "date": "d", "rows": rows}}})
+    assert "| 75% |" in next(line for line in text.splitlines() if line.startswith("| Loop (2⊗4) |"))
