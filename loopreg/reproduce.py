@@ -483,7 +483,8 @@ def _record(saved: Path, name: str, steps: int, overrides: list[str], result: di
         if result is not None:
             entry["rows"] = [old for old in entry["rows"]
                              if (old["row"], old["seed"]) != (result["row"], result["seed"])] + [result]
-            entry["rows"].sort(key=lambda item: (list(table.rows).index(item["row"]), item["seed"]))
+            order = {row: index for index, row in enumerate(table.rows)}  # a row another version added: last
+            entry["rows"].sort(key=lambda item: (order.get(item["row"], len(order)), item["seed"]))
             entry["date"] = datetime.date.today().isoformat()
         results["tasks"][name] = entry
         staging = saved.with_name(saved.name + ".tmp")

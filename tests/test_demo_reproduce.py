@@ -152,3 +152,13 @@ def test_percent_gap_is_not_read_off_a_baseline_gap_within_noise():
             for row, value in (("2x1", 20.0), ("8x1", 60.0), ("2x4", 50.0)) for seed, noise in ((17, -1), (18, 1))]
     text = render_markdown({"tasks": {"lm_mini": {"steps": 5, "command": "c", "date": "d", "rows": rows}}})
     assert "| 75% |" in next(line for line in text.splitlines() if line.startswith("| Loop (2⊗4) |"))
+
+
+def test_a_result_is_recorded_beside_rows_this_version_does_not_know(tmp_path):
+    """Processes of two versions share one --out: rows the table no longer (or not yet) has are kept, last."""
+    from loopreg.reproduce import _record
+
+    saved = tmp_path / "results.json"
+    _record(saved, "phop", 10, [], {"row": "9x9", "seed": 17, "scores": {}, "seconds": 1.0})
+    results = _record(saved, "phop", 10, [], {"row": "1x6", "seed": 17, "scores": {}, "seconds": 1.0})
+    assert [row["row"] for row in results["tasks"]["phop"]["rows"]] == ["1x6", "9x9"]
