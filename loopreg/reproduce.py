@@ -181,7 +181,7 @@ def shown_rows(entry: dict, table: ReproTable) -> tuple[dict, set[str]]:
     """``entry`` with, for each row, only its results under the current recipe (its fingerprint), or its stale
     results where it has no current one; and the rows shown stale (marked † in the tables)."""
     current = {row: row_fingerprint(table, row, entry.get("overrides", [])) for row in table.rows}
-    fresh = [result for result in entry["rows"] if result.get("recipe") == current[result["row"]]]
+    fresh = [result for result in entry["rows"] if result.get("recipe") == current.get(result["row"])]
     have = {result["row"] for result in fresh}
     old = [result for result in entry["rows"] if result["row"] not in have]
     return {**entry, "rows": fresh + old}, {result["row"] for result in old}

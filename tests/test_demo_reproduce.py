@@ -159,6 +159,7 @@ def test_a_result_is_recorded_beside_rows_this_version_does_not_know(tmp_path):
     from loopreg.reproduce import _record
 
     saved = tmp_path / "results.json"
-    _record(saved, "phop", 10, [], {"row": "9x9", "seed": 17, "scores": {}, "seconds": 1.0})
-    results = _record(saved, "phop", 10, [], {"row": "1x6", "seed": 17, "scores": {}, "seconds": 1.0})
+    _record(saved, "phop", 10, [], {"row": "9x9", "seed": 17, "scores": {"eval": 9.0}, "seconds": 1.0})
+    results = _record(saved, "phop", 10, [], {"row": "1x6", "seed": 17, "scores": {"eval": 50.0}, "seconds": 1.0})
     assert [row["row"] for row in results["tasks"]["phop"]["rows"]] == ["1x6", "9x9"]
+    assert "| Loop (1⊗6) † |" in render_markdown(results)  # the unknown row is not rendered, nor in the way
