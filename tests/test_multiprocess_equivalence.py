@@ -50,13 +50,20 @@ def cases(corpus: Path) -> dict[str, list[str]]:
     }
 
 
+# With a loop-count curriculum: the mean ramps 1 -> 2.5 over half the run (1-sqrt), grad_loops 1 -> 2 over 4 batches.
 RANDOM_LOOPS = ["algorithms.random_loops.distribution.kind=uniform", "algorithms.random_loops.distribution.low=1",
-                "algorithms.random_loops.distribution.high=4", "algorithms.random_loops.grad_loops=2"]
+                "algorithms.random_loops.distribution.high=4", "algorithms.random_loops.grad_loops=2",
+                "algorithms.random_loops.curriculum.shape=1-sqrt", "algorithms.random_loops.curriculum.start=1.0",
+                "algorithms.random_loops.curriculum.ramp=0.5dur",
+                "algorithms.random_loops.grad_loops_curriculum.shape=linear",
+                "algorithms.random_loops.grad_loops_curriculum.start=1",
+                "algorithms.random_loops.grad_loops_curriculum.ramp=4ba"]
 
 
-def drawn_loops(trainer) -> list[int]:
+def drawn_loops(trainer) -> dict[str, list]:
+    """The drawn loop counts, the scheduled mean and grad_loops, per batch."""
     memory = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
-    return [int(v) for _, v in memory.data["random_loops/loops"]]
+    return {key: [v for _, v in memory.data[f"random_loops/{key}"]] for key in ("loops", "mean", "grad_loops")}
 
 
 class PoisonRank1(Callback):
@@ -144,9 +151,14 @@ def test_two_ranks_follow_the_one_process_loss_curve(two_ranks: dict, text_corpu
 
 
 def test_two_ranks_draw_the_same_random_loop_counts(two_ranks: dict, text_corpus: Path):
+    from loopreg.algorithms.random_loops import curriculum_value, scheduled_grad_loops
+
     recipe, *overrides = cases(text_corpus)["random_loops_1x(1,2,1)"]
     rank0, rank1 = two_ranks["random_loops_per_rank"]
-    assert rank0 == rank1 and len(rank0) == BATCHES and len(set(rank0)) > 1
+    assert rank0 == rank1 and len(rank0["loops"]) == BATCHES and len(set(rank0["loops"])) > 1
+    # the curriculum, resolved the same on both ranks (0.5dur of 6 batches = 3)
+    assert rank0["mean"] == [curriculum_value("1-sqrt", 1.0, 2.5, step, 3.0) for step in range(BATCHES)]
+    assert rank0["grad_loops"] == [scheduled_grad_loops("linear", 1, 2, step, 4.0) for step in range(BATCHES)]
     assert drawn_loops(train(recipe, overrides)[1]) == rank0  # and what one process draws
 
 
