@@ -28,6 +28,7 @@ from .adaptive import ExitRule, ExitStats
 from .errors import UserError
 from .hf_compat import CACHE_KEY, cache_of, cache_parameter, generation_cache, lazy_cache
 from .looping import LoopPlan
+from .relaxed import RELAX_KEY, applied, relax_stack
 from .remote_code import attach_remote_code
 from .spec import LoopSpec
 from .update_rules import check_update_rule
@@ -41,14 +42,16 @@ __all__ = ["SPEC_KEY", "TIED_KEY", "UPDATE_KEY", "ANCHOR_KEY", "LOOPS_KEY", "RET
 SPEC_KEY, TIED_KEY = "loopreg_spec", "loopreg_tied"
 UPDATE_KEY, ANCHOR_KEY = "loopreg_update", "loopreg_anchor"
 LOOPS_KEY = "loopreg_loops"
-RETROFIT_KEYS = (SPEC_KEY, TIED_KEY, UPDATE_KEY, ANCHOR_KEY, LOOPS_KEY)
+RETROFIT_KEYS = (SPEC_KEY, TIED_KEY, UPDATE_KEY, ANCHOR_KEY, LOOPS_KEY, RELAX_KEY)
 
 # model_type -> where the model keeps its decoder layers (loopreg.surgery.adapters reads its paths from here).
 DECODER_LAYERS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "llama": "model.layers",
-                  "mistral": "model.layers", "qwen2": "model.layers"}
+                  "mistral": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers", "olmo2": "model.layers",
+                  "gemma3_text": "model.layers"}
 # model_type -> its final norm, before the LM head: with it, adaptive exit's `kl` criterion decodes a hidden state
 FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm", "llama": "model.norm",
-              "mistral": "model.norm", "qwen2": "model.norm"}
+              "mistral": "model.norm", "qwen2": "model.norm", "qwen3": "model.norm", "olmo2": "model.norm",
+              "gemma3_text": "model.norm"}
 
 
 def set_cache_slot(layer: nn.Module, slot: int) -> None:
@@ -61,11 +64,11 @@ def set_cache_slot(layer: nn.Module, slot: int) -> None:
 
 class LayerApplication:
     """One application of a stored layer in the running plan: calling it runs that layer at the KV-cache slot of
-    its position in the stack, between the plan's hooks (:meth:`~loopreg.looping.LoopPlan.apply`). Attribute reads
-    go to the layer."""
+    its position in the stack (with the deltas of its ``application``-th use, if relaxed: :mod:`loopreg.relaxed`),
+    between the plan's hooks (:meth:`~loopreg.looping.LoopPlan.apply`). Attribute reads go to the layer."""
 
-    def __init__(self, owner: LoopedLayers, key: str, slot: int) -> None:
-        self._owner, self._key, self.slot = owner, key, slot
+    def __init__(self, owner: LoopedLayers, key: str, slot: int, application: int = 0) -> None:
+        self._owner, self._key, self.slot, self.application = owner, key, slot, application
 
     @property
     def layer(self) -> nn.Module:
@@ -75,14 +78,15 @@ class LayerApplication:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         layer, plan, owner = self.layer, self._owner.plan, self._owner
         set_cache_slot(layer, self.slot)
+        call = applied(layer, self.application)
         if plan is None or plan.plain:
-            return layer(*args, **kwargs)
+            return call(*args, **kwargs)
         if plan.looping is not None:  # the layer writes through the plan's cache wrapper
             args, kwargs = _with_cache(layer, args, kwargs, plan.cache)
         tail: list[Any] = []
 
         def run(hidden: torch.Tensor) -> torch.Tensor:
-            output = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})
+            output = call(hidden, *args[1:], **kwargs) if args else call(**{**kwargs, "hidden_states": hidden})
             # Decoder layers return the hidden state, or a tuple that starts with it (GPT-2, NeoX, 4.x Llama).
             owner.tuple_output = isinstance(output, tuple)
             tail[:] = output[1:] if owner.tuple_output else ()
@@ -137,7 +141,7 @@ class LoopedLayers(nn.ModuleList):
         self._applications = self._read(LoopPlan(self.spec, tied))
 
     def _read(self, plan: LoopPlan) -> list[LayerApplication]:
-        return [LayerApplication(self, str(step.layer), step.slot) for step in plan.steps]
+        return [LayerApplication(self, str(step.layer), step.slot, step.application) for step in plan.steps]
 
     def applied_types(self, plan: LoopPlan) -> list[str] | None:
         """The attention kind of each of ``plan``'s applications (a config's ``layer_types``), if the family has
@@ -239,6 +243,9 @@ class LoopedCausalLM:
         update, anchor = getattr(config, UPDATE_KEY, "plain"), getattr(config, ANCHOR_KEY, 0.0)
         looped = LoopedLayers(layers, spec, tied, update, anchor, layer_types)
         self.set_submodule(path, looped)
+        relax = getattr(config, RELAX_KEY, None)
+        if relax is not None:  # zero deltas of the saved shapes; from_pretrained loads them
+            relax_stack(layers, spec, relax)
         # the applications at the config's loop count (a loop count the model cannot run fails here): what the
         # family sizes its caches by, also after from_pretrained(..., loopreg_loops=L) set it
         plan = LoopPlan(spec, tied, getattr(config, LOOPS_KEY, None))

@@ -98,12 +98,14 @@ def _without_graph(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
 
 @dataclass
 class Step:
-    """One layer application of a plan: stored ``layer`` at cache ``slot``, run by ``mode`` between its hooks
+    """One layer application of a plan: stored ``layer`` at cache ``slot``, its ``application``-th use in the forward
+    (which per-application deltas a relaxed layer adds, :mod:`loopreg.relaxed`), run by ``mode`` between its hooks
     (``before`` see its input; ``after`` map its output, in order). ``skippable``: a later thinking iteration
     that adaptive exit skips once every token has left the loop."""
 
     layer: int
     slot: int
+    application: int = 0
     mode: Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor] = _plain
     skippable: bool = False
     before: list[Before] = field(default_factory=list)
@@ -141,7 +143,7 @@ class LoopPlan:
         self.spec = check_loop_options(spec, tied, batch_option(loops), batch_option(grad_loops), rule, kv_policy,
                                        update, latent)
         schedule = self.spec.schedule if tied else range(self.spec.effective_depth)
-        self.steps = [Step(layer, slot) for slot, layer in enumerate(schedule)]
+        self.steps = [Step(layer, slot, schedule[:slot].count(layer)) for slot, layer in enumerate(schedule)]
         self.hidden: dict[int, torch.Tensor] = {}
         if torch.is_grad_enabled():
             if checkpoint:

@@ -43,6 +43,7 @@ from .errors import UserError
 from .hf_compat import CACHE_KEY, cache_of, generation_cache, lazy_cache, tied_weights_keys
 from .latent import feed_soft_tokens, mask_finished_steps, placeholder_steps
 from .looping import LoopPlan, batch_option
+from .relaxed import RELAX_KEY, applied, relax_stack
 from .remote_code import attach_remote_code
 from .spec import LoopSpec
 from .update_rules import UPDATE_RULES  # noqa: F401
@@ -166,6 +167,8 @@ class LoopedLM(PreTrainedModel, GenerationMixin):
         if arch.placeholder_id is not None and self.generation_config is not None:
             self.generation_config.suppress_tokens = [arch.placeholder_id]  # latent steps are inputs, never outputs
         self.post_init()  # initialises every module through _init_weights (not under from_pretrained's loading)
+        if getattr(config, RELAX_KEY, None) is not None:  # zero deltas of the saved shapes; from_pretrained loads them
+            relax_stack(self.layers, self.spec, getattr(config, RELAX_KEY))
 
     # ------------------------------------------------------------------ layout
     @property
@@ -276,7 +279,7 @@ class LoopedLM(PreTrainedModel, GenerationMixin):
             feed_soft_tokens(plan, self, steps, positions)
         layer_cache, plain = plan.cache(cache), plan.plain
         for slot, step in enumerate(plan.steps):
-            layer = self.layers[step.layer]
+            layer = applied(self.layers[step.layer], step.application)
             if plain:
                 x = layer(x, rope, mask, layer_cache, slot)
             else:

@@ -14,6 +14,8 @@ from loopreg.adaptive import ExitRule, ExitStats
 from loopreg.model import LoopedLM, LoopedLMConfig
 from loopreg.surgery import loop_surgery
 
+from .families import BUILDERS, NEW_FAMILIES
+
 SPEC, LOOPS = "1x1+2x4+1x1", 4  # the thinking block: stored layers 1-2, applied 4 times
 VOCAB = 96
 # per model kind, thresholds at which some tokens exit early and others do not (random init)
@@ -35,7 +37,15 @@ def llama_retrofit(spec: str = SPEC, tied: bool = True) -> torch.nn.Module:
     return loop_surgery(source, spec, layers="0,1-2,3", tied=tied).eval()
 
 
+def family_retrofit(family: str) -> torch.nn.Module:
+    """The tiny 6-layer ``family`` model of tests/families.py under SPEC (its layers 3 and 4 dropped)."""
+    torch.manual_seed(0)
+    return loop_surgery(BUILDERS[family]().eval(), SPEC, layers="0,1-2,5").eval()
+
+
 MODELS = {"looped": looped_lm, "llama": llama_retrofit}
+# the families whose own code adaptive exit runs through only in test_threshold_zero_is_the_fixed_loop_output
+FAMILY_RETROFITS = {family: lambda family=family: family_retrofit(family) for family in NEW_FAMILIES}
 
 
 def prompt(batch: int = 2, length: int = 7) -> torch.Tensor:
@@ -89,10 +99,10 @@ def perturb(model: torch.nn.Module, where: dict[tuple[int, int], tuple[float, ..
 
 
 # ------------------------------------------------------------------ threshold 0 is the fixed-loop computation
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", [*MODELS, *FAMILY_RETROFITS])
 @pytest.mark.parametrize("criterion", ["kl", "latent"])
 def test_threshold_zero_is_the_fixed_loop_output(kind, criterion):
-    model, ids, rule = MODELS[kind](), prompt(), f"{criterion}:0"
+    model, ids, rule = {**MODELS, **FAMILY_RETROFITS}[kind](), prompt(), f"{criterion}:0"
     for cached in (False, True):
         stats = ExitStats()
         assert torch.equal(logits(model, ids, cached, exit=rule, exit_stats=stats), logits(model, ids, cached))

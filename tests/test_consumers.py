@@ -27,7 +27,10 @@ from loopreg.surgery.core import distinct_param_count, is_tied
 from loopreg.surgery.export import export_unrolled
 
 from .conftest import _NO_LOOPREG
-from .test_remote_code_retrofit import BUILDERS
+from .families import BUILDERS as ALL_BUILDERS
+from .families import HF_FAMILIES
+
+BUILDERS = {family: ALL_BUILDERS[family] for family in HF_FAMILIES}
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.multiprocess]
 
@@ -55,7 +58,7 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every kind of folder loopreg writes: LoopedLM through each writer, tied retrofits of all five families, an
+    """Every kind of folder loopreg writes: LoopedLM through each writer, tied retrofits of every family, an
     untied retrofit and the unrolled export (both plain HF)."""
     root = tmp_path_factory.mktemp("consumers")
     written: dict[str, Path] = {}

@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from loopreg.model import LoopedLM, LoopedLMConfig
 from loopreg.spec import LoopSpec
@@ -17,16 +17,10 @@ from loopreg.surgery import get_layers, loop_surgery
 from loopreg.surgery.core import looped_spec, stored_layers
 from loopreg.loading import load
 
-VOCAB, LAYERS = 96, 6
-TOKENS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-LLAMA_LIKE = dict(num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                  num_key_value_heads=2, **TOKENS)
-BUILDERS = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**LLAMA_LIKE)),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=LAYERS, n_embd=32, n_head=4, n_positions=64, **TOKENS)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA_LIKE, use_sliding_window=True, sliding_window=4,
-                                                  max_window_layers=3)),
-}
+from .families import BUILDERS as ALL_BUILDERS
+from .families import LLAMA_LIKE, NEW_FAMILIES, VOCAB
+
+BUILDERS = {family: ALL_BUILDERS[family] for family in ["llama", "gpt2", "qwen2", *NEW_FAMILIES]}
 KEEP_ALL = "2x1+2x2+2x1"  # every one of the 6 layers once, the middle two looped twice
 KEEP_ALL_MAP = "0-1,2-3,4-5"
 
@@ -76,7 +70,7 @@ def test_loop_override_matches_unrolled_reference(family, loops):
     assert looped.config.num_hidden_layers == 8
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", *NEW_FAMILIES])
 @pytest.mark.parametrize("loops", [1, 2, 3, 4])
 @pytest.mark.parametrize("update", ["plain", "damped"])
 def test_cached_generation_equals_uncached(family, loops, update):
@@ -125,7 +119,7 @@ def test_generate_loops_changes_the_output_and_is_restored():
                        looped.generate(ids, max_new_tokens=8, do_sample=False, loops=2, pad_token_id=0))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", *NEW_FAMILIES])
 def test_damped_with_one_loop_or_full_anchor_is_the_source(family):
     source = build(family)
     ids = prompt()

@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, MistralConfig, MistralForCausalLM)
 
 from loopreg.folders import write_model_folder
 from loopreg.surgery import loop_surgery
@@ -20,21 +19,15 @@ from loopreg.surgery.core import distinct_param_count
 from loopreg.surgery.export import unrolled_model
 
 from .conftest import run_cli, run_without_loopreg
-from .test_loop_override import BUILDERS as LOOP_OVERRIDE_BUILDERS
-from .test_loop_override import LAYERS, LLAMA_LIKE, TOKENS, VOCAB
+from .families import BUILDERS as ALL_BUILDERS
+from .families import HF_FAMILIES, TOKENS, VOCAB
 
 PAD = TOKENS["pad_token_id"]
-# test_loop_override's tiny families plus the two whose retrofits only this file loads
-BUILDERS = {
-    **LOOP_OVERRIDE_BUILDERS,
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**LLAMA_LIKE, sliding_window=4)),
-    "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=64,
-                                                         num_attention_heads=4, **TOKENS)),
-}
+BUILDERS = {family: ALL_BUILDERS[family] for family in HF_FAMILIES}  # every family loop surgery retrofits
 SPEC = "1x1+2x3+1x1"  # 4 distinct layers from the 6, the middle two looped 3 times: depth 8
 CALL_LOOPS, CONFIG_LOOPS = 2, 4
-REMOTE_FILES = {"adaptive.py", "errors.py", "hf_compat.py", "looped_hf.py", "looping.py", "remote_code.py", "spec.py",
-                "update_rules.py"}
+REMOTE_FILES = {"adaptive.py", "errors.py", "hf_compat.py", "looped_hf.py", "looping.py", "relaxed.py",
+                "remote_code.py", "spec.py", "update_rules.py"}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

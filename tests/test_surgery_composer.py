@@ -14,7 +14,7 @@ from loopreg.algorithms import LoopSurgery
 from loopreg.registry import ALGORITHMS
 from loopreg.surgery import LoopedLayers, get_layers
 from loopreg.surgery.core import stored_layers
-from tests.test_surgery_models import LLAMA_LIKE
+from tests.families import LLAMA_LIKE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

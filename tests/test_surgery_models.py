@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
-                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 from loopreg.algorithms.loop_regularizer import loop_similarity, loop_target
 from loopreg.model import LoopedLM, LoopedLMConfig
@@ -22,26 +20,9 @@ from loopreg.loading import load
 from loopreg.surgery.verify import compare, probe, verification_prompts
 
 from .conftest import run_cli
+from .families import BUILDERS, LAYERS, VOCAB
 
-VOCAB, LAYERS = 96, 6
-TOKENS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-LLAMA_LIKE = dict(num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                  num_key_value_heads=2, **TOKENS)
-
-
-# One random-init model per family; Qwen2 and Mistral with sliding windows shorter than the prompts.
-BUILDERS = {
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=LAYERS, n_embd=32, n_head=4, n_positions=64, **TOKENS)),
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**LLAMA_LIKE)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA_LIKE, use_sliding_window=True, sliding_window=4,
-                                                  max_window_layers=3)),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**LLAMA_LIKE, sliding_window=4)),
-    "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=64,
-                                                         num_attention_heads=4, **TOKENS)),
-    "loopreg": lambda: LoopedLM(LoopedLMConfig(spec=f"{LAYERS}x1", vocab_size=VOCAB, d_model=32, n_heads=4,
-                                               n_kv_heads=2)),
-}
-FAMILIES = list(BUILDERS)
+FAMILIES = list(BUILDERS)  # every family (test_layer_analysis runs these too)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -161,11 +142,12 @@ def test_unsupported_architecture_is_one_line():
                                    vocab_size=32, word_embed_proj_dim=16))
     with pytest.raises(ValueError) as err:
         loop_surgery(opt, "1x2")
-    assert str(err.value) == ("unsupported architecture 'opt' (OPTForCausalLM); "
-                              "supported families: gpt2, gpt_neox, llama, loopreg, mistral, qwen2")
+    assert str(err.value) == ("unsupported architecture 'opt' (OPTForCausalLM); supported families: "
+                              "gemma3, gpt2, gpt_neox, llama, loopreg, mistral, olmo2, qwen2, qwen3")
 
 
-@pytest.mark.parametrize("family, tied", [("qwen2", True), ("gpt2", True), ("mistral", False), ("loopreg", True)])
+@pytest.mark.parametrize("family, tied", [("qwen2", True), ("gpt2", True), ("mistral", False), ("loopreg", True),
+                                          ("gemma3", True)])
 @torch.no_grad()
 def test_saved_surgery_result_reloads_looped(sources, family, tied, tmp_path):
     model = loop_surgery(load(sources[family]).eval(), "2x(1,2,1)", tied=tied)
@@ -178,8 +160,29 @@ def test_saved_surgery_result_reloads_looped(sources, family, tied, tmp_path):
     assert torch.equal(greedy(reloaded, PROMPT), greedy(model, PROMPT))
 
 
+@torch.no_grad()
+def test_stored_layers_keep_their_source_layers_kinds(sources, tmp_path):
+    """Gemma 3 fixes each layer's kind (sliding or global: mask, window, RoPE) when it builds it, from
+    ``config.layer_types``: a stored layer runs as its source layer did at every application and after reload, where
+    from_pretrained builds it from the saved per-application kinds (source layers 1, 3, 4: global, global, sliding)."""
+    kinds = load(sources["gemma3"]).config.layer_types
+    model = loop_surgery(load(sources["gemma3"]).eval(), "1x1+2x3", layers="1,3-4")
+    model.save_pretrained(tmp_path)
+    reloaded = load(tmp_path).eval()
+    expected = [kinds[1], kinds[3], kinds[4]]
+    assert expected == ["full_attention", "full_attention", "sliding_attention"]  # not the source's first 3
+    for layers in (stored_layers(model), stored_layers(reloaded)):
+        assert [(layer.attention_type, layer.self_attn.is_sliding) for layer in layers] == [
+            (kind, kind == "sliding_attention") for kind in expected]
+    assert reloaded.config.layer_types == [expected[0], *expected[1:] * 3]
+    reference = loop_surgery(load(sources["gemma3"]).eval(), "1x1+2x2", layers="1,3-4", tied=False)
+    for loops, source in [(None, model), (2, reference)]:
+        assert (reloaded(PROMPT, loops=loops).logits - logits(source, PROMPT)).abs().max() <= 1e-5, loops
+
+
 @pytest.mark.parametrize("family, tied", [("gpt2", True), ("llama", True), ("qwen2", False), ("mistral", False),
-                                          ("gpt_neox", True), ("loopreg", True)])
+                                          ("gpt_neox", True), ("loopreg", True), ("qwen3", False), ("olmo2", True),
+                                          ("gemma3", True)])
 @torch.no_grad()
 def test_unrolled_export_is_a_plain_checkpoint_with_equal_logits(sources, family, tied, tmp_path):
     model = loop_surgery(load(sources[family]).eval(), "2x(1,2,1)", tied=tied)

@@ -56,6 +56,10 @@ _LLAMA_STYLE = dict(
     },
     norm_roles={"norm_attn": "input_layernorm.weight", "norm_mlp": "post_attention_layernorm.weight"},
 )
+# Norm roles by where the norm sits: before attention / the MLP (norm_attn, norm_mlp), on their outputs before the
+# residual add (norm_attn_out, norm_mlp_out: OLMo 2's and Gemma 3's post-norms), on queries and keys (norm_q, norm_k).
+_QK_NORMS = {"norm_q": "self_attn.q_norm.weight", "norm_k": "self_attn.k_norm.weight"}
+_POST_NORMS = {"norm_attn_out": "post_attention_layernorm.weight", "norm_mlp_out": "post_feedforward_layernorm.weight"}
 
 ADAPTERS: dict[str, Adapter] = {
     "gpt2": Adapter(
@@ -109,6 +113,16 @@ ADAPTERS: dict[str, Adapter] = {
     ),
     "mistral": Adapter(family="mistral", model_types=("mistral",), layers=DECODER_LAYERS["mistral"], **_LLAMA_STYLE),
     "qwen2": Adapter(family="qwen2", model_types=("qwen2",), layers=DECODER_LAYERS["qwen2"], **_LLAMA_STYLE),
+    "qwen3": Adapter(family="qwen3", model_types=("qwen3",), layers=DECODER_LAYERS["qwen3"],
+                     **{**_LLAMA_STYLE, "norm_roles": {**_LLAMA_STYLE["norm_roles"], **_QK_NORMS}}),
+    "olmo2": Adapter(family="olmo2", model_types=("olmo2",), layers=DECODER_LAYERS["olmo2"],
+                     **{**_LLAMA_STYLE, "norm_roles": {**_POST_NORMS, **_QK_NORMS}}),
+    # Gemma3ForCausalLM (the text-only Gemma 3, config Gemma3TextConfig); the multimodal model_type 'gemma3' keeps
+    # its layers elsewhere and is not a family here
+    "gemma3": Adapter(family="gemma3", model_types=("gemma3_text",), layers=DECODER_LAYERS["gemma3_text"],
+                      **{**_LLAMA_STYLE, "norm_roles": {"norm_attn": "input_layernorm.weight",
+                                                        "norm_mlp": "pre_feedforward_layernorm.weight",
+                                                        **_POST_NORMS, **_QK_NORMS}}),
 }
 
 

@@ -1,11 +1,15 @@
 """``loopreg surgery``: loop an existing checkpoint and save the result.
 
     loopreg surgery SRC --spec "4x(1,4,1)" [--layers 0-3,13-16,26-29] [--init copy|average|stepwise]
-                    [--untied] [--update plain|damped [--anchor BETA]] [--verify] --out DIR
+                    [--untied] [--update plain|damped [--anchor BETA]]
+                    [--lora-rank R|full [--lora-init svd|zero] [--lora-roles attn,mlp]] [--verify] --out DIR
     loopreg surgery SRC --spec auto [--loops L] --text FILE [--tokens N] ... --out DIR
 
 ``--spec auto`` runs the layer analysis (``loopreg layers``) over the calibration text and loops its
 thinking block L times, keeping every layer (e.g. ``7x1+5x2+18x1`` from ``0-6,7-11,12-29``).
+
+``--lora-rank`` relaxes the looped layers (relaxed recursion, :mod:`loopreg.surgery.relax`): each application
+gets its own rank-R delta per projection, from the SVD of its source layer's difference to the shared one.
 
 SRC is a Hugging Face folder, a ``.gguf`` file, a loopreg model folder or a hub id. The output is a
 Hugging Face folder (loopreg folder for loopreg sources) that ``loopreg`` loads back looped; ``loopreg
@@ -27,6 +31,7 @@ from loopreg.surgery.adapters import find_adapter, unwrap
 from loopreg.surgery.analysis import DEFAULT_TOKENS, calibration_tokens, layer_analysis, token_windows
 from loopreg.surgery.core import SurgeryPlan, distinct_param_count, loop_surgery, plan_surgery, stored_layers
 from loopreg.surgery.layer_map import INITS, format_layer_map
+from loopreg.surgery.relax import LORA_INITS, check_lora_options, delta_param_count
 from loopreg.tables import print_table
 from loopreg.update_rules import UPDATE_RULES
 
@@ -53,6 +58,12 @@ def cli_main(argv: list[str]) -> int:
                                                           "plain h <- g(h), or damped (training-free)")
     parser.add_argument("--anchor", type=float, help="--update damped: weight beta in [0, 1] of the source's single "
                                                      "application in the block output (default 0.0)")
+    parser.add_argument("--lora-rank", help="relaxed recursion: a rank-R delta per application of each looped layer "
+                                            "(an integer, or 'full' for exact deltas)")
+    parser.add_argument("--lora-init", default="svd", choices=LORA_INITS,
+                        help="--lora-rank: deltas from the SVD of (source layer - shared layer), or zero")
+    parser.add_argument("--lora-roles", help="--lora-rank: projections to relax, comma-separated roles or prefixes "
+                                             "(attn, mlp, attn_q, ...; default all)")
     parser.add_argument("--verify", action="store_true", help="compare logits and greedy tokens with the source")
     parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     args = parser.parse_args(argv)
@@ -93,7 +104,8 @@ def _surgery(args: argparse.Namespace) -> None:
     params_before = distinct_param_count(model)
 
     started = time.perf_counter()
-    loop_surgery(model, plan.spec, layers=layers, init=args.init, tied=plan.tied, update=args.update, anchor=anchor)
+    loop_surgery(model, plan.spec, layers=layers, init=args.init, tied=plan.tied, update=args.update, anchor=anchor,
+                 lora_rank=args.lora_rank, lora_init=args.lora_init, lora_roles=_roles(args.lora_roles))
     surgery_seconds = time.perf_counter() - started
 
     agreement = compare(before, probe(model, prompts)) if before is not None else None
@@ -107,7 +119,8 @@ def _surgery(args: argparse.Namespace) -> None:
         ("layer map", f"{format_layer_map([list(r) for r in plan.block_ranges])}  (init {plan.init})"),
         ("update", f"damped, anchor β = {anchor:g}" if args.update == "damped" else "plain"),
         ("layers", f"{len(plan.seeds)} distinct, effective depth {plan.spec.effective_depth}"),
-        ("distinct params", f"{params_before:,} → {distinct_param_count(model):,}"),
+        ("distinct params", _params(params_before, distinct_param_count(model),
+                                    delta_param_count(stored_layers(model)))),
         ("time", f"load {load_seconds:.2f} s, surgery {surgery_seconds * 1000:.1f} ms"),
         ("out", str(out)),
     ]
@@ -130,6 +143,9 @@ def _check_options(args: argparse.Namespace) -> None:
             if getattr(args, option) is not None:
                 raise UserError(f"--{option.replace('_', '-')} is for --spec auto; "
                                 f"spec '{args.spec}' already gives its loops and layers")
+    check_lora_options(args.lora_rank, args.lora_init, tied=not args.untied)
+    if args.lora_rank is None and (args.lora_roles is not None or args.lora_init != "svd"):
+        raise UserError("--lora-init and --lora-roles go with --lora-rank R|full")
     if args.update not in UPDATE_RULES:
         raise UserError(f"--update: unknown update rule '{args.update}'; valid: {', '.join(UPDATE_RULES)}")
     if args.anchor is not None:
@@ -137,6 +153,18 @@ def _check_options(args: argparse.Namespace) -> None:
             raise UserError(f"--anchor {args.anchor:g} needs --update damped (the plain rule has no anchor)")
         if not 0.0 <= args.anchor <= 1.0:
             raise UserError(f"--anchor must be in [0, 1], got {args.anchor:g}")
+
+
+def _roles(text: str | None) -> list[str] | None:
+    return None if text is None else [role.strip() for role in text.split(",") if role.strip()]
+
+
+def _params(before: int, after: int, deltas: int) -> str:
+    """The distinct parameter counts, a relaxed retrofit's as shared + deltas."""
+    if not deltas:
+        return f"{before:,} → {after:,}"
+    shared = after - deltas
+    return f"{before:,} → {shared:,} shared + {deltas:,} deltas (+{100 * deltas / shared:.1f}%) = {after:,}"
 
 
 def _print_layer_map(plan: SurgeryPlan) -> None:

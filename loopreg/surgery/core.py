@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -37,9 +37,12 @@ from loopreg.errors import UserError
 from loopreg.looped_hf import (ANCHOR_KEY, LOOPS_KEY, SPEC_KEY, TIED_KEY, UPDATE_KEY, LayerApplication,
                                LoopedCausalLM, LoopedLayers, looped_class, set_cache_slot)
 from loopreg.looping import LoopPlan
+from loopreg.relaxed import relaxed_applications
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import Adapter, find_adapter, get_layers, unwrap
 from loopreg.surgery.layer_map import check_init, default_layer_map, parse_layer_map
+from loopreg.surgery.relax import (RELAX_KEY, application_sources, check_lora_options, check_rank, check_svd_sources,
+                                   projection_paths, relax_retrofit)
 from loopreg.update_rules import check_update_rule
 
 __all__ = ["LoopedLayers", "LayerApplication", "LoopedCausalLM", "SurgeryPlan", "plan_surgery", "loop_surgery",
@@ -114,7 +117,8 @@ def distinct_param_count(model: nn.Module) -> int:
 
 
 def loop_surgery(model: nn.Module, spec: LoopSpec | str, layers: str | None = None, init: str = "copy",
-                 tied: bool = True, update: str = "plain", anchor: float = 0.0) -> nn.Module:
+                 tied: bool = True, update: str = "plain", anchor: float = 0.0, lora_rank: int | str | None = None,
+                 lora_init: str = "svd", lora_roles: Sequence[str] | None = None) -> nn.Module:
     """Relayout ``model``'s layers by ``spec`` in place and return it (see the module docstring).
 
     ``layers`` is a layer map like ``"0-3,13-16,26-29"`` (one range per distinct block; default: first
@@ -122,7 +126,9 @@ def loop_surgery(model: nn.Module, spec: LoopSpec | str, layers: str | None = No
     ``stepwise``; ``tied=False`` gives the untied, grouped model. The source layers of an already looped
     model are its stored (distinct) layers. ``update``/``anchor`` choose how looped blocks iterate
     (:mod:`loopreg.update_rules`: ``plain``, or the training-free ``damped`` rule with anchor β); they are
-    stored in the config with the spec.
+    stored in the config with the spec. ``lora_rank`` (an int or ``"full"``) relaxes the looped layers: each
+    application gets its own low-rank delta on the projections of ``lora_roles`` (default all) and its own norm
+    weights and biases, from the source layers it replaces (``lora_init="svd"``) or zero (:mod:`loopreg.surgery.relax`).
 
     >>> # loop_surgery(smollm2, "4x(1,4,1)")  # 0-3 | 13-16 x4 | 26-29: 12 distinct layers, depth 24
     """
@@ -133,6 +139,23 @@ def loop_surgery(model: nn.Module, spec: LoopSpec | str, layers: str | None = No
     check_update_rule(update, anchor)
     if update != "plain" and not tied:
         raise UserError(f"update rule '{update}' runs one block K times: it needs a tied model, not --untied")
+    lora_rank = check_lora_options(lora_rank, lora_init, tied)
+    if lora_rank is not None and not relaxed_applications(plan.spec):
+        raise UserError(f"--lora-rank {lora_rank}: loop spec '{plan.spec}' applies no layer twice; there is nothing to "
+                        "relax")
+    if lora_rank is not None:
+        if any(hasattr(layer, "loopreg_relaxed_modules") for layer in source):
+            raise UserError("the source is already relaxed (per-application deltas): export it with "
+                            "`loopreg export --unroll` and loop that")
+        paths = projection_paths(adapter, source[0], lora_roles)
+        check_rank(source[0], paths, lora_rank)
+        if lora_init == "svd":
+            check_svd_sources(plan.spec, plan.block_ranges)
+        # the states the deltas start from, taken before averaging writes into the kept source layers
+        replaced = {} if lora_init != "svd" else {
+            layer: [{name: tensor.detach().clone() for name, tensor in source[index].state_dict().items()}
+                    for index in indices]
+            for layer, indices in application_sources(plan.spec.blocks, plan.block_ranges).items()}
     distinct = [_seed(source, seed, plan.init) for seed in plan.seeds]
     applications = _application_layers(distinct, plan, getattr(causal_lm, "config", None))
     if adapter.family == "loopreg":  # a LoopedLM: its config and layer list
@@ -144,6 +167,8 @@ def loop_surgery(model: nn.Module, spec: LoopSpec | str, layers: str | None = No
         causal_lm.layers = nn.ModuleList(distinct if tied else applications)
     else:
         _relayout_hf(causal_lm, adapter, distinct, applications, plan, update, float(anchor))
+    relax = None if lora_rank is None else relax_retrofit(distinct, plan.spec, paths, lora_rank, lora_init, replaced)
+    setattr(causal_lm.config, RELAX_KEY, relax)
     return model
 
 

@@ -22,8 +22,10 @@ from torch import nn
 from loopreg.errors import UserError, writing
 from loopreg.folders import write_model_folder
 from loopreg.looped_hf import RETROFIT_KEYS
-from loopreg.surgery.adapters import ADAPTERS, find_adapter, get_layers, model_family, unwrap
-from loopreg.surgery.core import looped_spec
+from loopreg.looping import LoopPlan, Step
+from loopreg.relaxed import application_state
+from loopreg.surgery.adapters import ADAPTERS, find_adapter, model_family, unwrap
+from loopreg.surgery.core import is_tied, looped_spec, stored_layers
 
 __all__ = ["export_unrolled", "unrolled_model", "cli_main"]
 
@@ -56,23 +58,28 @@ def unrolled_model(model: nn.Module) -> nn.Module:
     return unrolled.eval()
 
 
-def _unrolled_layer_state(stack: list[Any], prefix: str,
+def _unrolled_layer_state(model: nn.Module, prefix: str,
                           rename: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """``{prefix}.{slot}.{name}`` for every application in ``stack`` (shared tensors repeat); ``rename`` maps
-    names inside a layer to the target family's."""
+    """``{prefix}.{slot}.{name}`` for every layer application of ``model`` at its spec's loop counts (shared tensors
+    repeat; a relaxed layer's deltas merged into each application's weights); ``rename`` maps names inside a layer
+    to the target family's."""
+    stored = stored_layers(model)
+    spec = looped_spec(model)
+    steps = LoopPlan(spec, is_tied(model)).steps if spec is not None else [Step(i, i) for i in range(len(stored))]
     return {f"{prefix}.{slot}.{rename[name] if rename else name}": tensor
-            for slot, layer in enumerate(stack) for name, tensor in layer.state_dict().items()}
+            for slot, step in enumerate(steps)
+            for name, tensor in application_state(stored[step.layer], step.application).items()}
 
 
 def _hf_config_and_state(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
     adapter = find_adapter(model)
     config = copy.deepcopy(model.config)
-    for key in (*RETROFIT_KEYS, "auto_map"):  # a plain checkpoint: no loops, no remote code
+    for key in (*RETROFIT_KEYS, "auto_map"):  # a plain checkpoint: no loops, no deltas, no remote code
         if hasattr(config, key):
             delattr(config, key)
     state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith(adapter.layers + ".")}
     # Iterating a looped layer list yields its applications in order; a plain list yields its layers.
-    state.update(_unrolled_layer_state(list(get_layers(model, adapter)), adapter.layers))
+    state.update(_unrolled_layer_state(model, adapter.layers))
     return config, state
 
 
@@ -105,7 +112,7 @@ def _llama_config_and_state(model: nn.Module) -> tuple[Any, dict[str, torch.Tens
             state[f"{outer[module]}.{leaf}"] = tensor
     target_names = {**target.roles, **target.norm_roles}
     inner = {name: target_names[role] for role, name in {**source.roles, **source.norm_roles}.items()}
-    state.update(_unrolled_layer_state([model.layers[index] for index in model.schedule()], target.layers, inner))
+    state.update(_unrolled_layer_state(model, target.layers, inner))
     return config, state
 
 
