@@ -58,8 +58,9 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every kind of folder loopreg writes: LoopedLM through each writer, tied retrofits of every family, an
-    untied retrofit and the unrolled export (both plain HF)."""
+    """Every kind of folder loopreg writes: LoopedLM through each writer, tied retrofits of every family, relaxed
+    ones (per-application deltas: Gemma 3 and a LoopedLM), an untied retrofit and the unrolled export (both plain
+    HF)."""
     root = tmp_path_factory.mktemp("consumers")
     written: dict[str, Path] = {}
 
@@ -77,6 +78,10 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         write_model_folder(loop_surgery(build().eval(), "1x1+2x3+1x1"), root / f"retrofit_{family}")
     torch.manual_seed(0)
     write_model_folder(loop_surgery(BUILDERS["llama"]().eval(), "1x1+2x2+1x1", tied=False), root / "retrofit_untied")
+    for family in ("gemma3", "loopreg"):
+        torch.manual_seed(0)
+        write_model_folder(loop_surgery(ALL_BUILDERS[family]().eval(), "1x1+2x2+1x1", layers="0,1-4,5", init="average",
+                                        lora_rank=3), root / f"relaxed_{family}")
     for folder in root.iterdir():
         written[folder.name] = folder
     return written
@@ -132,7 +137,7 @@ def consumed(request, folders, tmp_path_factory) -> tuple[str, dict]:
 
 
 def test_the_matrix_covers_every_folder_kind(folders):
-    assert len(folders) == 5 + len(BUILDERS) + 1
+    assert len(folders) == 5 + len(BUILDERS) + 1 + 2
     assert {"looped_unrolled", "retrofit_untied"} <= set(folders)
 
 
