@@ -181,3 +181,4 @@ def run_without_loopreg(script: str, env: dict[str, str] | None = None,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"script without loopreg failed:\n{result.stderr[-6000:]}"
     return result
+

@@ -21,6 +21,7 @@ from loopreg.config import load_recipe
 from loopreg.train import build_trainer
 
 from .conftest import REPO, free_port, run_launcher, tiny_overrides
+from .test_random_loops import curriculum_overrides
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -51,13 +52,7 @@ def cases(corpus: Path) -> dict[str, list[str]]:
 
 
 # With a loop-count curriculum: the mean ramps 1 -> 2.5 over half the run (1-sqrt), grad_loops 1 -> 2 over 4 batches.
-RANDOM_LOOPS = ["algorithms.random_loops.distribution.kind=uniform", "algorithms.random_loops.distribution.low=1",
-                "algorithms.random_loops.distribution.high=4", "algorithms.random_loops.grad_loops=2",
-                "algorithms.random_loops.curriculum.shape=1-sqrt", "algorithms.random_loops.curriculum.start=1.0",
-                "algorithms.random_loops.curriculum.ramp=0.5dur",
-                "algorithms.random_loops.grad_loops_curriculum.shape=linear",
-                "algorithms.random_loops.grad_loops_curriculum.start=1",
-                "algorithms.random_loops.grad_loops_curriculum.ramp=4ba"]
+RANDOM_LOOPS = curriculum_overrides("0.5dur")
 
 
 def drawn_loops(trainer) -> dict[str, list]:

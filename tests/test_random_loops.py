@@ -31,6 +31,7 @@ from loopreg.surgery import loop_surgery
 from loopreg.surgery.core import stored_layers
 from loopreg.train import build_trainer
 
+from .callbacks import Crash
 from .conftest import REPO, tiny_overrides
 
 VOCAB = 64
@@ -245,24 +246,17 @@ def test_without_a_curriculum_the_mean_and_grad_loops_are_logged_constant():
     assert logged["random_loops/mean"] == [7 / 3] * 3 and logged["random_loops/grad_loops"] == [2] * 3
 
 
-class Crash(Callback):
-    """Dies at the end of a batch, after that batch's checkpoint was written."""
+def curriculum_overrides(ramp: str) -> list[str]:
+    """Recipe overrides: loops uniform over 1-4, the mean ramping 1 -> 2.5 (1-sqrt over ``ramp``), grad_loops 1 -> 2
+    (linear over 4 batches)."""
+    key = "algorithms.random_loops"
+    return [f"{key}.distribution.kind=uniform", f"{key}.distribution.low=1", f"{key}.distribution.high=4",
+            f"{key}.grad_loops=2", f"{key}.curriculum.shape=1-sqrt", f"{key}.curriculum.start=1.0",
+            f"{key}.curriculum.ramp={ramp}", f"{key}.grad_loops_curriculum.shape=linear",
+            f"{key}.grad_loops_curriculum.start=1", f"{key}.grad_loops_curriculum.ramp=4ba"]
 
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
 
-    def batch_checkpoint(self, state, logger) -> None:
-        if int(state.timestamp.batch) == self.batch:
-            raise KeyboardInterrupt(f"crash after batch {self.batch}")
-
-
-CURRICULUM = ["algorithms.random_loops.distribution.kind=uniform", "algorithms.random_loops.distribution.low=1",
-              "algorithms.random_loops.distribution.high=4", "algorithms.random_loops.grad_loops=2",
-              "algorithms.random_loops.curriculum.shape=1-sqrt", "algorithms.random_loops.curriculum.start=1.0",
-              "algorithms.random_loops.curriculum.ramp=0.75dur",
-              "algorithms.random_loops.grad_loops_curriculum.shape=linear",
-              "algorithms.random_loops.grad_loops_curriculum.start=1",
-              "algorithms.random_loops.grad_loops_curriculum.ramp=4ba"]
+CURRICULUM = curriculum_overrides("0.75dur")
 
 
 def logged_by_batch(trainer) -> dict[int, tuple]:

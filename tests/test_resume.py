@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from composer.core import Callback
 
 from loopreg.config import load_recipe
 from loopreg.data.mixture import MixtureStream, text_windows
@@ -27,6 +26,7 @@ from loopreg.data.synthetic import PHop
 from loopreg.data.text import PackedText, byte_level_tokenizer
 from loopreg.train import build_trainer
 
+from .callbacks import Crash
 from .conftest import REPO, tiny_overrides
 
 LOOPREG = str(Path(sys.executable).parent / "loopreg")
@@ -125,17 +125,6 @@ def test_sigkilled_synthetic_run_resumes_bitwise_identical(killed_run: dict):
     context = f"killed after batch {killed_run['kill_at']}, resumed at batch {first}"
     print(context)  # shown with -rP: which batch this run was killed at
     _assert_same_run(_final(killed_run["whole"]), _final(killed_run["killed"]), samples=BATCHES * 8, context=context)
-
-
-class Crash(Callback):
-    """Dies at the end of a batch, after that batch's checkpoint (if any) was written."""
-
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-
-    def batch_checkpoint(self, state, logger) -> None:
-        if int(state.timestamp.batch) == self.batch:
-            raise KeyboardInterrupt(f"crash after batch {self.batch}")
 
 
 def test_crashed_text_run_resumes_bitwise_identical(text_corpus: Path, tmp_path: Path):
