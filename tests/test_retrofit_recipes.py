@@ -15,6 +15,7 @@ import torch
 from loopreg.config import load_recipe
 from loopreg.errors import RecipeError
 from loopreg.surgery.core import TIED_KEY, loop_surgery, looped_spec, stored_layers
+from loopreg.surgery.relax import delta_param_count
 from loopreg.loading import load
 from loopreg.train import run
 
@@ -26,7 +27,9 @@ VENV_BIN = Path(sys.executable).parent
 # Each recipe's loop layout shrunk to the tiny source's 6 layers.
 TINY_LAYOUT = {"keepall": ["variables.spec=2x1+2x2+2x1", "variables.layers=0-1,2-3,4-5"],
                "untied": ["variables.spec=2x1+2x2+2x1", "variables.layers=0-1,2-3,4-5"],
-               "middle": ["variables.spec=1x(1,2,1)", "variables.layers=null"]}
+               "middle": ["variables.spec=1x(1,2,1)", "variables.layers=null"],
+               "relaxed": ["variables.spec=1x(1,2,1)", "variables.layers=0,1-4,5",
+                           "algorithms.loop_surgery.lora_rank=4"]}
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -73,6 +76,7 @@ def test_retrofit_recipe_trains_two_steps_and_exports_a_looped_folder(path, sour
     assert getattr(exported.config, TIED_KEY) == surgery["tied"]
     spec = looped_spec(exported)
     assert len(stored_layers(exported)) == (spec.distinct_layers if surgery["tied"] else spec.effective_depth)
+    assert (delta_param_count(stored_layers(exported)) > 0) == (surgery.get("lora_rank") is not None)
     assert (tmp_path / "model" / "tokenizer.json").is_file()
     metrics = next(iter(trainer.state.eval_metrics.values()))
     assert "LanguagePerplexity" in metrics and torch.isfinite(metrics["LanguagePerplexity"].compute())
@@ -162,3 +166,11 @@ def test_a_loopreg_folder_source_stays_a_looped_lm(tmp_path):
     exported = load(tmp_path / "model")
     assert isinstance(exported, LoopedLM) and str(exported.spec) == "2x1+2x2+2x1"
     assert (tmp_path / "model" / "tokenizer.json").is_file()
+
+
+def test_a_rank_the_source_cannot_take_names_the_recipe_key(source, tmp_path):
+    path = REPO / "recipes" / "retrofit" / "smollm2_relaxed_heal_cpu.yaml"
+    overrides = [*tiny(source, path, tmp_path / "model"), "algorithms.loop_surgery.lora_rank=32"]
+    with pytest.raises(RecipeError, match=r"^algorithms\.loop_surgery: --lora-rank 32 is above the smaller dimension "
+                                          r"of projection self_attn\.k_proj \(16x32\); use at most 16 or 'full'$"):
+        run(path, overrides)

@@ -21,7 +21,7 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple, is_model_fsdp
 from torch import nn
 
-from loopreg.errors import RecipeError
+from loopreg.errors import RecipeError, UserError
 from loopreg.relaxed import relaxation_params
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import unwrap
@@ -155,6 +155,9 @@ class LoopSurgery(Algorithm):
         if is_model_fsdp(state.model):
             raise ValueError("LoopSurgery cannot restructure a model FSDP has already wrapped (event 'after_load' "
                              "under FSDP); apply it at 'init' and load a post-surgery checkpoint")
-        apply_loop_surgery(state.model, self.spec, layers=self.layers, init=self.init, tied=self.tied,
-                           optimizers=state.optimizers, lora_rank=self.lora_rank, lora_init=self.lora_init,
-                           lora_roles=self.lora_roles)
+        try:
+            apply_loop_surgery(state.model, self.spec, layers=self.layers, init=self.init, tied=self.tied,
+                               optimizers=state.optimizers, lora_rank=self.lora_rank, lora_init=self.lora_init,
+                               lora_roles=self.lora_roles)
+        except UserError as err:  # what only the model can tell (a layer map or rank that does not fit it)
+            raise RecipeError(str(err), key="algorithms.loop_surgery") from None
