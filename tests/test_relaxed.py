@@ -1,8 +1,8 @@
 """Relaxed recursion (per-application low-rank deltas, issue #25): at full rank the retrofit is its source, a rank-r
 delta is the truncated SVD of its application's difference, zero deltas are the tied retrofit; loop overrides,
 cached decoding, adaptive exit, save/reload and the unrolled export keep working (plain transformers reads relaxed
-folders in test_consumers.py); Composer trains the
-deltas (with source distillation and random loops); bad options fail in one line with nothing written."""
+folders in test_consumers.py); Composer trains the deltas (with source distillation and random loops); bad options
+fail in one line with nothing written."""
 
 from __future__ import annotations
 
