@@ -36,7 +36,8 @@ def train_step(model: torch.nn.Module, ids: torch.Tensor) -> None:
 
 def decode(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> None:
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                       do_sample=False)
 
 
 def side_by_side(name: str, plain: torch.nn.Module, relaxed: torch.nn.Module, work, repeats: int) -> None:
