@@ -80,8 +80,9 @@ def relax_layer(layer: nn.Module, applications: int, projections: Sequence[str],
         for name in vectors:
             param = module.get_parameter(name)
             module.register_parameter(f"{name}_deltas", nn.Parameter(param.new_zeros(applications, *param.shape)))
-        if vectors or hasattr(module, "lora_A"):
-            module.loopreg_vectors = tuple(vectors)
+        low_rank = module in relaxed
+        if vectors or low_rank:
+            module.loopreg_vectors, module.loopreg_low_rank = tuple(vectors), low_rank
             setattr(module, _ACTIVE, 0)
             module.register_forward_pre_hook(_enter)
             module.register_forward_hook(_leave, always_call=True)  # shadows go even if the forward raises
@@ -128,18 +129,28 @@ def applied(layer: nn.Module, application: int) -> Callable[..., Any]:
     return call
 
 
+_ABSENT = object()
+
+
 def _enter(module: nn.Module, args: tuple) -> None:
     # The application's vectors shadow the shared parameters as instance attributes for the call (the module's
     # forward reads ``self.weight``); the parameters themselves, and so state_dict and the optimizer, are untouched.
+    # What the instance dict held before (a wrapper's own tensor attribute) is put back on leaving.
     application = getattr(module, _ACTIVE)
-    for name in module.loopreg_vectors:
-        object.__setattr__(module, name, module._parameters[name] + module._parameters[f"{name}_deltas"][application])
+    effective = {name: getattr(module, name) + getattr(module, f"{name}_deltas")[application]
+                 for name in module.loopreg_vectors}
+    module.loopreg_shadowed = {name: module.__dict__.get(name, _ABSENT) for name in effective}
+    module.__dict__.update(effective)
 
 
 def _leave(module: nn.Module, args: tuple, output: Any) -> Any:
-    for name in module.loopreg_vectors:
-        module.__dict__.pop(name, None)
-    if "lora_A" not in module._parameters or not args:
+    for name, before in getattr(module, "loopreg_shadowed", {}).items():
+        if before is _ABSENT:
+            module.__dict__.pop(name, None)
+        else:
+            module.__dict__[name] = before
+    module.loopreg_shadowed = {}
+    if not module.loopreg_low_rank or not args:
         return output
     application = getattr(module, _ACTIVE)
     return output + F.linear(F.linear(args[0], module.lora_A[application]), module.lora_B[application])
@@ -162,7 +173,7 @@ def application_state(layer: nn.Module, application: int) -> dict[str, torch.Ten
         for name in module.loopreg_vectors:
             delta = state.pop(f"{prefix}{name}_deltas")[application]
             state[f"{prefix}{name}"] = state[f"{prefix}{name}"] + delta
-        if "lora_A" in module._parameters:
+        if module.loopreg_low_rank:
             low_rank = state.pop(f"{prefix}lora_B")[application] @ state.pop(f"{prefix}lora_A")[application]
             weight = state[f"{prefix}weight"]
             state[f"{prefix}weight"] = weight + (low_rank if isinstance(module, nn.Linear) else low_rank.T)
@@ -178,7 +189,7 @@ def relaxation_params(layer: nn.Module) -> dict[str, tuple[nn.Parameter, nn.Para
         prefix = f"{name}." if name else ""
         for vector in getattr(module, "loopreg_vectors", ()):
             pairs[f"{prefix}{vector}_deltas"] = (module.get_parameter(f"{vector}_deltas"), module.get_parameter(vector))
-        if "lora_A" in module._parameters:
+        if getattr(module, "loopreg_low_rank", False):
             for factor in ("lora_A", "lora_B"):
                 pairs[f"{prefix}{factor}"] = (module.get_parameter(factor), module.weight)
     return pairs
