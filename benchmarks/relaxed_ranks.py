@@ -99,6 +99,7 @@ def _plot(rows: list[dict], path: Path, spec: str) -> None:
             axis.annotate(f"r={row['rank']}", (x, row[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axis.axhline(source[key], color="gray", linestyle="--", label="source (30 layers)")
         axis.set_xscale("symlog", linthresh=1)
+        axis.set_xlim(-0.3, 300)
         axis.set_xlabel("added parameters (% of the shared ones)")
         axis.set_ylabel(label)
     right.set_yscale("log")
