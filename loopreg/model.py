@@ -43,7 +43,7 @@ from .errors import UserError
 from .hf_compat import CACHE_KEY, cache_of, generation_cache, lazy_cache, tied_weights_keys
 from .latent import feed_soft_tokens, mask_finished_steps, placeholder_steps
 from .looping import LoopPlan, batch_option
-from .relaxed import RELAX_KEY, applied, relax_stack
+from .relaxed import RELAX_KEY, applied, checkpointable, relax_stack
 from .remote_code import attach_remote_code
 from .spec import LoopSpec
 from .update_rules import UPDATE_RULES  # noqa: F401
@@ -210,7 +210,7 @@ class LoopedLM(PreTrainedModel, GenerationMixin):
         return isinstance(module, Layer)
 
     def activation_checkpointing_fn(self, module: nn.Module) -> bool:
-        return isinstance(module, Layer)
+        return isinstance(module, Layer) and checkpointable(module)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed

@@ -37,7 +37,7 @@ from .errors import UserError
 from .spec import LoopSpec
 
 __all__ = ["RELAX_KEY", "relax_layer", "relax_stack", "relaxed_applications", "applied", "projection_features",
-           "application_state", "relaxation_params"]
+           "application_state", "relaxation_params", "checkpointable"]
 
 # What a relaxed model's config records: {"rank": int | "full", "projections": paths inside a layer}.
 RELAX_KEY = "loopreg_relax"
@@ -130,6 +130,20 @@ def applied(layer: nn.Module, application: int) -> Callable[..., Any]:
 
 
 _ABSENT = object()
+
+
+def checkpointable(layer: nn.Module) -> bool:
+    """``True`` for a stored layer that Composer's activation checkpointing may wrap; a relaxed one raises a
+    one-line :class:`~loopreg.errors.UserError`: the wrapper would recompute it in backward with whichever
+    application ran last (loopreg's own ``checkpoint=True`` selects the deltas inside the recomputation).
+
+    >>> checkpointable(nn.Linear(2, 2))
+    True
+    """
+    if getattr(layer, _MODULES, None):
+        raise UserError("fsdp_config.activation_checkpointing would recompute a relaxed layer (per-application "
+                        "deltas) with the wrong application's deltas; set it to false for a relaxed retrofit")
+    return True
 
 
 def _enter(module: nn.Module, args: tuple) -> None:

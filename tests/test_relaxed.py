@@ -210,6 +210,16 @@ def test_bad_lora_options_fail_in_one_line_and_write_nothing(tmp_path, options, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("family", ["llama", "loopreg"])
+def test_activation_checkpointing_refuses_a_relaxed_layer(family):
+    """Composer's wrapper would recompute a relaxed layer in backward with the last application's deltas."""
+    model, plain = relaxed(build(family), 2), loop_surgery(build(family), SPEC, **AVERAGE)
+    stored = stored_layers(model)
+    assert model.activation_checkpointing_fn(stored[0]) and plain.activation_checkpointing_fn(stored_layers(plain)[1])
+    with pytest.raises(UserError, match=r"^fsdp_config\.activation_checkpointing would recompute a relaxed layer"):
+        model.activation_checkpointing_fn(stored[1])
+
+
 def test_a_spec_without_a_loop_has_nothing_to_relax():
     with pytest.raises(UserError, match=r"^--lora-rank 4: loop spec '6x1' applies no layer twice"):
         loop_surgery(build("llama"), "6x1", lora_rank=4)

@@ -37,7 +37,7 @@ from loopreg.errors import UserError
 from loopreg.looped_hf import (ANCHOR_KEY, LOOPS_KEY, SPEC_KEY, TIED_KEY, UPDATE_KEY, LayerApplication,
                                LoopedCausalLM, LoopedLayers, looped_class, set_cache_slot)
 from loopreg.looping import LoopPlan
-from loopreg.relaxed import relaxed_applications
+from loopreg.relaxed import checkpointable, relaxed_applications
 from loopreg.spec import LoopSpec
 from loopreg.surgery.adapters import Adapter, find_adapter, get_layers, unwrap
 from loopreg.surgery.layer_map import check_init, default_layer_map, parse_layer_map
@@ -237,8 +237,16 @@ class _IsLayer:
         return isinstance(module, self.layer_class)
 
 
+@dataclasses.dataclass(frozen=True)
+class _CheckpointedLayer(_IsLayer):
+    """``activation_checkpointing_fn``: each stored decoder layer, unless relaxed (one-line error)."""
+
+    def __call__(self, module: nn.Module) -> bool:
+        return super().__call__(module) and checkpointable(module)
+
+
 def mark_layer_units(model: nn.Module) -> None:
     """Each stored decoder layer of a looped HF model is Composer's FSDP and activation-checkpointing unit."""
     layer_class = type(stored_layers(model)[0])
     model.fsdp_wrap_fn = _IsLayer(layer_class)
-    model.activation_checkpointing_fn = _IsLayer(layer_class)
+    model.activation_checkpointing_fn = _CheckpointedLayer(layer_class)
