@@ -143,7 +143,11 @@ class LoopPlan:
         self.spec = check_loop_options(spec, tied, batch_option(loops), batch_option(grad_loops), rule, kv_policy,
                                        update, latent)
         schedule = self.spec.schedule if tied else range(self.spec.effective_depth)
-        self.steps = [Step(layer, slot, schedule[:slot].count(layer)) for slot, layer in enumerate(schedule)]
+        uses: dict[int, int] = {}  # stored layer -> applications so far (built at every forward: one pass)
+        self.steps = []
+        for slot, layer in enumerate(schedule):
+            self.steps.append(Step(layer, slot, uses.get(layer, 0)))
+            uses[layer] = uses.get(layer, 0) + 1
         self.hidden: dict[int, torch.Tensor] = {}
         if torch.is_grad_enabled():
             if checkpoint:

@@ -155,7 +155,7 @@ def loop_surgery(model: nn.Module, spec: LoopSpec | str, layers: str | None = No
         replaced = {} if lora_init != "svd" else {
             layer: [{name: tensor.detach().clone() for name, tensor in source[index].state_dict().items()}
                     for index in indices]
-            for layer, indices in application_sources(plan.spec.blocks, plan.block_ranges).items()}
+            for layer, indices in application_sources(plan.spec, plan.block_ranges).items()}
     distinct = [_seed(source, seed, plan.init) for seed in plan.seeds]
     applications = _application_layers(distinct, plan, getattr(causal_lm, "config", None))
     if adapter.family == "loopreg":  # a LoopedLM: its config and layer list

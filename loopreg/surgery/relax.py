@@ -25,6 +25,7 @@ from loopreg.errors import UserError
 from loopreg.relaxed import (RELAX_KEY, projection_features, relax_layer, relaxation_params,
                              relaxed_applications)
 from loopreg.surgery.adapters import Adapter
+from loopreg.spec import LoopSpec
 from loopreg.surgery.layer_map import format_layer_map
 
 __all__ = ["LORA_INITS", "check_lora_options", "projection_paths", "application_sources", "relax_retrofit",
@@ -83,16 +84,15 @@ def projection_paths(adapter: Adapter, layer: nn.Module, roles: Sequence[str] | 
     return paths
 
 
-def application_sources(spec_blocks: Sequence, block_ranges: Sequence[Sequence[int]]) -> dict[int, list[int | None]]:
+def application_sources(spec: LoopSpec, block_ranges: Sequence[Sequence[int]]) -> dict[int, list[int | None]]:
     """Stored layer → the source layer each of its applications replaces (``None`` where its block's range is too
     short to say), for the stored layers applied more than once.
 
-    >>> from loopreg.spec import LoopSpec
-    >>> application_sources(LoopSpec.parse("1x1+2x2").blocks, [[0], [1, 2, 3, 4]])
+    >>> application_sources(LoopSpec.parse("1x1+2x2"), [[0], [1, 2, 3, 4]])
     {1: [1, 3], 2: [2, 4]}
     """
     sources = {}
-    for block, layers in zip(spec_blocks, block_ranges):
+    for block, layers in zip(spec.blocks, block_ranges):
         if block.loops < 2:
             continue
         for position in range(block.size):
@@ -101,7 +101,7 @@ def application_sources(spec_blocks: Sequence, block_ranges: Sequence[Sequence[i
     return sources
 
 
-def check_svd_sources(spec, block_ranges: Sequence[Sequence[int]]) -> None:
+def check_svd_sources(spec: LoopSpec, block_ranges: Sequence[Sequence[int]]) -> None:
     """A one-line error naming the first application that has no source layer of its own (``--lora-init svd``)."""
     for index, (block, layers) in enumerate(zip(spec.blocks, block_ranges)):
         if block.loops > 1 and len(layers) < block.size * block.loops:
@@ -124,7 +124,7 @@ def check_rank(layer: nn.Module, paths: Sequence[str], rank: int | str) -> None:
                             f"({features_out}x{features_in}); use at most {min(features_in, features_out)} or 'full'")
 
 
-def relax_retrofit(stored: Sequence[nn.Module], spec, paths: Sequence[str], rank: int | str, init: str,
+def relax_retrofit(stored: Sequence[nn.Module], spec: LoopSpec, paths: Sequence[str], rank: int | str, init: str,
                    sources: dict[int, list[dict[str, torch.Tensor] | None]]) -> dict:
     """Relax the ``stored`` layers of a tied retrofit of ``spec`` in place; ``sources[layer][t]`` is the state of
     the source layer application t replaces (``svd``). Returns the config entry (:data:`RELAX_KEY`)."""
