@@ -245,7 +245,7 @@ class LoopedCausalLM:
         self.set_submodule(path, looped)
         relax = getattr(config, RELAX_KEY, None)
         if relax is not None:  # zero deltas of the saved shapes; from_pretrained loads them
-            relax_stack(layers, spec, relax)
+            relax_stack(layers, spec, tied, relax)
         # the applications at the config's loop count (a loop count the model cannot run fails here): what the
         # family sizes its caches by, also after from_pretrained(..., loopreg_loops=L) set it
         plan = LoopPlan(spec, tied, getattr(config, LOOPS_KEY, None))

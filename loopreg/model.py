@@ -168,7 +168,7 @@ class LoopedLM(PreTrainedModel, GenerationMixin):
             self.generation_config.suppress_tokens = [arch.placeholder_id]  # latent steps are inputs, never outputs
         self.post_init()  # initialises every module through _init_weights (not under from_pretrained's loading)
         if getattr(config, RELAX_KEY, None) is not None:  # zero deltas of the saved shapes; from_pretrained loads them
-            relax_stack(self.layers, self.spec, getattr(config, RELAX_KEY))
+            relax_stack(self.layers, self.spec, arch.tied, getattr(config, RELAX_KEY))
 
     # ------------------------------------------------------------------ layout
     @property

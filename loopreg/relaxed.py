@@ -102,9 +102,13 @@ def relaxed_applications(spec: LoopSpec) -> dict[int, int]:
     return {layer: len(slots) for layer, slots in enumerate(spec.tie_groups) if len(slots) > 1}
 
 
-def relax_stack(layers: Sequence[nn.Module], spec: LoopSpec, relax: Mapping[str, Any]) -> None:
+def relax_stack(layers: Sequence[nn.Module], spec: LoopSpec, tied: bool, relax: Mapping[str, Any]) -> None:
     """Relax every stored layer of a tied ``spec`` that is applied more than once, as the config entry ``relax``
-    (``{"rank": ..., "projections": [...]}``) says; the deltas start at zero (a loaded checkpoint fills them)."""
+    (``{"rank": ..., "projections": [...]}``) says; the deltas start at zero (a loaded checkpoint fills them).
+    An untied model stores one layer per application, so a ``loopreg_relax`` entry in its config is an error."""
+    if not tied:
+        raise UserError(f"config {RELAX_KEY} relaxes the applications of shared layers, but this {spec} model is "
+                        "untied (one stored layer per application): remove the entry or tie the model", key=RELAX_KEY)
     for index, applications in relaxed_applications(spec).items():
         relax_layer(layers[index], applications, relax["projections"], relax["rank"])
 

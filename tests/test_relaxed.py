@@ -7,6 +7,7 @@ fail in one line with nothing written."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -218,6 +219,17 @@ def test_activation_checkpointing_refuses_a_relaxed_layer(family):
     assert model.activation_checkpointing_fn(stored[0]) and plain.activation_checkpointing_fn(stored_layers(plain)[1])
     with pytest.raises(UserError, match=r"^fsdp_config\.activation_checkpointing would recompute a relaxed layer"):
         model.activation_checkpointing_fn(stored[1])
+
+
+@pytest.mark.parametrize("family, tied_key", [("llama", "loopreg_tied"), ("loopreg", "tied")])
+def test_an_untied_config_with_deltas_fails_in_one_line(family, tied_key, tmp_path):
+    """Only a hand-edited config can ask for deltas on an untied model (one stored layer per application)."""
+    write_model_folder(relaxed(build(family), 2), tmp_path / "relaxed")
+    config = json.loads((tmp_path / "relaxed" / "config.json").read_text())
+    (tmp_path / "relaxed" / "config.json").write_text(json.dumps({**config, tied_key: False}))
+    with pytest.raises(UserError, match=r"^loopreg_relax: .* but this 1x1\+2x2\+1x1 model is untied") as error:
+        load(tmp_path / "relaxed")
+    assert "\n" not in str(error.value)
 
 
 def test_a_spec_without_a_loop_has_nothing_to_relax():
