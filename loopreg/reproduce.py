@@ -359,12 +359,24 @@ def scaling_fits(entry: dict, table: ReproTable) -> dict[str, Any]:
         points = [(LoopSpec.parse(row).flops_units, value) for row in family for value in row_values(entry, row, keys)]
         if len({depth for depth, _ in points}) >= 2:
             fits[f"(2⊗L) trained at L, {name}"] = (points, fit_log_depth(*zip(*points)))
-        sweep = table.loop_sweep.get("2x4_random", ())
-        points = [(2 * loops, value) for loops in sweep
-                  for value in row_values(entry, "2x4_random", tuple(f"{k}@{loops}" for k in keys))]
+        seeds = sweep_points(entry, "2x4_random", keys, table.loop_sweep.get("2x4_random", ()))
+        points = [point for seed in seeds for point in seed]
         if len({depth for depth, _ in points}) >= 2:
             fits[f"RandomLoops (2⊗L) at L = 1–8, {name}"] = (points, fit_log_depth(*zip(*points)))
+            # the same slope with each seed's own level removed: seeds differ in level more than in slope
+            grand = statistics.fmean(value for _, value in points)
+            centred = [(depth, value - statistics.fmean(v for _, v in seed) + grand)
+                       for seed in seeds for depth, value in seed]
+            fits[f"RandomLoops (2⊗L) at L = 1–8, {name}, within seed"] = (centred, fit_log_depth(*zip(*centred)))
     return fits
+
+
+def sweep_points(entry: dict, row: str, keys: tuple[str, ...], sweep: tuple[int, ...]) -> list[list[tuple[int, float]]]:
+    """Per seed of ``row``, (effective depth, mean of ``keys``) at each loop count of its ``sweep``; the row's block
+    has two layers."""
+    return [[(2 * loops, statistics.fmean(result["scores"][f"{key}@{loops}"] for key in keys)) for loops in sweep]
+            for result in entry["rows"]
+            if result["row"] == row and all(f"{key}@{loops}" in result["scores"] for key in keys for loops in sweep)]
 
 
 def _scaling_lines(entry: dict, table: ReproTable) -> list[str]:

@@ -1,6 +1,7 @@
 """The demo and the reproduction command run end to end (tiny budgets) and write the documented files."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -115,6 +116,9 @@ def test_lm_mini_renders_gaps_regularizer_deltas_scaling_fits_and_the_plot(tmp_p
     assert "reasoning +10.00 (+10.0 σ)" in reg and "perplexity -0.50" in reg
     assert "| (2⊗L) trained at L, reasoning | 21.64 |" in text  # 20 + 15/ln2 * ln(D/2) through three depths
     assert "| RandomLoops (2⊗L) at L = 1–8, reasoning | 0.00 |" not in text
+    pooled, within = (re.search(rf"\| RandomLoops \(2⊗L\) at L = 1–8, reasoning{tail} \| ([-.\d]+) \| [-.\d]+ \| "
+                                rf"([.\d]+) \| 24 \|", text).groups() for tail in ("", ", within seed"))
+    assert pooled[0] == within[0] and float(within[1]) > float(pooled[1])  # seed levels 30, 31, 32: same slope
     assert (tmp_path / "lm_mini.png").stat().st_size > 10_000
 
 
