@@ -116,8 +116,9 @@ TABLES: dict[str, ReproTable] = {
         {"12x1": (100.0, 100.0, 100.0, 100.0), "1x1": (0.1, 0.1, 0.1, 0.0), "1x12": (99.9, 100.0, 99.9, 99.6),
          "2x1": (85.8, 71.5, 49.3, 38.8), "2x6": (100.0, 99.8, 99.7, 99.5), "3x1": (97.2, 78.5, 69.2, 60.7),
          "3x4": (100.0, 99.1, 97.0, 96.6)},
-        "four 3-digit operand slots, 1–4 of them real in training (the rest 000), eval on 2, 3 and 4 real operands; "
-        "d=64, lr 2e-3; paper: 2–32 operands, d=256, 200k steps", 3000),
+        "four 3-digit operand slots, 1–4 of them real in training (the rest 000), the answer most-significant digit "
+        "first, eval on 2, 3 and 4 real operands; d=64, lr 2e-3, learned positions; paper: 2–32 operands, d=256, "
+        "200k steps", 6000),
     "phop": _paper_table(
         "p-hop induction (Table 1, right)", "cpu_phop.yaml", ("eval",), ("p=16", "p=32"),
         {"6x1": (99.9, 99.6), "1x1": (48.9, 49.0), "1x6": (99.9, 99.5), "2x1": (68.8, 59.4), "2x3": (99.9, 99.8),
