@@ -19,6 +19,7 @@ Portable: torch, the standard library and its siblings only; copied into model f
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -143,11 +144,11 @@ class LoopPlan:
         self.spec = check_loop_options(spec, tied, batch_option(loops), batch_option(grad_loops), rule, kv_policy,
                                        update, latent)
         schedule = self.spec.schedule if tied else range(self.spec.effective_depth)
-        uses: dict[int, int] = {}  # stored layer -> applications so far (built at every forward: one pass)
+        uses: Counter[int] = Counter()  # stored layer -> applications so far (built at every forward: one pass)
         self.steps = []
         for slot, layer in enumerate(schedule):
-            self.steps.append(Step(layer, slot, uses.get(layer, 0)))
-            uses[layer] = uses.get(layer, 0) + 1
+            self.steps.append(Step(layer, slot, uses[layer]))
+            uses[layer] += 1
         self.hidden: dict[int, torch.Tensor] = {}
         if torch.is_grad_enabled():
             if checkpoint:

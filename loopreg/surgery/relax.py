@@ -24,8 +24,8 @@ from torch import nn
 from loopreg.errors import UserError
 from loopreg.relaxed import (RELAX_KEY, projection_features, relax_layer, relaxation_params,
                              relaxed_applications)
-from loopreg.surgery.adapters import Adapter
 from loopreg.spec import LoopSpec
+from loopreg.surgery.adapters import Adapter
 from loopreg.surgery.layer_map import format_layer_map
 
 __all__ = ["LORA_INITS", "check_lora_options", "projection_paths", "application_sources", "relax_retrofit",
