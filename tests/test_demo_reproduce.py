@@ -90,6 +90,12 @@ def test_render_markdown_rows():
     text = render_markdown(results)
     below = text[text.index("### Earlier setting: a shorter budget"):]
     assert "| Loop (1⊗6) | 1x/6x | 1 | 33.0 | 99.9 | 99.5 |" in below and "It was too short." in below
+    # an earlier setting scored on other columns than today's keeps its own
+    results["tasks"]["phop"]["earlier"] = [{**earlier, "columns": ["p3"], "rows": [
+        {**earlier["rows"][0], "scores": {"p3": 21.0}}]}]
+    below = render_markdown(results).split("### Earlier setting")[1]
+    assert "| Model | Params/FLOPs | seeds | ours p3 | paper p=16 | paper p=32 |" in below
+    assert "| Loop (1⊗6) | 1x/6x | 1 | 21.0 | 99.9 | 99.5 |" in below
 
 
 def lm_mini_result(row: str, seed: int, reasoning: float, ppl: float) -> dict:

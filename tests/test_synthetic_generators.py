@@ -228,6 +228,20 @@ def test_igsm_matches_independent_solver(knobs: dict) -> None:
         assert solve_igsm(kept_definitions, query, task.modulus, {}) == answer
 
 
+def test_igsm_size_curriculum_draws_every_count_and_keeps_fixed_streams() -> None:
+    curriculum = SymbolicIGSM(num_ops=(1, 3, 5), num_distractors=2)
+    sizes = Counter()
+    for example in examples(curriculum, 600):
+        definitions, query = parse_igsm(example.prompt)
+        needed = needed_by(definitions, query)
+        assert len(example.cot) == len(needed) and len(definitions) == len(needed) + 2
+        assert solve_igsm(definitions, query, curriculum.modulus, {}) == int(example.answer)
+        sizes[len(needed)] += 1
+    assert set(sizes) == {1, 3, 5} and min(sizes.values()) > 150, sizes
+    # a one-count tuple is the fixed-size task, problem for problem
+    assert examples(SymbolicIGSM(num_ops=(4,)), 50) == examples(SymbolicIGSM(num_ops=4), 50)
+
+
 def test_igsm_uses_the_whole_answer_range_and_scrambles() -> None:
     sampled = examples(SymbolicIGSM(), 300)
     assert {example.answer for example in sampled} == set("0123456")
@@ -370,12 +384,14 @@ def test_multiplication_renders_the_icot_line() -> None:
 def test_igsm_has_no_shortcut_around_its_chain() -> None:
     """Every constant the query reads moves its answer (no ``X − X`` cancellation), so neither the majority
     answer nor a linear probe on shallow features (digits, signs, statement count, the query's letters)
-    beats chance on held-out problems of the CPU-mini setting (``recipes/cpu_igsm.yaml``)."""
+    beats chance on held-out problems of the CPU-mini setting's scored size (``recipes/cpu_igsm.yaml``, its
+    largest ``num_ops``; the smaller ones are the training curriculum's lookups)."""
     from loopreg.config import load_recipe
 
     from .conftest import REPO
 
-    task = SymbolicIGSM(**load_recipe(REPO / "recipes" / "cpu_igsm.yaml").train_data.task_kwargs)
+    knobs = load_recipe(REPO / "recipes" / "cpu_igsm.yaml").train_data.task_kwargs
+    task = SymbolicIGSM(**{**knobs, "num_ops": max(SymbolicIGSM(**knobs).op_counts)})
     sampled = list(itertools.islice(task.stream("train", seed=0), 4000))
     for example in sampled[:300]:
         definitions, query = parse_igsm(example.prompt)

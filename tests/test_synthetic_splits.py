@@ -144,6 +144,8 @@ BAD_KNOBS = [
     ("addition", {"digits": 0}, "digits"),
     ("addition", {"sep": "="}, "sep"),
     ("igsm", {"num_ops": 0}, "num_ops"),
+    ("igsm", {"num_ops": (2, 60)}, "num_ops"),
+    ("igsm", {"num_ops": ()}, "num_ops"),
     ("igsm", {"num_ops": 10, "max_edges": 1, "max_depth": 4}, "num_ops"),
     ("igsm", {"max_edges": 0}, "max_edges"),
     ("igsm", {"max_depth": 0}, "max_depth"),

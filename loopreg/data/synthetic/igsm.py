@@ -5,7 +5,9 @@ Generation: an entity hierarchy of ``levels`` levels with ``entities_per_level``
 each edge an instance parameter named ``X#Y``; a dependency DAG over those parameters in which every
 parameter is a constant ``0..modulus-1`` or a sum/difference of others, with optional ``c * NAME`` terms.
 The query needs exactly ``num_ops`` parameters (itself included); ``num_distractors`` more are defined
-from any parameters but are never needed by the query.
+from any parameters but are never needed by the query. ``num_ops`` may be a tuple, the size curriculum of
+Ye et al.: each problem draws its count from it (``(1, 2, 3, 4)`` mixes lookups of one constant with
+full chains), and an eval variant fixes one count.
 
 No shortcuts: the query's value is a linear form of the constants it reads (mod ``modulus``), and a problem
 is drawn again until that form has a nonzero coefficient on every one of them and reads at least two
@@ -56,7 +58,7 @@ class SymbolicIGSM(SyntheticTask):
     name: ClassVar[str] = "igsm"
     has_cot: ClassVar[bool] = True
 
-    num_ops: int = 8
+    num_ops: int | tuple[int, ...] = 8
     max_edges: int = 3
     max_depth: int = 4
     num_distractors: int = 4
@@ -78,11 +80,18 @@ class SymbolicIGSM(SyntheticTask):
         check_knob(self.max_depth >= 1, self.name, "max_depth", self.max_depth, "must be >= 1")
         # the query's dependency tree has at most 1 + E + E^2 + .. + E^D nodes
         capacity = sum(self.max_edges**level for level in range(self.max_depth + 1))
-        check_knob(1 <= self.num_ops <= min(capacity, self.num_parameters), self.name, "num_ops", self.num_ops,
-                   f"must be in [1, {min(capacity, self.num_parameters)}] for max_edges={self.max_edges}, "
+        most = min(capacity, self.num_parameters)
+        counts = self.op_counts
+        check_knob(len(counts) > 0 and all(isinstance(n, int) and 1 <= n <= most for n in counts), self.name,
+                   "num_ops", self.num_ops, f"every count must be in [1, {most}] for max_edges={self.max_edges}, "
                    f"max_depth={self.max_depth} and {self.num_parameters} structure edges")
-        check_knob(0 <= self.num_distractors <= self.num_parameters - self.num_ops, self.name, "num_distractors",
-                   self.num_distractors, f"must be in [0, {self.num_parameters - self.num_ops}]")
+        check_knob(0 <= self.num_distractors <= self.num_parameters - max(counts), self.name, "num_distractors",
+                   self.num_distractors, f"must be in [0, {self.num_parameters - max(counts)}]")
+
+    @property
+    def op_counts(self) -> tuple[int, ...]:
+        """The needed-parameter counts problems are drawn from, always as a tuple."""
+        return (self.num_ops,) if isinstance(self.num_ops, int) else tuple(self.num_ops)
 
     @property
     def num_parameters(self) -> int:
@@ -92,22 +101,25 @@ class SymbolicIGSM(SyntheticTask):
     def sample(self, rng: random.Random) -> Example:
         """One problem: a fresh structure graph, dependency DAG, scrambled statements and the query, whose
         value depends on every constant it reads (drawn again until it does)."""
+        counts = self.op_counts
+        # one count draws nothing, so a fixed-count task keeps the stream it had before curricula existed
+        count = counts[0] if len(counts) == 1 else rng.choice(counts)
         while True:
-            example = self._draw(rng)
+            example = self._draw(rng, count)
             if example is not None:
                 return example
 
-    def _draw(self, rng: random.Random) -> Example | None:
-        names = self._sample_parameter_names(rng)
-        needed, distractors = names[: self.num_ops], names[self.num_ops :]
+    def _draw(self, rng: random.Random, count: int) -> Example | None:
+        names = self._sample_parameter_names(rng, count)
+        needed, distractors = names[:count], names[count:]
         query = needed[0]
         definitions: dict[str, Definition] = {
             needed[node]: self._define(rng, [needed[operand] for operand in operands])
-            for node, operands in enumerate(self._sample_dependency_dag(rng))
+            for node, operands in enumerate(self._sample_dependency_dag(rng, count))
         }
         order = topological_order(definitions, query)
         dependence = self._dependence(definitions, order)
-        if not all(dependence.values()) or len(dependence) < self._min_constants:
+        if not all(dependence.values()) or len(dependence) < self._min_constants(count):
             return None  # a constant cancels out, or one digit decides the answer: a shortcut around the chain
         values: dict[str, int] = {}
         heights: dict[str, int] = {}
@@ -126,7 +138,7 @@ class SymbolicIGSM(SyntheticTask):
         )
         return Example(prompt=" ".join(statements) + f" {query}?", answer=str(values[query]), cot=cot)
 
-    def _sample_parameter_names(self, rng: random.Random) -> list[str]:
+    def _sample_parameter_names(self, rng: random.Random, count: int) -> list[str]:
         """Distinct ``X#Y`` edges of a random structure graph (``X`` on level i, ``Y`` on level i+1)."""
         letters = string.ascii_uppercase
         per_level = self.entities_per_level
@@ -136,9 +148,9 @@ class SymbolicIGSM(SyntheticTask):
             for upper in range(per_level)
             for lower in range(per_level)
         ]
-        return rng.sample(edges, self.num_ops + self.num_distractors)
+        return rng.sample(edges, count + self.num_distractors)
 
-    def _sample_dependency_dag(self, rng: random.Random) -> list[list[int]]:
+    def _sample_dependency_dag(self, rng: random.Random, count: int) -> list[list[int]]:
         """Operands of each needed node; node 0 is the query and every node is reachable from it.
 
         A random tree rooted at the query guarantees reachability and the depth bound; then
@@ -147,10 +159,10 @@ class SymbolicIGSM(SyntheticTask):
         """
         depth = [0]
         operands: list[list[int]] = [[]]
-        while len(depth) < self.num_ops:
+        while len(depth) < count:
             expandable = [node for node, node_depth in enumerate(depth)
                           if node_depth < self.max_depth and len(operands[node]) < self.max_edges]
-            parent = rng.choice(expandable)  # non-empty: num_ops is within the tree capacity
+            parent = rng.choice(expandable)  # non-empty: count is within the tree capacity
             operands[parent].append(len(depth))
             operands.append([])
             depth.append(depth[parent] + 1)
@@ -174,10 +186,9 @@ class SymbolicIGSM(SyntheticTask):
             terms.append((sign, coefficient, operand))
         return terms
 
-    @property
-    def _min_constants(self) -> int:
-        """Constants the query must read: two where the dependency tree can have two leaves."""
-        return 2 if self.num_ops >= 3 and self.max_edges >= 2 else 1
+    def _min_constants(self, count: int) -> int:
+        """Constants a query of ``count`` needed parameters must read: two where its tree can have two leaves."""
+        return 2 if count >= 3 and self.max_edges >= 2 else 1
 
     def _dependence(self, definitions: dict[str, Definition], order: list[str]) -> dict[str, int]:
         """The query's coefficient (mod ``modulus``) on each constant it reads: its value as a linear form."""
