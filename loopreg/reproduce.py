@@ -361,7 +361,7 @@ def scaling_fits(entry: dict, table: ReproTable) -> dict[str, Any]:
         points = [(LoopSpec.parse(row).flops_units, value) for row in family for value in row_values(entry, row, keys)]
         if len({depth for depth, _ in points}) >= 2:
             fits[f"(2⊗L) trained at L, {name}"] = (points, fit_log_depth(*zip(*points)))
-        seeds = sweep_points(entry, "2x4_random", keys, table.loop_sweep.get("2x4_random", ()))
+        seeds = sweep_points(entry, table, "2x4_random", keys)
         points = [point for seed in seeds for point in seed]
         if len({depth for depth, _ in points}) >= 2:
             fits[f"RandomLoops (2⊗L) at L = 1–8, {name}"] = (points, fit_log_depth(*zip(*points)))
@@ -373,10 +373,16 @@ def scaling_fits(entry: dict, table: ReproTable) -> dict[str, Any]:
     return fits
 
 
-def sweep_points(entry: dict, row: str, keys: tuple[str, ...], sweep: tuple[int, ...]) -> list[list[tuple[int, float]]]:
-    """Per seed of ``row``, (effective depth, mean of ``keys``) at each loop count of its ``sweep``; the row's block
-    has two layers."""
-    return [[(2 * loops, statistics.fmean(result["scores"][f"{key}@{loops}"] for key in keys)) for loops in sweep]
+def row_spec(table: ReproTable, row: str) -> LoopSpec:
+    """The loop spec a row trains (its ``model.spec=`` override; a row id such as ``2x4_random`` is not one)."""
+    return LoopSpec.parse(next(o.removeprefix("model.spec=") for o in table.rows[row] if o.startswith("model.spec=")))
+
+
+def sweep_points(entry: dict, table: ReproTable, row: str, keys: tuple[str, ...]) -> list[list[tuple[int, float]]]:
+    """Per seed of ``row``, (effective depth, mean of ``keys``) at each loop count of its ``loop_sweep``."""
+    spec, sweep = row_spec(table, row), table.loop_sweep.get(row, ())
+    return [[(spec.with_loops(loops).effective_depth,
+              statistics.fmean(result["scores"][f"{key}@{loops}"] for key in keys)) for loops in sweep]
             for result in entry["rows"]
             if result["row"] == row and all(f"{key}@{loops}" in result["scores"] for key in keys for loops in sweep)]
 
