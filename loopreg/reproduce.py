@@ -28,7 +28,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from loopreg.config import load_recipe, recipe_fingerprint
 from loopreg.errors import UserError
@@ -373,14 +373,9 @@ def scaling_fits(entry: dict, table: ReproTable) -> dict[str, Any]:
     return fits
 
 
-def row_spec(table: ReproTable, row: str) -> LoopSpec:
-    """The loop spec a row trains (its ``model.spec=`` override; a row id such as ``2x4_random`` is not one)."""
-    return LoopSpec.parse(next(o.removeprefix("model.spec=") for o in table.rows[row] if o.startswith("model.spec=")))
-
-
 def sweep_points(entry: dict, table: ReproTable, row: str, keys: tuple[str, ...]) -> list[list[tuple[int, float]]]:
     """Per seed of ``row``, (effective depth, mean of ``keys``) at each loop count of its ``loop_sweep``."""
-    spec, sweep = row_spec(table, row), table.loop_sweep.get(row, ())
+    spec, sweep = _spec(table, row), table.loop_sweep.get(row, ())
     return [[(spec.with_loops(loops).effective_depth,
               statistics.fmean(result["scores"][f"{key}@{loops}"] for key in keys)) for loops in sweep]
             for result in entry["rows"]
@@ -428,9 +423,21 @@ def plot_lm_mini(entry: dict, table: ReproTable, path: Path) -> Path:
     return path
 
 
+def best_seed(entry: dict, row: str, columns: Sequence[str]) -> str:
+    """The seed of ``row`` with the highest mean over ``columns``, as ``a / b / c (seed s)``: the paper reports
+    the best of three seeds on its synthetic tables (it asks what a model can express, not how reliably it
+    trains).
+
+    Example: ``best_seed(entry, "1x12", ("n2", "n3", "n4")) == "94.0 / 93.6 / 79.6 (seed 17)"``
+    """
+    results = [r for r in entry["rows"] if r["row"] == row and all(c in r["scores"] for c in columns)]
+    best = max(results, key=lambda r: statistics.fmean(r["scores"][c] for c in columns))
+    return " / ".join(f"{best['scores'][c]:.1f}" for c in columns) + f" (seed {best['seed']})"
+
+
 def _paper_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[str]:
     columns = entry.get("columns", table.columns)  # an earlier setting keeps the columns it was scored on
-    header = ["Model", "Params/FLOPs", "seeds", *[f"ours {c}" for c in columns],
+    header = ["Model", "Params/FLOPs", "seeds", *[f"ours {c}" for c in columns], "ours, best seed",
               *[f"paper {c}" for c in table.paper_columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.rows:
@@ -438,7 +445,8 @@ def _paper_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[str
         if not values[0]:
             continue
         cells = [_name(table, row, stale), LoopSpec.parse(row).units_label.replace(" ", ""), str(len(values[0])),
-                 *[_cell(v) for v in values], *[f"{s:.1f}" for s in table.paper_rows[row]]]
+                 *[_cell(v) for v in values], best_seed(entry, row, columns),
+                 *[f"{s:.1f}" for s in table.paper_rows[row]]]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
