@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from loopreg.data.synthetic.base import Example, SyntheticTask, check_knob
+from loopreg.data.synthetic.base import Example, SyntheticTask, as_counts, check_knob
 
 __all__ = ["NaryAddition"]
 
@@ -67,21 +67,21 @@ class NaryAddition(SyntheticTask):
         check_knob(self.sep != "" and not set(self.sep) & set(_DIGITS + "="), self.name, "sep", self.sep,
                    "must be non-empty and contain no digit or '='")
         check_knob(self.modulus is None or self.modulus >= 2, self.name, "modulus", self.modulus, "must be >= 2")
-        real = () if self.real_operands is None else _as_tuple(self.real_operands)
+        real = () if self.real_operands is None else as_counts(self.real_operands)
         check_knob(self.real_operands is None or (len(real) > 0 and all(isinstance(r, int) and r >= 1 for r in real)),
                    self.name, "real_operands", self.real_operands, "every count must be an int >= 1")
 
     @property
     def operand_counts(self) -> tuple[int, ...]:
         """The operand counts the sampler mixes over, always as a tuple."""
-        return _as_tuple(self.n_operands)
+        return as_counts(self.n_operands)
 
     def sample(self, rng: random.Random) -> Example:
         """One addition problem; the operand count is drawn from ``operand_counts``."""
         count = rng.choice(self.operand_counts)
         operands = [rng.randrange(10**self.digits) for _ in range(count)]
         if self.real_operands is not None:
-            real = set(rng.sample(range(count), min(count, rng.choice(_as_tuple(self.real_operands)))))
+            real = set(rng.sample(range(count), min(count, rng.choice(as_counts(self.real_operands)))))
             operands = [value if slot in real else 0 for slot, value in enumerate(operands)]
         prompt = self.sep.join(f"{value:0{self.digits}d}" for value in operands) + "="
         running_sums = list(itertools.accumulate(operands))[0 if self.cot_from_first else 1:]
@@ -96,7 +96,3 @@ class NaryAddition(SyntheticTask):
 
     def _problem_symbols(self) -> str:
         return _DIGITS + self.sep + "="
-
-
-def _as_tuple(counts: int | tuple[int, ...]) -> tuple[int, ...]:
-    return (counts,) if isinstance(counts, int) else tuple(counts)

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Literal
 
-__all__ = ["ANSWER_MARK", "COT_OPEN", "SPLITS", "Example", "Split", "SyntheticTask", "check_knob"]
+__all__ = ["ANSWER_MARK", "COT_OPEN", "SPLITS", "Example", "Split", "SyntheticTask", "as_counts", "check_knob"]
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = ("train", "test")
@@ -44,6 +44,14 @@ class Example:
     answer: str
     cot: tuple[str, ...] = ()
     position_labels: tuple[str, ...] | None = None  # one target symbol per prompt character (p-hop)
+
+
+def as_counts(counts: int | tuple[int, ...]) -> tuple[int, ...]:
+    """A count knob that takes one int or a tuple of them (a curriculum), always as a tuple.
+
+    Example: ``as_counts(4) == (4,)`` and ``as_counts([1, 2]) == (1, 2)``
+    """
+    return (counts,) if isinstance(counts, int) else tuple(counts)
 
 
 def check_knob(ok: bool, task: str, knob: str, value: object, why: str) -> None:

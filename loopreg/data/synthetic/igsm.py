@@ -36,7 +36,7 @@ import string
 from dataclasses import dataclass
 from typing import ClassVar
 
-from loopreg.data.synthetic.base import Example, SyntheticTask, check_knob
+from loopreg.data.synthetic.base import Example, SyntheticTask, as_counts, check_knob
 
 __all__ = ["SymbolicIGSM"]
 
@@ -91,7 +91,7 @@ class SymbolicIGSM(SyntheticTask):
     @property
     def op_counts(self) -> tuple[int, ...]:
         """The needed-parameter counts problems are drawn from, always as a tuple."""
-        return (self.num_ops,) if isinstance(self.num_ops, int) else tuple(self.num_ops)
+        return as_counts(self.num_ops)
 
     @property
     def num_parameters(self) -> int:
