@@ -437,15 +437,17 @@ def best_seed(entry: dict, row: str, columns: Sequence[str]) -> str:
 
 def _paper_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[str]:
     columns = entry.get("columns", table.columns)  # an earlier setting keeps the columns it was scored on
-    header = ["Model", "Params/FLOPs", "seeds", *[f"ours {c}" for c in columns], "ours, best seed",
-              *[f"paper {c}" for c in table.paper_columns]]
+    # the best seed says something only where a row has more than one (else it repeats the mean)
+    several_seeds = any(len(row_values(entry, row, columns[0])) > 1 for row in table.rows)
+    header = ["Model", "Params/FLOPs", "seeds", *[f"ours {c}" for c in columns],
+              *["ours, best seed"] * several_seeds, *[f"paper {c}" for c in table.paper_columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.rows:
         values = [row_values(entry, row, column) for column in columns]
         if not values[0]:
             continue
         cells = [_name(table, row, stale), LoopSpec.parse(row).units_label.replace(" ", ""), str(len(values[0])),
-                 *[_cell(v) for v in values], best_seed(entry, row, columns),
+                 *[_cell(v) for v in values], *[best_seed(entry, row, columns)] * several_seeds,
                  *[f"{s:.1f}" for s in table.paper_rows[row]]]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
