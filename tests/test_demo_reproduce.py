@@ -184,3 +184,30 @@ def test_a_result_is_recorded_beside_rows_this_version_does_not_know(tmp_path):
     results = _record(saved, "phop", 10, [], {"row": "1x6", "seed": 17, "scores": {"eval": 50.0}, "seconds": 1.0})
     assert [row["row"] for row in results["tasks"]["phop"]["rows"]] == ["1x6", "9x9"]
     assert "| Loop (1⊗6) † |" in render_markdown(results)  # the unknown row is not rendered, nor in the way
+
+
+def test_a_table_run_in_another_setting_keeps_the_results_so_far_below_it(tmp_path):
+    """A new --steps (or overrides) starts the table afresh; the setting measured so far moves to ``earlier``."""
+    from loopreg.reproduce import _record
+
+    saved = tmp_path / "results.json"
+    current = row_fingerprint(TABLES["phop"], "1x6", [])
+    _record(saved, "phop", 10, [], {"row": "1x6", "seed": 17, "scores": {"eval": 40.0}, "seconds": 1.0,
+                                    "recipe": current})
+    results = json.loads(saved.read_text())
+    results["tasks"]["phop"]["discussion"] = "Ten steps were too few."
+    saved.write_text(json.dumps(results))
+    results = _record(saved, "phop", 20, [], {"row": "1x6", "seed": 17, "scores": {"eval": 90.0}, "seconds": 1.0,
+                                              "recipe": current})
+    entry = results["tasks"]["phop"]
+    assert entry["steps"] == 20 and [row["scores"]["eval"] for row in entry["rows"]] == [90.0]
+    [earlier] = entry["earlier"]
+    assert earlier["steps"] == 10 and earlier["rows"][0]["scores"]["eval"] == 40.0
+    assert earlier["command"] == "loopreg reproduce --tables phop --steps 10"
+    assert earlier["discussion"] == "Ten steps were too few." and "10 steps" in earlier["title"]
+    text = render_markdown(results)
+    assert text.index("| Loop (1⊗6) | 1x/6x | 1 | 90.0 |") < text.index("### Earlier setting") < text.index("| 40.0 |")
+    # a third setting stacks the earlier ones, newest first
+    results = _record(saved, "phop", 30, ["model.d_model=32"])
+    assert [e["steps"] for e in results["tasks"]["phop"]["earlier"]] == [20, 10]
+    assert results["tasks"]["phop"]["rows"] == []
