@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -211,3 +212,10 @@ def test_a_table_run_in_another_setting_keeps_the_results_so_far_below_it(tmp_pa
     results = _record(saved, "phop", 30, ["model.d_model=32"])
     assert [e["steps"] for e in results["tasks"]["phop"]["earlier"]] == [20, 10]
     assert results["tasks"]["phop"]["rows"] == []
+
+
+def test_the_reproduction_page_is_rendered_from_its_results_file(tmp_path):
+    """Every number in docs/REPRODUCTION.md comes from docs/reproduction_results.json: the page is its rendering."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    results = json.loads((docs / "reproduction_results.json").read_text())
+    assert render_markdown(results, tmp_path / "REPRODUCTION.md") == (docs / "REPRODUCTION.md").read_text()
