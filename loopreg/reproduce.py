@@ -454,6 +454,26 @@ def _paper_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[str
     return [*lines, ""]
 
 
+def _current_setting(name: str, entry: dict, table: ReproTable, doc: Path | None) -> list[str]:
+    """The lines of a table's current setting: what and when it measured, its command, table and discussion."""
+    entry, stale = shown_rows(entry, table)
+    minutes = sum(row["seconds"] for row in entry["rows"]) / 60
+    seeds = sorted({row["seed"] for row in entry["rows"]})
+    lines = [f"CPU-mini: {table.note}; {entry['steps']} steps per model. Seed{'s' * (len(seeds) > 1)} "
+             f"{', '.join(map(str, seeds))}; "
+             f"{minutes:.0f} min of training in all (one thread a run). Measured {entry.get('date', '—')}.", "",
+             f"Command: `{entry['command']}`", ""]
+    if name == "lm_mini":
+        lines += _lm_mini_markdown(entry, table, stale)
+        if doc is not None:
+            plot = plot_lm_mini(entry, table, doc.with_name("lm_mini.png"))
+            lines += [f"![reasoning against perplexity; scaling fits]({plot.name})", ""]
+    else:
+        lines += _paper_markdown(entry, table, stale)
+    lines += _stale_note(table, stale)
+    return lines + ([entry["discussion"], ""] if entry.get("discussion") else [])
+
+
 def render_markdown(results: dict, doc: Path | None = None) -> str:
     """``docs/REPRODUCTION.md``: every table of ``results`` (mean ± std over seeds, dated, with its command)
     and its discussion; with ``doc``, the lm_mini plot is written beside it."""
@@ -462,26 +482,13 @@ def render_markdown(results: dict, doc: Path | None = None) -> str:
              "(`docs/reproduction_results.json`). Mean ± standard deviation over seeds.", ""]
     for name, table in TABLES.items():
         entry = results.get("tasks", {}).get(name)
-        if not entry or not entry["rows"]:
+        if not entry or not (entry["rows"] or entry.get("earlier")):
             continue
-        entry, stale = shown_rows(entry, table)
-        minutes = sum(row["seconds"] for row in entry["rows"]) / 60
-        seeds = sorted({row["seed"] for row in entry["rows"]})
-        lines += [f"## {table.title}", "",
-                  f"CPU-mini: {table.note}; {entry['steps']} steps per model. Seed{'s' * (len(seeds) > 1)} "
-                  f"{', '.join(map(str, seeds))}; "
-                  f"{minutes:.0f} min of training in all (one thread a run). Measured {entry.get('date', '—')}.", "",
-                  f"Command: `{entry['command']}`", ""]
-        if name == "lm_mini":
-            lines += _lm_mini_markdown(entry, table, stale)
-            if doc is not None:
-                plot = plot_lm_mini(entry, table, doc.with_name("lm_mini.png"))
-                lines += [f"![reasoning against perplexity; scaling fits]({plot.name})", ""]
+        lines += [f"## {table.title}", ""]
+        if not entry["rows"]:  # re-run in a new setting, no result yet: the settings measured before still show
+            lines += [f"Command: `{entry['command']}`: being run, no result yet.", ""]
         else:
-            lines += _paper_markdown(entry, table, stale)
-        lines += _stale_note(table, stale)
-        if entry.get("discussion"):
-            lines += [entry["discussion"], ""]
+            lines += _current_setting(name, entry, table, doc)
         for earlier in entry.get("earlier", []):  # a setting the table was measured in before, kept as evidence
             lines += [f"### {earlier['title']}", "", f"Command: `{earlier['command']}`, {earlier['steps']} steps; "
                       f"measured {earlier.get('date', '—')}.", ""]

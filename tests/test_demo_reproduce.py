@@ -208,10 +208,13 @@ def test_a_table_run_in_another_setting_keeps_the_results_so_far_below_it(tmp_pa
     assert earlier["discussion"] == "Ten steps were too few." and "10 steps" in earlier["title"]
     text = render_markdown(results)
     assert text.index("| Loop (1⊗6) | 1x/6x | 1 | 90.0 |") < text.index("### Earlier setting") < text.index("| 40.0 |")
-    # a third setting stacks the earlier ones, newest first
+    # a third setting stacks the earlier ones, newest first; until its first result the page shows them
     results = _record(saved, "phop", 30, ["model.d_model=32"])
     assert [e["steps"] for e in results["tasks"]["phop"]["earlier"]] == [20, 10]
     assert results["tasks"]["phop"]["rows"] == []
+    text = render_markdown(results)
+    assert "`loopreg reproduce --tables phop --steps 30 model.d_model=32`: being run, no result yet." in text
+    assert "| 90.0 |" in text and "| 40.0 |" in text
 
 
 def test_the_reproduction_page_is_rendered_from_its_results_file(tmp_path):
