@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import functools
 import json
 import math
 import re
@@ -28,7 +29,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from loopreg.config import load_recipe, recipe_fingerprint
 from loopreg.errors import UserError
@@ -454,15 +455,12 @@ def _paper_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[str
     return [*lines, ""]
 
 
-def _current_setting(name: str, entry: dict, table: ReproTable, doc: Path | None) -> list[str]:
-    """The lines of a table's current setting: what and when it measured, its command, table and discussion."""
+def _setting(name: str, entry: dict, table: ReproTable, heading: Callable[[dict], list[str]],
+             doc: Path | None = None) -> list[str]:
+    """One setting of a table: ``heading`` of the rows on show (:func:`shown_rows`), their table (lm_mini's own,
+    else the paper's; with ``doc``, the lm_mini plot beside it), the note on stale rows and the discussion."""
     entry, stale = shown_rows(entry, table)
-    minutes = sum(row["seconds"] for row in entry["rows"]) / 60
-    seeds = sorted({row["seed"] for row in entry["rows"]})
-    lines = [f"CPU-mini: {table.note}; {entry['steps']} steps per model. Seed{'s' * (len(seeds) > 1)} "
-             f"{', '.join(map(str, seeds))}; "
-             f"{minutes:.0f} min of training in all (one thread a run). Measured {entry.get('date', '—')}.", "",
-             f"Command: `{entry['command']}`", ""]
+    lines = heading(entry)
     if name == "lm_mini":
         lines += _lm_mini_markdown(entry, table, stale)
         if doc is not None:
@@ -472,6 +470,21 @@ def _current_setting(name: str, entry: dict, table: ReproTable, doc: Path | None
         lines += _paper_markdown(entry, table, stale)
     lines += _stale_note(table, stale)
     return lines + ([entry["discussion"], ""] if entry.get("discussion") else [])
+
+
+def _current_heading(table: ReproTable, entry: dict) -> list[str]:
+    """What and when a table's current setting measured, and its command."""
+    minutes = sum(row["seconds"] for row in entry["rows"]) / 60
+    seeds = sorted({row["seed"] for row in entry["rows"]})
+    return [f"CPU-mini: {table.note}; {entry['steps']} steps per model. Seed{'s' * (len(seeds) > 1)} "
+            f"{', '.join(map(str, seeds))}; "
+            f"{minutes:.0f} min of training in all (one thread a run). Measured {entry.get('date', '—')}.", "",
+            f"Command: `{entry['command']}`", ""]
+
+
+def _earlier_heading(earlier: dict) -> list[str]:
+    return [f"### {earlier['title']}", "", f"Command: `{earlier['command']}`, {earlier['steps']} steps; "
+            f"measured {earlier.get('date', '—')}.", ""]
 
 
 def render_markdown(results: dict, doc: Path | None = None) -> str:
@@ -488,14 +501,9 @@ def render_markdown(results: dict, doc: Path | None = None) -> str:
         if not entry["rows"]:  # re-run in a new setting, no result yet: the settings measured before still show
             lines += [f"Command: `{entry['command']}`: being run, no result yet.", ""]
         else:
-            lines += _current_setting(name, entry, table, doc)
+            lines += _setting(name, entry, table, functools.partial(_current_heading, table), doc)
         for earlier in entry.get("earlier", []):  # a setting the table was measured in before, kept as evidence
-            lines += [f"### {earlier['title']}", "", f"Command: `{earlier['command']}`, {earlier['steps']} steps; "
-                      f"measured {earlier.get('date', '—')}.", ""]
-            earlier, stale = shown_rows(earlier, table)
-            lines += (_lm_mini_markdown if name == "lm_mini" else _paper_markdown)(earlier, table, stale)
-            lines += _stale_note(table, stale)
-            lines += [earlier.get("discussion", ""), ""]
+            lines += _setting(name, earlier, table, _earlier_heading)
     if results.get("discussion"):
         lines += ["## Discussion", "", results["discussion"], ""]
     return "\n".join(lines)
