@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import functools
 import json
 import math
 import re
@@ -29,7 +28,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from loopreg.config import load_recipe, recipe_fingerprint
 from loopreg.errors import UserError
@@ -455,19 +454,17 @@ def _paper_markdown(entry: dict, table: ReproTable, stale: set[str]) -> list[str
     return [*lines, ""]
 
 
-def _setting(name: str, entry: dict, table: ReproTable, heading: Callable[[dict], list[str]],
-             doc: Path | None = None) -> list[str]:
-    """One setting of a table: ``heading`` of the rows on show (:func:`shown_rows`), their table (lm_mini's own,
-    else the paper's; with ``doc``, the lm_mini plot beside it), the note on stale rows and the discussion."""
-    entry, stale = shown_rows(entry, table)
-    lines = heading(entry)
+def _setting(name: str, entry: dict, table: ReproTable, stale: set[str], doc: Path | None = None) -> list[str]:
+    """One setting of a table below its heading, ``entry`` holding the rows on show (:func:`shown_rows`): their
+    table (lm_mini's own, else the paper's; with ``doc``, the lm_mini plot beside it), the note on stale rows and
+    the discussion."""
     if name == "lm_mini":
-        lines += _lm_mini_markdown(entry, table, stale)
+        lines = _lm_mini_markdown(entry, table, stale)
         if doc is not None:
             plot = plot_lm_mini(entry, table, doc.with_name("lm_mini.png"))
             lines += [f"![reasoning against perplexity; scaling fits]({plot.name})", ""]
     else:
-        lines += _paper_markdown(entry, table, stale)
+        lines = _paper_markdown(entry, table, stale)
     lines += _stale_note(table, stale)
     return lines + ([entry["discussion"], ""] if entry.get("discussion") else [])
 
@@ -501,9 +498,11 @@ def render_markdown(results: dict, doc: Path | None = None) -> str:
         if not entry["rows"]:  # re-run in a new setting, no result yet: the settings measured before still show
             lines += [f"Command: `{entry['command']}`: being run, no result yet.", ""]
         else:
-            lines += _setting(name, entry, table, functools.partial(_current_heading, table), doc)
+            shown, stale = shown_rows(entry, table)
+            lines += _current_heading(table, shown) + _setting(name, shown, table, stale, doc)
         for earlier in entry.get("earlier", []):  # a setting the table was measured in before, kept as evidence
-            lines += _setting(name, earlier, table, _earlier_heading)
+            shown, stale = shown_rows(earlier, table)
+            lines += _earlier_heading(earlier) + _setting(name, shown, table, stale)
     if results.get("discussion"):
         lines += ["## Discussion", "", results["discussion"], ""]
     return "\n".join(lines)
